@@ -107,7 +107,9 @@ class ModelConfig:
             bad("hidden_act", f"only 'silu' is implemented, got {self.hidden_act!r}")
         if self.use_bias or self.use_qkv_bias:
             bad("use_bias/use_qkv_bias", "biases are not used by LLaDA2-MoE checkpoints and not implemented")
-        if self.rope_scaling not in (None, {}) and (self.rope_scaling or {}).get("type", "default") != "default":
+        scaling = self.rope_scaling or {}
+        rope_type = scaling.get("type", scaling.get("rope_type", "default"))
+        if rope_type != "default":
             bad("rope_scaling", f"{self.rope_scaling!r} not supported (only default RoPE)")
         if not 0 <= self.first_k_dense_replace:
             bad("first_k_dense_replace", "must be >= 0")
@@ -142,6 +144,8 @@ class ModelConfig:
         kw = {k: d[k] for k in names if k in d}
         if "model_type" not in d:
             raise ConfigError("config field 'model_type' is missing")
+        for tid in ("pad_token_id", "eos_token_id"):  # absent means unknown, not the LLaDA2 default
+            kw.setdefault(tid, None)
         eos = kw.get("eos_token_id")
         if isinstance(eos, (list, tuple)):
             kw["eos_token_id"] = eos[0] if eos else None

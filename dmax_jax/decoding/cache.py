@@ -1,0 +1,79 @@
+"""The model calls of block decoding against the fixed-capacity KV cache (spec §5.1-5.3).
+
+Cache invariant (per row): slots ``[0, length)`` hold the K/V of *final hard tokens* of every
+position before the current block, computed under the block-causal mask. Three forwards keep it:
+
+* ``prefill``   one forward over the padded prompt bucket; ``length = s0`` (start of the first
+                decoded block). Slots past ``s0`` were written but stay invisible, so a prompt
+                shorter than a block does not leave stale MASK K/V in the cache — a deliberate
+                departure from the reference's P < 32 quirk (spec §7.10), which a full recompute
+                could not reproduce either.
+* ``cross``     the first forward of every block after the first: previous + current block
+                (2B hard tokens), commits the previous block (``commit_length = B``); only the
+                current-block logits are used.
+* ``block``     the current block alone (hard or soft input embeddings), nothing committed.
+
+``full`` is the cache-free recompute of the whole sequence (LLaDA2 HF ``generate``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dmax_jax.config import ModelConfig
+from dmax_jax.model.kv_cache import KVCache, init_cache
+from dmax_jax.model.llada2 import forward
+from dmax_jax.model.masks import MaskSpec
+
+
+def row_slice(a: jax.Array, start: jax.Array, size: int) -> jax.Array:
+    """``a[i, start[i]:start[i]+size]`` for every row (indices clamp like ``dynamic_slice``)."""
+    return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, size, 0))(a, start)
+
+
+def row_update(a: jax.Array, start: jax.Array, upd: jax.Array) -> jax.Array:
+    """Write ``upd[i]`` at ``a[i, start[i]:]`` for every row."""
+    return jax.vmap(lambda r, u, s: jax.lax.dynamic_update_slice_in_dim(r, u, s, 0))(a, upd, start)
+
+
+def positions(start: jax.Array, size: int) -> jax.Array:
+    return start[:, None] + jnp.arange(size, dtype=jnp.int32)[None, :]
+
+
+def prefill(params, config: ModelConfig, prompt_ids: jax.Array, s0: jax.Array, capacity: int, block: int,
+            dtype) -> KVCache:
+    """Prompt-bucket forward ``[b, Pp]`` → cache whose valid prefix is ``[0, s0)`` per row."""
+    b, length = prompt_ids.shape
+    cache = init_cache(config, b, capacity, dtype)
+    pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    _, cache = forward(params, config, prompt_ids, positions=pos, mask=MaskSpec("block_causal", block),
+                       cache=cache, commit=True, dtype=dtype)
+    return cache.replace(length=s0.astype(jnp.int32))
+
+
+def cross_forward(params, config: ModelConfig, x: jax.Array, start: jax.Array, cache: KVCache, block: int,
+                  dtype) -> tuple[jax.Array, KVCache]:
+    """Previous + current block from ``x`` (hard ids) against ``cache[:start − B]``; commits the
+    previous block. Returns the current block's logits ``[b, B, V]`` and the advanced cache."""
+    prev = jnp.maximum(start - block, 0)  # only rows already finished can reach < 0
+    ids = row_slice(x, prev, 2 * block)
+    logits, cache = forward(params, config, ids, positions=positions(prev, 2 * block),
+                            mask=MaskSpec("block_causal", block), cache=cache, commit=True,
+                            commit_length=block, dtype=dtype)
+    return logits[:, block:], cache
+
+
+def block_forward(params, config: ModelConfig, embeds: jax.Array, start: jax.Array, cache: KVCache,
+                  block: int, dtype) -> jax.Array:
+    """Current block from input embeddings ``[b, B, H]`` against the cache; logits ``[b, B, V]``."""
+    logits, _ = forward(params, config, inputs_embeds=embeds, positions=positions(start, block),
+                        mask=MaskSpec("block_causal", block), cache=cache, dtype=dtype)
+    return logits
+
+
+def full_forward(params, config: ModelConfig, x: jax.Array, block: int, dtype) -> jax.Array:
+    """Cache-free block-causal forward of the whole sequence ``[b, C]``. Positions past a row's
+    current window cannot influence it (block-causal), so this equals recomputing ``[0, window)``."""
+    logits, _ = forward(params, config, x, mask=MaskSpec("block_causal", block), dtype=dtype)
+    return logits

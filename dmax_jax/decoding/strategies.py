@@ -1,0 +1,158 @@
+"""Per-step decision rules of the three decoders, as pure batched functions over one block.
+
+Shapes: ``xb [batch, block]`` current block tokens, ``logits [batch, block, vocab]`` f32. Nothing
+here runs the model; :mod:`dmax_jax.decoding.loop` drives these rules inside ``lax.while_loop``.
+
+* ``spd``       Soft Parallel Decoding (spec §5.2 step 3-5): left-to-right cutoff transfer, revision of
+                already-decoded active tokens, convergence test, soft input embeddings.
+* ``threshold`` dInfer threshold decoding (spec §5.5a): commit every masked position whose
+                confidence reaches ``min(τ, max c − 1e-5)``; committed tokens are final.
+* ``llada2``    the LLaDA2 HF ``generate`` rule (spec §5.5b): per-step transfer count with a
+                threshold override.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STRATEGIES = ("spd", "threshold", "llada2")
+# trace state codes (docs/internals.md "Decoding results and traces")
+STATE_NAMES = ("prompt", "masked", "soft", "committed", "revised")
+PROMPT, MASKED, SOFT, COMMITTED, REVISED = range(5)
+
+
+# ---- token choice --------------------------------------------------------------------------------
+def row_keys(seed: jax.Array, request_ids: jax.Array, counters: jax.Array) -> jax.Array:
+    """One PRNG key per row from ``(seed, request id, the row's own forward counter)`` so a row's
+    samples never depend on which batch it is in."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(base, r), c))(request_ids, counters)
+
+
+def choose_tokens(logits: jax.Array, *, greedy: bool, temperature: jax.Array, keys: jax.Array | None,
+                  tempered_confidence: bool):
+    """``(x0 [b, T] int32, confidence [b, T] f32, probs [b, T, V] f32)``.
+
+    Greedy: ``x0 = argmax``. Sampling: ``x0 ~ softmax(logits / temperature)`` (Gumbel-max, as dInfer's
+    ``add_gumbel_noise``). The confidence is ``probs[x0]`` where ``probs`` is the plain softmax
+    (dInfer) or the tempered one (``tempered_confidence``: the HF ``generate`` of spec §5.5b).
+    """
+    if greedy:
+        probs = jax.nn.softmax(logits, axis=-1)
+        x0 = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        scaled = logits / temperature
+        x0 = jax.vmap(lambda k, lg: jax.random.categorical(k, lg, axis=-1))(keys, scaled).astype(jnp.int32)
+        probs = jax.nn.softmax(scaled if tempered_confidence else logits, axis=-1)
+    conf = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+    return x0, conf, probs
+
+
+# ---- SPD (spec §5.2) -----------------------------------------------------------------------------
+@flax.struct.dataclass
+class SpdUpdate:
+    tokens: jax.Array    # [b, B] block after the update
+    changed: jax.Array   # [b, B] positions whose token changed
+    revised: jax.Array   # [b, B] changed positions that were already decoded before this step
+    soft: jax.Array      # [b, B] active, decoded positions: next input is a soft embedding
+    stop: jax.Array      # [b] converged (all active confidences >= accept) or nothing changed
+
+
+def first_true(m: jax.Array) -> jax.Array:
+    """One-hot of the first True along the last axis (all False if none)."""
+    return m & (jnp.cumsum(m, axis=-1) == 1)
+
+
+def spd_update(xb, active, x0, conf, threshold, accept_threshold, mask_id: int) -> SpdUpdate:
+    """The ``decode_uniform`` update (spec §5.2 step 3-4)."""
+    mask = xb == mask_id
+    low = mask & (conf < threshold)
+    cut = jnp.cumsum(low, axis=-1) > 0             # from the first low-confidence masked position on
+    cand = mask & ~cut
+    cand = jnp.where(cand.any(-1, keepdims=True), cand, first_true(mask))
+    update = jnp.where(mask.any(-1, keepdims=True), cand | (active & ~mask), active)
+    changed = update & (x0 != xb)
+    tokens = jnp.where(update, x0, xb)
+    converged = jnp.all(~active | (conf >= accept_threshold), axis=-1)
+    stop = converged | ~changed.any(-1)
+    soft = active & (tokens != mask_id)
+    return SpdUpdate(tokens=tokens, changed=changed, revised=changed & ~mask, soft=soft, stop=stop)
+
+
+def soft_inputs(table: jax.Array, tokens, x0, conf, probs, soft, *, top_k: int, mask_id: int, impl: str,
+                dtype) -> jax.Array:
+    """Next-step input embeddings ``[b, B, H]`` (spec §5.2 step 5): soft positions get
+    ``p·e_x0 + (1−p)·e_mask`` rescaled to the probability-weighted norm (top-k mixing if
+    ``top_k > 1``); every other position its hard embedding (MASK rows stay ``e_mask``, prompt tail
+    stays hard). Equivalent to the reference's incremental ``base``/``emb`` bookkeeping because a
+    non-soft position is always either prompt or MASK."""
+    from kernels_pallas.soft_embedding import soft_embeddings  # lazy: kernels are optional at import
+
+    if top_k == 1:
+        ids, p = x0[..., None], conf[..., None]
+    else:
+        p, ids = jax.lax.top_k(probs, top_k)
+    mixed = soft_embeddings(table, ids.astype(jnp.int32), p.astype(jnp.float32), mask_id, impl=impl,
+                            out_dtype=dtype)
+    hard = jnp.take(table, tokens, axis=0).astype(dtype)
+    return jnp.where(soft[..., None], mixed, hard)
+
+
+def spd_states(update: SpdUpdate, prompt: jax.Array, final: jax.Array, mask_id: int) -> jax.Array:
+    """Trace state per position: on a block's last step soft tokens are shown as committed."""
+    s = jnp.where(update.tokens == mask_id, MASKED, jnp.where(final[:, None], COMMITTED, SOFT))
+    s = jnp.where(update.revised, REVISED, s)
+    return jnp.where(prompt, PROMPT, s).astype(jnp.int8)
+
+
+# ---- dInfer threshold decoding (spec §5.5a) ------------------------------------------------------
+def threshold_update(xb, x0, conf, threshold, mask_id: int):
+    """``get_transfer_index_threshold``: masked positions whose argmax is not MASK compete; commit all
+    with ``c >= clamp(max c − 1e-5, −1000, τ)`` (≥ 1 unless every candidate predicts MASK).
+    Returns ``(tokens, transfer)``."""
+    eligible = (xb == mask_id) & (x0 != mask_id)
+    c = jnp.where(eligible, conf, -jnp.inf)
+    cut = jnp.clip(c.max(-1, keepdims=True) - 1e-5, -1000.0, threshold)
+    transfer = eligible & (c >= cut)
+    return jnp.where(transfer, x0, xb), transfer
+
+
+def unroll_count(n_mask, expected_tpf: int, max_unroll: int):
+    """Forwards per progress check (dInfer ``BlockRunner``): ``max(1, min(#mask // tpf, max_unroll))``."""
+    return jnp.maximum(1, jnp.minimum(n_mask // expected_tpf, max_unroll))
+
+
+def threshold_max_forwards(block: int, expected_tpf: int, max_unroll: int) -> int:
+    """Worst-case forwards for one block (one token per check): the static loop bound."""
+    return int(sum(max(1, min(m // expected_tpf, max_unroll)) for m in range(1, block + 1)))
+
+
+def final_states(tokens, prompt, mask_id: int) -> jax.Array:
+    """States for decoders whose decoded tokens are final (threshold, llada2)."""
+    s = jnp.where(tokens == mask_id, MASKED, COMMITTED)
+    return jnp.where(prompt, PROMPT, s).astype(jnp.int8)
+
+
+# ---- LLaDA2 HF generate (spec §5.5b) -------------------------------------------------------------
+def transfer_schedule(block: int, steps: int) -> np.ndarray:
+    """``_get_num_transfer_tokens``: ``block // steps`` per step, +1 for the first ``block % steps``."""
+    sched = np.full((steps,), block // steps, np.int32)
+    sched[: block % steps] += 1
+    return sched
+
+
+def llada2_update(xb, x0, conf, threshold, n_transfer, mask_id: int):
+    """Commit every masked position with ``p > τ`` if there are at least ``n_transfer`` of them,
+    otherwise the ``min(n_transfer, #masked)`` most confident (ties: lowest index). ``(tokens, transfer)``."""
+    active = xb == mask_id
+    c = jnp.where(active, conf, -jnp.inf)
+    high = c > threshold
+    order = jnp.argsort(-c, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1, stable=True)
+    k = jnp.minimum(n_transfer, active.sum(-1, keepdims=True))
+    top = rank < k
+    transfer = jnp.where(high.sum(-1, keepdims=True) >= n_transfer, high, top) & active
+    return jnp.where(transfer, x0, xb), transfer

@@ -1,0 +1,202 @@
+"""Evaluation loop: prompts → chat template → batched generation → scoring → resumable jsonl + summary.
+
+Why resumable: a full GSM8K run at gen length 2048 takes hours; every batch is appended and flushed
+to ``samples.jsonl`` so an interrupted run continues where it stopped. A truncated last line (crash
+mid-write) is dropped and the file rewritten; any other corrupt line is an error. ``run_config.json``
+pins benchmark, chat mode and decode config so a resume never mixes two configurations.
+
+Accounting (spec §6): per sample ``tpf = tokens_ref / nfe`` (non-EOS generated tokens over all
+forwards incl. prefill); reported TPF is the **mean of per-sample ratios**. TPS is the mean of
+per-sample ``tokens_ref / seconds`` where ``seconds`` is the wall time of the ``generate`` call that
+produced the sample (the reference runs batch 1; with larger batches this is per-sequence speed,
+see ``throughput_tps`` for aggregate tokens per second).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dmax_jax.data.chat import apply_chat_template, encode
+from dmax_jax.eval.benchmarks import Benchmark, Row, get_benchmark
+
+SAMPLES_FILE, SUMMARY_FILE, RUN_CONFIG_FILE = "samples.jsonl", "summary.json", "run_config.json"
+_RESULT_FIELDS = ("token_ids", "nfe", "tokens", "tokens_ref", "tpf", "seconds")
+
+
+def build_input_ids(tokenizer: Any, user_message: str, chat: bool = True) -> list[int]:
+    """Token ids of one zero-shot prompt: chat template with a generation prompt, no extra specials."""
+    if chat:
+        return apply_chat_template(tokenizer, [{"role": "user", "content": user_message}],
+                                   add_generation_prompt=True)
+    return encode(tokenizer, user_message)
+
+
+def _check_result(result: Any, batch: int) -> None:
+    """Fail loudly on a decoder that breaks the GenerateResult contract (docs/internals.md)."""
+    missing = [f for f in _RESULT_FIELDS if not hasattr(result, f)]
+    if missing:
+        raise TypeError(f"generate_fn returned {type(result).__name__} without fields {missing}")
+    for field in _RESULT_FIELDS[:-1]:
+        rows = len(getattr(result, field))
+        if rows != batch:
+            raise ValueError(f"GenerateResult.{field} has {rows} rows, expected {batch}")
+    for i in range(batch):
+        if result.nfe[i] <= 0:
+            raise ValueError(f"GenerateResult.nfe[{i}] = {result.nfe[i]}: every sample needs >= 1 forward")
+        if not math.isclose(result.tpf[i], result.tokens_ref[i] / result.nfe[i], rel_tol=1e-6, abs_tol=1e-9):
+            raise ValueError(f"GenerateResult.tpf[{i}] = {result.tpf[i]} != tokens_ref/nfe "
+                             f"= {result.tokens_ref[i]}/{result.nfe[i]}")
+    if not result.seconds >= 0:
+        raise ValueError(f"GenerateResult.seconds = {result.seconds} must be >= 0")
+
+
+def load_samples(path: str) -> dict[int, dict]:
+    """Records already written, by index. A truncated/corrupt **last** line is dropped and the file
+    rewritten without it; a corrupt earlier line or a duplicated index raises (naming ``file:line``)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.readlines()
+    records: dict[int, dict] = {}
+    keep = len(lines)
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            if not line.endswith("\n"):
+                raise ValueError("line not terminated")
+            record = json.loads(line)
+        except ValueError as exc:
+            if lineno == len(lines):
+                keep = lineno - 1
+                break
+            raise ValueError(f"{path}:{lineno}: corrupt sample record ({exc}); "
+                             "fix or delete the file") from exc
+        index = record.get("index") if isinstance(record, dict) else None
+        if not isinstance(index, int):
+            raise ValueError(f"{path}:{lineno}: sample record without an integer 'index'")
+        if index in records:
+            raise ValueError(f"{path}:{lineno}: duplicate sample index {index}")
+        records[index] = record
+    if keep < len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(lines[:keep])
+        os.replace(tmp, path)
+    return records
+
+
+def _check_run_config(out_dir: str, config: dict) -> None:
+    path = os.path.join(out_dir, RUN_CONFIG_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            previous = json.load(fh)
+        if previous != config:
+            raise ValueError(f"{path} records a different run ({previous}) than this one ({config}); "
+                             "use a fresh --out directory")
+        return
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2, sort_keys=True)
+
+
+def hardware_string() -> str:
+    """``"8x NVIDIA H200 (gpu)"``-style description of the JAX devices."""
+    import jax
+
+    devices = jax.devices()
+    return f"{len(devices)}x {devices[0].device_kind} ({devices[0].platform})"
+
+
+def summarize(benchmark: str, records: Sequence[dict], decode_config: dict, hardware: str) -> dict:
+    """Accuracy, TPF (mean of per-sample ratios), TPS and counts over ``records``."""
+    n = len(records)
+    if n == 0:
+        raise ValueError("no samples to summarise")
+    batch_seconds = {r["batch_id"]: r["seconds"] for r in records}
+    total_time = sum(batch_seconds.values())
+    timed = all(r["seconds"] > 0 for r in records)  # a decoder that reports no time gives no TPS
+    return {
+        "benchmark": benchmark,
+        "samples": n,
+        "accuracy": sum(bool(r["correct"]) for r in records) / n,
+        "tpf": sum(r["tokens_ref"] / r["nfe"] for r in records) / n,
+        "tps": sum(r["tokens_ref"] / r["seconds"] for r in records) / n if timed else None,
+        "throughput_tps": sum(r["tokens_ref"] for r in records) / total_time if timed else None,
+        "mean_nfe": sum(r["nfe"] for r in records) / n,
+        "mean_tokens": sum(r["tokens"] for r in records) / n,
+        "hardware": hardware,
+        "decode_config": dict(decode_config),
+    }
+
+
+def markdown_table(summary: dict) -> str:
+    def fmt(x: float | None, spec: str) -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    head = "| benchmark | samples | accuracy (%) | TPF | TPS | mean NFE | mean tokens | hardware |"
+    row = (f"| {summary['benchmark']} | {summary['samples']} | {100 * summary['accuracy']:.2f} | "
+           f"{summary['tpf']:.3f} | {fmt(summary['tps'], '.1f')} | {summary['mean_nfe']:.1f} | "
+           f"{summary['mean_tokens']:.1f} | {summary['hardware']} |")
+    return "\n".join([head, "|" + "---|" * 8, row])
+
+
+def run_eval(benchmark: Benchmark | str, rows: Sequence[Row], generate_fn: Callable[[list[list[int]]], Any],
+             tokenizer: Any, *, out_dir: str | os.PathLike, batch_size: int, decode_config: dict,
+             limit: int | None = None, chat: bool = True, hardware: str | None = None) -> dict:
+    """Evaluate ``rows[:limit]`` and return the summary (also written to ``out_dir/summary.json``).
+
+    ``generate_fn(list of prompt id lists) -> GenerateResult`` (docs/internals.md); ``decode_config``
+    is recorded, not interpreted (the caller bakes it into ``generate_fn``). Indices already present in
+    ``out_dir/samples.jsonl`` are skipped. ``hardware`` defaults to :func:`hardware_string`.
+    """
+    bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    rows = list(rows[:limit] if limit is not None else rows)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    _check_run_config(out_dir, {"benchmark": bench.name, "chat": chat,
+                                "decode_config": json.loads(json.dumps(decode_config))})
+    samples_path = os.path.join(out_dir, SAMPLES_FILE)
+    done = load_samples(samples_path)
+    prompts = [bench.prompt(row) for row in rows]
+    for index, record in done.items():
+        if index < len(rows) and record.get("prompt") != prompts[index]:
+            raise ValueError(f"{samples_path}: record {index} was made from a different prompt; "
+                             "the data file changed since that run — use a fresh --out directory")
+    pending = [i for i in range(len(rows)) if i not in done]
+    next_batch_id = 1 + max((r.get("batch_id", -1) for r in done.values()), default=-1)
+    with open(samples_path, "a", encoding="utf-8") as fh:
+        for start in range(0, len(pending), batch_size):
+            indices = pending[start:start + batch_size]
+            batch_ids = [build_input_ids(tokenizer, prompts[i], chat) for i in indices]
+            result = generate_fn(batch_ids)
+            _check_result(result, len(indices))
+            lines = []
+            for j, i in enumerate(indices):
+                response = tokenizer.decode(list(result.token_ids[j]), skip_special_tokens=True)
+                score = bench.score(response, rows[i])
+                record = {
+                    "index": i, "prompt": prompts[i], "response": response, "extracted": score.extracted,
+                    "gold": bench.gold(rows[i]), "correct": bool(score.correct), "detail": score.detail,
+                    "nfe": int(result.nfe[j]), "tokens": int(result.tokens[j]),
+                    "tokens_ref": int(result.tokens_ref[j]), "tpf": float(result.tpf[j]),
+                    "seconds": float(result.seconds),
+                    "batch_id": next_batch_id, "batch_size": len(indices),
+                }
+                done[i] = record
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.writelines(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+            next_batch_id += 1
+    records = [done[i] for i in range(len(rows))]
+    summary = summarize(bench.name, records, decode_config, hardware or hardware_string())
+    with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=2)
+    print(markdown_table(summary))
+    return summary

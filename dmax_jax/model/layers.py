@@ -1,0 +1,77 @@
+"""Small building blocks of LLaDA2-MoE: RMSNorm, partial neox RoPE, the gated SiLU MLP.
+
+Dtype policy (spec §1.2, §7.11): RMSNorm normalises in float32, casts back to the activation dtype
+and only *then* multiplies by the weight (dFactory/HF order); RoPE angles are float32, cos/sin are
+cast to the activation dtype.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: tuple):
+    """Declare a parameter carrying logical axis names (the sharding rules map them to mesh axes)."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype,
+                                (self.axis_name,))
+        return rms_norm(x, scale, self.eps, self.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: Dtype) -> jax.Array:
+    x = x.astype(dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(dtype) * y.astype(dtype)
+
+
+def rotary_cos_sin(positions: jax.Array, rope_dim: int, theta: float, dtype: Dtype):
+    """cos/sin ``[batch, length, rope_dim]`` for the neox (rotate_half) convention: angles cat(θ, θ)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim))
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate the first ``rope_dim`` dims of each head of ``x [batch, length, heads, head_dim]``."""
+    r = cos.shape[-1]
+    rot, keep = x[..., :r], x[..., r:]
+    half = r // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    out = rot * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return jnp.concatenate([out.astype(x.dtype), keep], axis=-1)
+
+
+class GatedMLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` — the dense FFN and the shared expert."""
+
+    width: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    mlp_axis: str = "mlp"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.shape[-1]
+        init = nn.initializers.normal(0.02)
+        wg = param_with_axes(self, "gate", init, (h, self.width), self.param_dtype, ("embed", self.mlp_axis))
+        wu = param_with_axes(self, "up", init, (h, self.width), self.param_dtype, ("embed", self.mlp_axis))
+        wd = param_with_axes(self, "down", init, (self.width, h), self.param_dtype, (self.mlp_axis, "embed"))
+        x = x.astype(self.dtype)
+        a = jax.nn.silu(x @ wg.astype(self.dtype)) * (x @ wu.astype(self.dtype))
+        return a @ wd.astype(self.dtype)

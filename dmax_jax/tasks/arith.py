@@ -1,0 +1,269 @@
+"""GSM8K-style multi-step arithmetic word problems for the embedded CPU demo.
+
+Why: the demo trains a ~1-3M-parameter LLaDA2-MoE from scratch in CPU minutes, then shows OPUT + SPD
+decoding it faster than threshold decoding at equal accuracy. Real GSM8K is far beyond such a model,
+so this module generates problems with the same *shape* (short story, 2-3 arithmetic steps, one line
+per step, ``#### N`` final line, spec §5.4 prompt) over a small vocabulary and small integers.
+
+Guarantees (tested in ``tests/test_tasks.py``):
+- deterministic: the same ``(n, seed, split)`` gives the same problems on every machine (seeded
+  ``random.Random`` streams derived with SHA-256, never Python's salted ``hash``);
+- the solution is a function of the question (every number it uses is stated in the question);
+- train and test are disjoint by construction: the split is decided by a hash of the problem's
+  *numeric skeleton* (template + numbers, names and items left out), so no test problem appears in
+  train, not even with other names or items;
+- every intermediate and final result is an exact positive integer (divisions divide evenly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+GSM8K_PROMPT = "Question: {question}\nLet's think step by step\nAnswer:"
+SPLITS = ("train", "test")
+TEST_PER_MILLE = 100  # 10 % of numeric skeletons are reserved for the test split
+_MAX_CONSECUTIVE_REJECTS = 20_000
+
+_NAMES = (("Tom", "he"), ("Anna", "she"), ("Ben", "he"), ("Mia", "she"), ("Sam", "he"), ("Lily", "she"),
+          ("Jack", "he"), ("Emma", "she"), ("Leo", "he"), ("Zoe", "she"), ("Max", "he"), ("Ava", "she"),
+          ("Noah", "he"), ("Ella", "she"), ("Liam", "he"), ("Rosa", "she"))
+_SHOP_ITEMS = ("pens", "books", "apples", "cups", "hats", "toys", "balls", "cakes", "shirts", "plates",
+               "pencils", "candles")
+_SHARE_ITEMS = ("cookies", "marbles", "stickers", "candies", "crayons", "cards", "shells", "beads")
+_BAKED = ("muffins", "rolls", "cookies", "buns", "bagels", "donuts")
+_VEHICLES = ("car", "bus", "train", "truck", "boat", "bike")
+_MODES = ("rides a bike", "runs", "walks", "skates", "rows a boat")
+_THINGS = ("game", "book", "bag", "lamp", "watch", "kite", "ball", "jacket")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One generated problem: the template's parameters and the rendered GSM8K-format text.
+
+    ``numbers`` are the integers (and 0/1 switches) the arithmetic depends on; ``words`` are the
+    names and items, which change the text but never the answer.
+    """
+
+    template: str
+    numbers: dict[str, int]
+    words: dict[str, str]
+    question: str
+    answer: str
+
+    @property
+    def skeleton(self) -> str:
+        """Canonical numeric content; its hash decides the split."""
+        return self.template + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.numbers.items()))
+
+    @property
+    def final(self) -> int:
+        """The number after ``####``."""
+        return final_answer(self.answer)
+
+    def to_gsm8k(self) -> dict[str, str]:
+        return {"question": self.question, "answer": self.answer}
+
+
+# A template draws its parameters from ``rng`` and returns (numbers, words, question, solution lines).
+_Rendered = tuple[dict[str, int], dict[str, str], str, list[str]]
+
+
+def _person(rng: random.Random) -> tuple[str, str]:
+    return rng.choice(_NAMES)
+
+
+def _shopping(rng: random.Random) -> _Rendered:
+    name, pron = _person(rng)
+    i1, i2 = rng.sample(_SHOP_ITEMS, 2)
+    a, b, p, q = (rng.randint(2, 9) for _ in range(4))
+    x, y = a * p, b * q
+    question = (f"{name} buys {a} {i1} for ${p} each and {b} {i2} for ${q} each. "
+                f"How many dollars does {pron} spend?")
+    lines = [f"The {i1} cost {a}*{p}={x}.", f"The {i2} cost {b}*{q}={y}.", f"In total {x}+{y}={x + y}."]
+    return {"a": a, "p": p, "b": b, "q": q}, {"name": name, "item1": i1, "item2": i2}, question, lines
+
+
+def _change(rng: random.Random) -> _Rendered:
+    name, pron = _person(rng)
+    item = rng.choice(_SHOP_ITEMS)
+    thing = rng.choice(_THINGS)
+    a, p, q = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 18)
+    x = a * p
+    y = x + q  # <= 99, so a $100 bill always leaves change
+    bill = rng.choice([v for v in (20, 50, 100) if v > y])
+    question = (f"{name} buys {a} {item} for ${p} each and a {thing} for ${q}. "
+                f"{pron.capitalize()} pays with ${bill}. How many dollars of change does {pron} get?")
+    lines = [f"The {item} cost {a}*{p}={x}.", f"With the {thing} {x}+{q}={y}.",
+             f"The change is {bill}-{y}={bill - y}."]
+    words = {"name": name, "item": item, "thing": thing}
+    return {"a": a, "p": p, "q": q, "bill": bill}, words, question, lines
+
+
+def _sharing(rng: random.Random) -> _Rendered:
+    name, pron = _person(rng)
+    item = rng.choice(_SHARE_ITEMS)
+    a, b = rng.randint(2, 9), rng.randint(2, 12)
+    t = a * b
+    while True:  # c = 2 always has a valid `keep` (t >= 4), so this ends
+        c = rng.randint(2, 9)
+        keeps = [k for k in range(1, min(12, t - c) + 1) if (t - k) % c == 0]
+        if keeps:
+            break
+    keep = rng.choice(keeps)
+    he = pron.capitalize()
+    question = (f"{name} has {a} boxes of {item} with {b} in each box. {he} keeps {keep} and shares the "
+                f"rest equally among {c} friends. How many {item} does each friend get?")
+    lines = [f"There are {a}*{b}={t} {item}.", f"{he} shares {t}-{keep}={t - keep}.",
+             f"Each friend gets {t - keep}/{c}={(t - keep) // c}."]
+    return {"a": a, "b": b, "keep": keep, "c": c}, {"name": name, "item": item}, question, lines
+
+
+def _ages(rng: random.Random) -> _Rendered:
+    n1, n2, n3 = (n for n, _ in rng.sample(_NAMES, 3))
+    a, k = rng.randint(2, 15), rng.randint(2, 5)
+    x = a * k
+    older = rng.randint(0, 1)
+    d = rng.randint(1, 20) if older else rng.randint(1, min(20, x - 1))
+    relation, op, result = ("older", "+", x + d) if older else ("younger", "-", x - d)
+    question = (f"{n1} is {a} years old. {n2} is {k} times as old as {n1}. "
+                f"{n3} is {d} years {relation} than {n2}. How old is {n3}?")
+    lines = [f"{n2} is {a}*{k}={x}.", f"{n3} is {x}{op}{d}={result}."]
+    return {"a": a, "k": k, "d": d, "older": older}, {"name1": n1, "name2": n2, "name3": n3}, question, lines
+
+
+def _speed(rng: random.Random) -> _Rendered:
+    name, pron = _person(rng)
+    vehicle = rng.choice(_VEHICLES)
+    s, h, h2 = rng.randint(3, 12), rng.randint(2, 9), rng.randint(2, 9)
+    dist, dist2 = s * h, s * h2
+    ask_hours = rng.randint(0, 1)
+    lines = [f"The speed is {dist}/{h}={s}."]
+    if ask_hours:
+        ask = f"how many hours does {pron} need for {dist2} miles?"
+        lines.append(f"For {dist2} miles it takes {dist2}/{s}={h2}.")
+    else:
+        ask = f"how many miles does {pron} travel in {h2} hours?"
+        lines.append(f"In {h2} hours it is {s}*{h2}={dist2}.")
+    question = f"{name} travels {dist} miles by {vehicle} in {h} hours. At the same speed, {ask}"
+    return ({"dist": dist, "h": h, "h2": h2, "ask_hours": ask_hours}, {"name": name, "vehicle": vehicle},
+            question, lines)
+
+
+def _trip(rng: random.Random) -> _Rendered:
+    name, _ = _person(rng)
+    m1, m2 = rng.sample(_MODES, 2)
+    s1, s2 = rng.randint(2, 12), rng.randint(2, 12)
+    h1, h2 = rng.randint(2, 5), rng.randint(2, 5)
+    x, y = s1 * h1, s2 * h2
+    question = (f"{name} {m1} at {s1} miles per hour for {h1} hours, then {m2} at {s2} miles per hour "
+                f"for {h2} hours. How many miles is that?")
+    lines = [f"First {s1}*{h1}={x} miles.", f"Then {s2}*{h2}={y} miles.", f"In total {x}+{y}={x + y}."]
+    return {"s1": s1, "h1": h1, "s2": s2, "h2": h2}, {"name": name, "mode1": m1, "mode2": m2}, question, lines
+
+
+def _savings(rng: random.Random) -> _Rendered:
+    name, pron = _person(rng)
+    thing = rng.choice(_THINGS)
+    start, a, w = rng.randint(2, 30), rng.randint(2, 9), rng.randint(2, 9)
+    x = a * w
+    y = start + x
+    cost = rng.randint(1, y - 1)
+    he = pron.capitalize()
+    question = (f"{name} has ${start}. {he} saves ${a} each week for {w} weeks, then buys a {thing} "
+                f"for ${cost}. How many dollars does {pron} have left?")
+    lines = [f"{he} saves {a}*{w}={x}.", f"{he} has {start}+{x}={y}.",
+             f"After the {thing} {y}-{cost}={y - cost}."]
+    return {"start": start, "a": a, "w": w, "cost": cost}, {"name": name, "thing": thing}, question, lines
+
+
+def _packing(rng: random.Random) -> _Rendered:
+    name, pron = _person(rng)
+    item = rng.choice(_BAKED)
+    bags, k, p = rng.randint(2, 12), rng.randint(2, 9), rng.randint(2, 9)
+    n, money = bags * k, bags * p
+    flour = rng.randint(1, min(30, money - 1))
+    question = (f"{name} bakes {n} {item} and packs them in bags of {k}. {pron.capitalize()} sells each bag "
+                f"for ${p} and spent ${flour} on flour. How many dollars of profit does {pron} make?")
+    lines = [f"There are {n}/{k}={bags} bags.", f"They sell for {bags}*{p}={money}.",
+             f"After the flour {money}-{flour}={money - flour}."]
+    return {"n": n, "k": k, "p": p, "flour": flour}, {"name": name, "item": item}, question, lines
+
+
+TEMPLATES: dict[str, Callable[[random.Random], _Rendered]] = {
+    "shopping": _shopping, "change": _change, "sharing": _sharing, "ages": _ages,
+    "speed": _speed, "trip": _trip, "savings": _savings, "packing": _packing,
+}
+
+
+def final_answer(answer: str) -> int:
+    """The integer after the last ``####`` of a GSM8K answer; raises if absent."""
+    match = re.search(r"####\s*(-?\d+)\s*$", answer)
+    if match is None:
+        raise ValueError(f"answer has no final '#### N' line: {answer!r}")
+    return int(match.group(1))
+
+
+def split_of(problem: Problem) -> str:
+    """'test' for ~TEST_PER_MILLE/1000 of numeric skeletons, else 'train' (stable across runs)."""
+    digest = hashlib.sha256(problem.skeleton.encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") % 1000 < TEST_PER_MILLE else "train"
+
+
+def sample_problem(rng: random.Random, template: str) -> Problem:
+    """Draw one problem of ``template`` (a key of ``TEMPLATES``) from ``rng``."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
+    numbers, words, question, lines = TEMPLATES[template](rng)
+    answer = "\n".join([*lines, f"#### {_last_result(lines[-1])}"])
+    return Problem(template, numbers, words, question, answer)
+
+
+def _last_result(line: str) -> int:
+    return int(re.findall(r"=(\d+)", line)[-1])
+
+
+def _rng_for(seed: int, split: str) -> random.Random:
+    digest = hashlib.sha256(f"dmax_jax.tasks.arith:{seed}:{split}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def generate_records(n: int, seed: int = 0, split: str = "train") -> list[Problem]:
+    """``n`` distinct problems of ``split``; templates cycle round-robin so each gets n/len shares.
+
+    Draws are rejected when their skeleton belongs to the other split or their question repeats.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng, names = _rng_for(seed, split), list(TEMPLATES)
+    seen: set[str] = set()
+    out: list[Problem] = []
+    rejected = 0
+    while len(out) < n:
+        template = names[len(out) % len(names)]
+        problem = sample_problem(rng, template)
+        if problem.question in seen or split_of(problem) != split:
+            rejected += 1
+            if rejected > _MAX_CONSECUTIVE_REJECTS:
+                raise RuntimeError(f"template {template!r} ran out of distinct {split!r} problems after "
+                                   f"{len(out)} of {n}; ask for fewer")
+            continue
+        rejected = 0
+        seen.add(problem.question)
+        out.append(problem)
+    return out
+
+
+def generate_problems(n: int, seed: int = 0, split: str = "train") -> list[dict[str, str]]:
+    """``n`` distinct GSM8K-format rows ``{"question", "answer"}`` of ``split`` ("train" | "test")."""
+    return [p.to_gsm8k() for p in generate_records(n, seed, split)]
+
+
+def gsm8k_prompt(question: str) -> str:
+    """The zero-shot GSM8K prompt of spec §5.4 (sent as the user turn of the chat template)."""
+    return GSM8K_PROMPT.format(question=question)

@@ -1,0 +1,1 @@
+"""Block-diffusion flash attention for GPU (Pallas/Triton): ``ops.flash_attention``."""

@@ -1,0 +1,232 @@
+"""Tests for the demo task: arithmetic problem generator, task tokenizer and the data-writing tool."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from collections import Counter
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from dmax_jax.tasks import arith
+from dmax_jax.tasks.arith import (
+    TEMPLATES,
+    final_answer,
+    generate_problems,
+    generate_records,
+    gsm8k_prompt,
+    sample_problem,
+    split_of,
+)
+from dmax_jax.tasks.tokenizer import (
+    DEMO_VOCAB_SIZE,
+    build_task_tokenizer,
+    prompt_ids,
+    sequence_lengths,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+N_TRAIN, N_TEST = 3000, 500
+
+
+@pytest.fixture(scope="module")
+def train() -> list[arith.Problem]:
+    return generate_records(N_TRAIN, seed=0, split="train")
+
+
+@pytest.fixture(scope="module")
+def test_split() -> list[arith.Problem]:
+    return generate_records(N_TEST, seed=0, split="test")
+
+
+def _truth(template: str, v: dict[str, int]) -> Fraction:
+    """The final answer recomputed from the template parameters, independently of the generator."""
+    f = {k: Fraction(x) for k, x in v.items()}
+    if template == "shopping":
+        return f["a"] * f["p"] + f["b"] * f["q"]
+    if template == "change":
+        return f["bill"] - f["a"] * f["p"] - f["q"]
+    if template == "sharing":
+        return (f["a"] * f["b"] - f["keep"]) / f["c"]
+    if template == "ages":
+        return f["a"] * f["k"] + (f["d"] if v["older"] else -f["d"])
+    if template == "speed":
+        speed = f["dist"] / f["h"]
+        return (speed * f["h2"]) / speed if v["ask_hours"] else speed * f["h2"]
+    if template == "trip":
+        return f["s1"] * f["h1"] + f["s2"] * f["h2"]
+    if template == "savings":
+        return f["start"] + f["a"] * f["w"] - f["cost"]
+    if template == "packing":
+        return f["n"] / f["k"] * f["p"] - f["flour"]
+    raise AssertionError(f"no reference formula for template {template!r}")
+
+
+def test_generation_is_deterministic_and_prefix_stable() -> None:
+    a = generate_problems(120, seed=7, split="train")
+    assert a == generate_problems(120, seed=7, split="train")
+    assert a[:40] == generate_problems(40, seed=7, split="train")  # the tool relies on this
+    assert a != generate_problems(120, seed=8, split="train")
+    assert all(set(row) == {"question", "answer"} for row in a)
+
+
+def test_splits_are_disjoint(train: list[arith.Problem], test_split: list[arith.Problem]) -> None:
+    assert len({p.question for p in test_split}) == N_TEST  # distinct held-out problems
+    assert len({p.question for p in train}) == N_TRAIN
+    assert all(split_of(p) == "train" for p in train) and all(split_of(p) == "test" for p in test_split)
+    other_seed_train = generate_records(N_TRAIN, seed=1, split="train")
+    test_skeletons = {p.skeleton for p in test_split}
+    for rows in (train, other_seed_train):
+        # Not even the same numbers under other names or items may reach train.
+        assert not test_skeletons & {p.skeleton for p in rows}
+        assert not {p.question for p in test_split} & {p.question for p in rows}
+    # The hash split keeps roughly TEST_PER_MILLE / 1000 of the skeletons for test.
+    draws = {p.skeleton: p for p in (sample_problem(random.Random(i), t)
+                                     for i in range(2000) for t in TEMPLATES)}
+    frac = sum(split_of(p) == "test" for p in draws.values()) / len(draws)
+    assert 0.06 < frac < 0.14
+
+
+def test_answers_equal_independent_truth(train: list[arith.Problem], test_split: list[arith.Problem]) -> None:
+    for p in [*train, *test_split]:
+        truth = _truth(p.template, p.numbers)
+        assert truth.denominator == 1 and truth > 0, (p.template, p.numbers)
+        assert p.final == truth, (p.question, p.answer)
+        # Every number the arithmetic uses is stated in the question (the solution is a function of it).
+        stated = set(map(int, re.findall(r"\d+", p.question)))
+        hidden = {"speed": {"h2"} if p.numbers.get("ask_hours") else set()}.get(p.template, set())
+        flags = {"older", "ask_hours"}
+        assert {v for k, v in p.numbers.items() if k not in flags | hidden} <= stated, p.question
+
+
+def test_solution_lines_are_true_steps(train: list[arith.Problem]) -> None:
+    ops: Counter[str] = Counter()
+    for p in train:
+        *steps, last = p.answer.split("\n")
+        assert last == f"#### {p.final}"
+        assert 2 <= len(steps) <= 3, p.answer
+        results = []
+        for line in steps:
+            eqs = re.findall(r"(\d+)([-+*/])(\d+)=(\d+)", line)
+            assert len(eqs) == 1, line
+            x, op, y, z = eqs[0]
+            value = {"+": Fraction(int(x)) + int(y), "-": Fraction(int(x)) - int(y),
+                     "*": Fraction(int(x)) * int(y), "/": Fraction(int(x), int(y))}[op]
+            assert value == int(z), line  # exact: divisions divide evenly, nothing negative
+            ops[op] += 1
+            results.append(int(z))
+        assert results[-1] == p.final
+    assert set(ops) == {"+", "-", "*", "/"}
+
+
+def test_templates_are_all_covered(test_split: list[arith.Problem]) -> None:
+    counts = Counter(p.template for p in test_split)
+    assert len(TEMPLATES) >= 5 and set(counts) == set(TEMPLATES)
+    assert min(counts.values()) >= N_TEST // len(TEMPLATES)  # round-robin keeps them balanced
+
+
+def test_question_length_bounds(train: list[arith.Problem]) -> None:
+    words = [len(p.question.split()) for p in train]
+    assert 15 <= min(words) and max(words) <= 35
+
+
+def test_invalid_arguments_raise() -> None:
+    with pytest.raises(ValueError, match="split"):
+        generate_problems(3, split="validation")
+    with pytest.raises(ValueError, match="n must be"):
+        generate_problems(-1)
+    with pytest.raises(ValueError, match="unknown template"):
+        sample_problem(random.Random(0), "geometry")
+    with pytest.raises(ValueError, match="####"):
+        final_answer("The answer is 4.")
+    assert final_answer("2+2=4.\n#### 4") == 4
+
+
+def test_exhausted_template_space_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    def constant(rng: random.Random) -> arith._Rendered:
+        return {"a": 2}, {}, "What is 2 times 2?", ["2*2=4."]
+
+    monkeypatch.setattr(arith, "TEMPLATES", {"constant": constant})
+    monkeypatch.setattr(arith, "_MAX_CONSECUTIVE_REJECTS", 50)
+    split = split_of(sample_problem(random.Random(0), "constant"))
+    assert generate_problems(1, split=split)[0]["answer"] == "2*2=4.\n#### 4"
+    with pytest.raises(RuntimeError, match="ran out of distinct"):
+        generate_problems(2, split=split)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    from transformers import AutoTokenizer
+
+    out = build_task_tokenizer(tmp_path_factory.mktemp("tok"), n_problems=1500, seed=0)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def test_tokenizer_loads_with_demo_special_ids(tokenizer) -> None:
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id) == (1, 1, 2)
+    assert len(tokenizer) == DEMO_VOCAB_SIZE
+    ids = prompt_ids(tokenizer, "Tom has 3 apples.")
+    expected = f"<role>HUMAN</role>{gsm8k_prompt('Tom has 3 apples.')}<|role_end|><role>ASSISTANT</role>"
+    assert tokenizer.decode(ids) == expected
+    for word in ("HUMAN", "ASSISTANT", "Question", " think", " dollars"):
+        assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1, word
+    assert len(tokenizer("1234", add_special_tokens=False)["input_ids"]) == 4  # one token per digit
+
+
+def test_tokenizer_round_trips_held_out_text(tokenizer, test_split: list[arith.Problem]) -> None:
+    for p in test_split[:200]:
+        for text in (gsm8k_prompt(p.question), p.answer):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert tokenizer.unk_token_id not in ids
+            assert tokenizer.decode(ids) == text
+
+
+def test_sequence_lengths_fit_demo_budget(tokenizer, test_split: list[arith.Problem]) -> None:
+    rows = [p.to_gsm8k() for p in test_split]
+    lengths = sequence_lengths(tokenizer, rows)
+    first = tokenizer.apply_chat_template(
+        [{"role": "user", "content": gsm8k_prompt(rows[0]["question"])},
+         {"role": "assistant", "content": rows[0]["answer"]}], tokenize=True)
+    first_ids = first["input_ids"] if hasattr(first, "keys") else first
+    assert lengths["total"][0] == len(first_ids) + 1  # batch path == per-conversation template + EOS
+    assert lengths["total"].max() <= 128
+    assert lengths["answer"].max() <= 50 and lengths["answer"].mean() <= 42
+    assert lengths["prompt"].max() <= 64 and lengths["answer"].min() >= 10
+    with pytest.raises(ValueError, match="at least one"):
+        sequence_lengths(tokenizer, [])
+
+
+def _run_tool(out: Path, hash_seed: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, str(REPO / "tools" / "make_task_data.py"), "--out", str(out), "--n-train", "1200",
+           "--n-test", "500", "--seed", "3", "--tokenizer-problems", "1200", "--stats-sample", "50"]
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=300)
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_make_task_data_is_byte_deterministic(tmp_path: Path) -> None:
+    runs = [_run_tool(tmp_path / f"run{i}", seed) for i, seed in enumerate(("1", "2"))]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert "prompt:" in runs[0].stdout and "answer:" in runs[0].stdout and "total:" in runs[0].stdout
+    first, second = (_tree_bytes(tmp_path / f"run{i}") for i in range(2))
+    assert set(first) == {"train.jsonl", "test.jsonl", "tokenizer/tokenizer.json",
+                          "tokenizer/tokenizer_config.json", "tokenizer/chat_template.jinja"}
+    assert first == second
+    test_rows = [json.loads(line) for line in first["test.jsonl"].decode().splitlines()]
+    train_rows = [json.loads(line) for line in first["train.jsonl"].decode().splitlines()]
+    assert test_rows == generate_problems(500, seed=3, split="test")
+    assert train_rows == generate_problems(1200, seed=3, split="train")
+    small = subprocess.run([sys.executable, str(REPO / "tools" / "make_task_data.py"), "--out",
+                            str(tmp_path / "small"), "--n-test", "10"], capture_output=True, text=True)
+    assert small.returncode != 0 and "--n-test must be >= 500" in small.stderr
