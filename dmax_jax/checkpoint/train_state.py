@@ -1,0 +1,162 @@
+"""Training checkpoints: orbax ``CheckpointManager`` over (train state, grain iterator, metadata JSON).
+
+Why this shape: one step directory holds everything a resume needs — the sharded ``TrainState``
+(params, optimizer state, step, rng key data) written by orbax's array handlers, the grain iterator
+position (one small JSON file per process) and a JSON of the run config for humans and for
+compatibility checks. Orbax writes every step into a temporary directory and renames it only once
+all items are complete, so a process killed mid-save leaves the previous checkpoint as the latest
+readable one; ``cleanup_tmp_directories`` removes such leftovers when the next run opens the
+directory.
+
+Restoring goes into an *abstract* state (``ShapeDtypeStruct``s carrying their shardings), so every
+process reads only its own shards and a resume works on a mesh without ever materialising the
+unsharded tree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dmax_jax.checkpoint.hf import save_hf_params
+from dmax_jax.config import ModelConfig
+
+STATE, DATA_ITER, META = "state", "data_iter", "meta"
+
+
+class CheckpointRestoreError(RuntimeError):
+    """A checkpoint that exists but cannot be restored into the requested state."""
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    """``ShapeDtypeStruct`` tree (from ``jax.eval_shape``) with each leaf's sharding attached."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+class TrainCheckpointer:
+    """Save / restore ``(state, data iterator, metadata)`` under ``directory/<step>/``.
+
+    ``keep_last``: the newest k steps are kept, older ones deleted after a newer save completes.
+    ``async_save``: arrays are copied to host and written in a background thread; ``save`` returns
+    once the device buffers may be reused (so a donated state is safe to pass on). Call ``wait()``
+    before reading a checkpoint back and ``close()`` at the end.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep_last: int | None = 3, async_save: bool = True):
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 (or None to keep all), got {keep_last}")
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep_last,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # ---- queries ---------------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        """The newest *complete* step (temporary directories of unfinished saves never count)."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    # ---- save --------------------------------------------------------------------------------------
+    def save(self, step: int, state: Any, data_iter: grain.DatasetIterator | None,
+             metadata: Mapping[str, Any]) -> None:
+        """Start saving ``step`` (asynchronously when configured; waits for a previous save first).
+
+        The iterator's position is captured before this returns, so the caller may keep iterating.
+        ``metadata`` must be JSON-serialisable. Saving a step that already exists raises.
+        """
+        items: dict[str, Any] = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(dict(metadata))}
+        if data_iter is not None:
+            items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
+        self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+    def wait(self) -> None:
+        """Block until pending saves are finalised (renamed into place) and raise their errors."""
+        self._manager.wait_until_finished()
+
+    # ---- restore -----------------------------------------------------------------------------------
+    def restore(self, step: int, abstract_state: Any,
+                data_iter: grain.DatasetIterator | None) -> tuple[Any, dict[str, Any]]:
+        """Restore ``step`` into ``abstract_state`` (a tree of sharded ``ShapeDtypeStruct``s) and set
+        ``data_iter``'s position in place. Returns ``(state, metadata)``."""
+        names = self._item_names(step)
+        if STATE not in names:
+            raise CheckpointRestoreError(f"{self.directory}/{step} has no '{STATE}' item (found {sorted(names)})")
+        items: dict[str, Any] = {STATE: ocp.args.StandardRestore(abstract_state)}
+        if META in names:
+            items[META] = ocp.args.JsonRestore()
+        if data_iter is not None:
+            if DATA_ITER not in names:
+                raise CheckpointRestoreError(
+                    f"{self.directory}/{step} holds no data iterator state; cannot resume the data position")
+            items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
+        try:
+            restored = self._manager.restore(int(step), args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointRestoreError(
+                f"cannot restore {self.directory}/{step} into the current train state "
+                f"(model, optimizer or mesh changed since it was written?): {e}") from e
+        return restored[STATE], dict(restored[META]) if META in names else {}
+
+    def read_metadata(self, step: int) -> dict[str, Any]:
+        """Only the metadata JSON of ``step`` (no arrays are read)."""
+        restored = self._manager.restore(int(step), args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+        return dict(restored[META])
+
+    def _item_names(self, step: int) -> set[str]:
+        step_dir = self.directory / str(int(step))
+        if not step_dir.is_dir():
+            raise CheckpointRestoreError(f"no checkpoint for step {step} in {self.directory} "
+                                         f"(complete steps: {self.all_steps()})")
+        return {p.name for p in step_dir.iterdir() if p.is_dir()}
+
+    # ---- lifetime ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Wait for pending saves, then release the manager's threads."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> TrainCheckpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def host_params(params: Any) -> Any:
+    """Params as host numpy arrays, gathering shards held by other processes when needed.
+
+    Every process must call this (the gather is collective). It holds the full tree in host memory,
+    which an HF export needs anyway (safetensors files are written by one process).
+    """
+    if jax.process_count() == 1:
+        return params  # save_hf_params copies one (leaf, layer) slice to host at a time
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)
+
+
+def export_hf(params: Any, config: ModelConfig, path: str | os.PathLike, *, dtype: Any = None,
+              overwrite: bool = True) -> Path | None:
+    """Write ``params`` as an HF checkpoint directory (``save_hf_params``) from process 0.
+
+    Collective across processes (see ``host_params``); returns the directory on process 0, else None.
+    """
+    gathered = host_params(params)
+    if jax.process_index() != 0:
+        return None
+    out = Path(path)
+    save_hf_params(gathered, config, out, dtype=dtype, overwrite=overwrite)
+    return out
