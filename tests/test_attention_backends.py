@@ -24,7 +24,7 @@ from dmax_jax.model.masks import MaskSpec, allowed, dense_mask, layout_indices
 from kernels_pallas.flash_attention.reference import flash_attention_reference
 
 KINDS = ("full", "block_causal", "noisy_clean")
-TOL = {"float32": 2e-5, "bfloat16": 3e-2}  # relative to the largest reference magnitude
+TOL = {"float32": 2e-5, "bfloat16": 2e-2}  # relative to the largest reference magnitude
 
 
 def _cases(seed: int, fast: tuple[tuple[str, int], ...] = ()):
@@ -90,8 +90,8 @@ def test_padded_layout_keeps_layout_indices(kind, length, bs, multiple):
     blk, clean = layout_indices(spec, length)
     np.testing.assert_array_equal(lay.blk[lay.valid], blk)
     np.testing.assert_array_equal(lay.clean[lay.valid], clean)
-    for xp in (np, jnp):  # the arithmetic form used inside splash equals the tables
-        got = lay.indices_of(xp.arange(lay.padded, dtype=np.int32), xp)
+    ids = np.arange(lay.padded, dtype=np.int32)  # the arithmetic form used inside splash:
+    for got in (lay.indices_of(ids, np), jax.jit(lambda i: lay.indices_of(i, jnp))(ids)):
         for g, want in zip(got, (lay.blk, lay.clean, lay.valid)):
             np.testing.assert_array_equal(np.asarray(g), want)
     x = jnp.arange(length, dtype=jnp.float32)[None, :, None]
@@ -131,7 +131,7 @@ def test_blockwise_matches_dense(kind, bs, length, groups, dtype):
 
 
 @pytest.mark.parametrize("kind,bs,length,groups,dtype",
-                         _cases(seed=4, fast=(("noisy_clean", 2), ("block_causal", 4))))
+                         _cases(seed=4, fast=(("noisy_clean", 2),)))
 def test_blockwise_default_tile_matches_dense(kind, bs, length, groups, dtype):
     spec = MaskSpec(kind, bs)
     fn = functools.partial(blockwise_attention, spec=spec)
@@ -174,8 +174,8 @@ def test_blockwise_never_builds_a_dense_score_tensor():
 
 
 def test_blockwise_grad_memory_is_a_fraction_of_dense():
-    spec, t = MaskSpec("noisy_clean", 32), 1024
-    q, k, v, _ = _inputs(t, 2, "float32", batch=1, nkv=1, d=32)
+    spec, t = MaskSpec("noisy_clean", 16), 512
+    q, k, v, _ = _inputs(t, 2, "float32", batch=1, nkv=1, d=16)
 
     def temp_bytes(fn):
         g = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, spec=spec)), argnums=(0, 1, 2))
@@ -226,9 +226,9 @@ def _cuda_export(fn, *args):
 @pytest.mark.parametrize("kind", KINDS)
 def test_pallas_gpu_lowers_for_cuda(kind):
     """Pallas -> Triton IR lowering of forward, dq and dk/dv kernels runs on CPU."""
-    spec = MaskSpec(kind, 32)
-    q = jax.ShapeDtypeStruct((1, 200, 8, 96), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, 200, 2, 96), jnp.bfloat16)
+    spec = MaskSpec(kind, 32)  # T = 600: padded length 640 is not a power of two, head_dim 96 -> 128
+    q = jax.ShapeDtypeStruct((1, 600, 8, 96), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 600, 2, 96), jnp.bfloat16)
     f = functools.partial(pallas_gpu_attention, spec=spec)
     grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
     text = _cuda_export(grad, q, kv, kv).mlir_module()

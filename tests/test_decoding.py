@@ -8,6 +8,8 @@ strategy compiles once; thresholds and EOS id are runtime values and never recom
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -27,7 +29,7 @@ KW = dict(block_length=B, gen_length=G, prompt_bucket=BUCKET)
 
 @pytest.fixture(scope="module")
 def params():
-    p = dict(init_params(CFG, jax.random.PRNGKey(0)))
+    p = dict(jax.jit(functools.partial(init_params, CFG))(jax.random.PRNGKey(0)))
     p["lm_head"] = p["lm_head"] * 10.0  # sharpen the softmax of the random model
     return p
 
@@ -48,8 +50,8 @@ def check(res, expected, eos=EOS):
 
 @pytest.mark.parametrize("tau,tau_acc", [(0.05, 0.9), (0.02, 0.05)])
 def test_spd_matches_oracle(params, tau, tau_acc):
-    res = generate((params, CFG), PROMPTS, strategy="spd", threshold=tau, accept_threshold=tau_acc, trace=True,
-                   **KW)
+    res = generate((params, CFG), PROMPTS, strategy="spd", threshold=tau, accept_threshold=tau_acc,
+                   trace=True, **KW)
     orc = oracle(params)
     want = [orc.spd(p, G, tau, tau_acc, request_id=i) for i, p in enumerate(PROMPTS)]
     check(res, [w[:3] for w in want])
@@ -115,7 +117,8 @@ def test_rows_do_not_depend_on_batch_order(params):
 def test_one_compilation_per_bucket(params):
     rng = np.random.default_rng(0)
     # one prompt bucket: every batch pads to 32 prompt tokens
-    prompts = [[int(t) for t in rng.integers(3, CFG.vocab_size, size=n)] for n in (17, 20, 23, 25, 28, 30, 31, 32)]
+    lengths = (17, 20, 23, 25, 28, 30, 31, 32)
+    prompts = [[int(t) for t in rng.integers(3, CFG.vocab_size, size=n)] for n in lengths]
     generate((params, CFG), prompts[:3], strategy="threshold", threshold=0.2, trace=True, **KW)
     before = compile_count()
     for i in range(0, len(prompts) - 2):
@@ -160,3 +163,35 @@ def test_invalid_requests_raise_clear_errors(params):
         generate(params, [[5]], **KW)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         generate((params, CFG), [[5, CFG.vocab_size]], **KW)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["spd", "llada2"])
+def test_sampling_matches_oracle_and_is_batch_independent(params, strategy):
+    kw = dict(strategy=strategy, threshold=0.05, temperature=0.7, seed=11, **KW)
+    res = generate((params, CFG), PROMPTS, **kw)
+    orc = oracle(params, temperature=0.7, seed=11)
+    if strategy == "spd":
+        want = [orc.spd(p, G, 0.05, 0.9, request_id=i)[:3] for i, p in enumerate(PROMPTS)]
+    else:
+        want = [orc.llada2(p, G, 0.05, B, request_id=i) for i, p in enumerate(PROMPTS)]
+    check(res, want)
+    greedy = generate((params, CFG), PROMPTS, **{**kw, "temperature": 0.0})
+    assert greedy.token_ids != res.token_ids
+    perm = [1, 2, 0]
+    res_p = generate((params, CFG), [PROMPTS[i] for i in perm], request_ids=perm, **kw)
+    assert [res_p.token_ids[j] for j in range(3)] == [res.token_ids[i] for i in perm]
+    other_seed = generate((params, CFG), PROMPTS, **{**kw, "seed": 12})
+    assert other_seed.token_ids != res.token_ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["spd", "threshold"])
+def test_row_alone_equals_row_in_padded_batch(params, strategy):
+    kw = dict(strategy=strategy, threshold=0.05, **KW)
+    batch = generate((params, CFG), PROMPTS, **kw)
+    for i, p in enumerate(PROMPTS):
+        alone = generate((params, CFG), [p], request_ids=[i], **kw)
+        assert alone.token_ids[0] == batch.token_ids[i] and alone.nfe[0] == batch.nfe[i]
+    padded = generate((params, CFG), PROMPTS[:1], batch_size=3, **kw)   # ragged batch padded to 3 rows
+    assert padded.token_ids == batch.token_ids[:1] and padded.nfe == batch.nfe[:1]

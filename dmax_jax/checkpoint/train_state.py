@@ -93,7 +93,8 @@ class TrainCheckpointer:
         ``data_iter``'s position in place. Returns ``(state, metadata)``."""
         names = self._item_names(step)
         if STATE not in names:
-            raise CheckpointRestoreError(f"{self.directory}/{step} has no '{STATE}' item (found {sorted(names)})")
+            raise CheckpointRestoreError(
+                f"{self.directory}/{step} has no '{STATE}' item (found {sorted(names)})")
         items: dict[str, Any] = {STATE: ocp.args.StandardRestore(abstract_state)}
         if META in names:
             items[META] = ocp.args.JsonRestore()

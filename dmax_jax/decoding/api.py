@@ -64,10 +64,10 @@ def _executable(spec: DecodeSpec, config: ModelConfig, args: tuple):
 
 def generate(model, prompt_ids: Sequence[Sequence[int]] | Sequence[int], *, strategy: str = "spd",
              block_length: int = 32, gen_length: int = 256, threshold: float = 0.5, steps: int | None = None,
-             accept_threshold: float = 0.9, temperature: float = 0.0, seed: int = 0, mask_id: int | None = None,
-             eos_id: int | None = None, trace: bool = False, soft_embedding_impl: str = "auto",
-             dtype=jnp.float32, top_k: int = 1, max_unroll: int = 4, expected_tpf: int = 4,
-             prompt_bucket: int | None = None, batch_size: int | None = None,
+             accept_threshold: float = 0.9, temperature: float = 0.0, seed: int = 0,
+             mask_id: int | None = None, eos_id: int | None = None, trace: bool = False,
+             soft_embedding_impl: str = "auto", dtype=jnp.float32, top_k: int = 1, max_unroll: int = 4,
+             expected_tpf: int = 4, prompt_bucket: int | None = None, batch_size: int | None = None,
              request_ids: Sequence[int] | None = None) -> GenerateResult:
     """Decode a batch of prompts (spec §5) and return tokens, NFE/TPF and optional traces.
 
@@ -111,16 +111,17 @@ def generate(model, prompt_ids: Sequence[Sequence[int]] | Sequence[int], *, stra
         rows = rows + [rows[0]] * (batch_size - n_real)
         rids = rids + [rids[0]] * (batch_size - n_real)
 
-    if strategy == "spd":
-        max_steps = block_length if steps is None else int(steps)
-    elif strategy == "llada2":
-        max_steps = min(block_length if steps is None else int(steps), gen_length)
-    else:
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if strategy == "threshold":
         if steps is not None:
             raise ValueError("strategy 'threshold' stops when the block has no mask; it takes no steps")
-        max_steps = threshold_max_forwards(block_length, expected_tpf, max_unroll)
-    if max_steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        step_count = max_steps = threshold_max_forwards(block_length, expected_tpf, max_unroll)
+    else:
+        step_count = block_length if steps is None else int(steps)
+        if strategy == "llada2":
+            step_count = min(step_count, gen_length)
+        max_steps = max(block_length, step_count)  # static bound; the count itself is a runtime value
 
     bucket = prompt_bucket or layout.round_up(max(128, block_length), block_length)
     padded, capacity = layout.shapes([len(r) for r in rows], gen_length, block_length, bucket)
@@ -130,9 +131,11 @@ def generate(model, prompt_ids: Sequence[Sequence[int]] | Sequence[int], *, stra
                       top_k=top_k, max_unroll=max_unroll, expected_tpf=expected_tpf,
                       soft_impl=soft_embedding_impl, dtype=jnp.dtype(dtype).name, trace=bool(trace))
     dyn = {"prompt_lens": lens, "request_ids": np.asarray(rids, np.int32),
-           "gen_length": np.int32(gen_length), "eos_id": np.int32(eos_id), "seed": np.int32(seed), "threshold": np.float32(threshold),
+           "gen_length": np.int32(gen_length), "eos_id": np.int32(eos_id), "seed": np.int32(seed),
+           "threshold": np.float32(threshold),
            "accept_threshold": np.float32(accept_threshold),
-           "temperature": np.float32(temperature if temperature > 0 else 1.0)}
+           "temperature": np.float32(temperature if temperature > 0 else 1.0),
+           "steps": np.int32(step_count)}
     args = (params, ids, dyn)
 
     t0 = time.perf_counter()

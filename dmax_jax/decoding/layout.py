@@ -74,8 +74,8 @@ def validate_prompts(rows: list[list[int]], *, vocab_size: int, mask_id: int, ge
                              "prompts must not contain [MASK] (it would be decoded as a hole)")
         _, end, _ = row_geometry(len(r), gen_length, block)
         if end > max_positions:
-            raise ValueError(f"prompt row {i}: {len(r)} prompt tokens + gen_length {gen_length} (rounded up to "
-                             f"the block, {end} positions) exceed max_position_embeddings {max_positions}")
+            raise ValueError(f"prompt row {i}: {len(r)} prompt tokens + gen_length {gen_length} (rounded up "
+                             f"to the block: {end} positions) exceed max_position_embeddings {max_positions}")
 
 
 def pack_prompts(rows: list[list[int]], padded_len: int, fill_id: int) -> tuple[np.ndarray, np.ndarray]:

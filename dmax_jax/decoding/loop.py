@@ -59,7 +59,7 @@ class DecodeSpec:
 
 class Dyn(dict):
     """Traced per-request values: prompt_lens, request_ids, gen_length, eos_id, seed, threshold,
-    accept_threshold, temperature (changing them never recompiles)."""
+    accept_threshold, temperature, steps (llada2) — changing them never recompiles."""
 
 
 def _trace_buffers(spec: DecodeSpec, b: int):
@@ -110,12 +110,15 @@ def _cached_program(spec: DecodeSpec, cfg: ModelConfig, params, prompt_ids, d: D
         if tr is not None:
             tr = {**tr, "block_start": tr["block_start"].at[k].set(start)}
 
-        def logits_at(step, emb, cache):
-            return jax.lax.cond(
-                (step == 0) & (k > 0),
-                lambda cache: kv.cross_forward(params, cfg, x, start, cache, B, dt),
-                lambda cache: (kv.block_forward(params, cfg, emb, start, cache, B, dt), cache),
-                cache)
+        # The cross-block forward runs once per block, outside the step loop, so the step loop only
+        # reads the cache (a loop invariant: no per-step cache copies in the carry).
+        logits0, cache = jax.lax.cond(
+            k > 0, lambda c: kv.cross_forward(params, cfg, x, start, c, B, dt),
+            lambda c: (jnp.zeros((b, B, cfg.vocab_size), jnp.float32), c), cache)
+
+        def logits_at(step, emb):
+            return jax.lax.cond((step == 0) & (k > 0), lambda: logits0,
+                                lambda: kv.block_forward(params, cfg, emb, start, cache, B, dt))
 
         def pick(logits, nfe, run):
             keys = None if spec.greedy else st.row_keys(d["seed"], d["request_ids"], nfe)
@@ -126,26 +129,26 @@ def _cached_program(spec: DecodeSpec, cfg: ModelConfig, params, prompt_ids, d: D
             active = xb0 == M
 
             def body(ic):
-                step, xb, emb, done, cache, nfe, tr = ic
-                logits, cache = logits_at(step, emb, cache)
+                step, xb, emb, done, nfe, tr = ic
+                logits = logits_at(step, emb)
                 run = ~done
                 x0, conf, probs = pick(logits, nfe, run)
                 nfe = nfe + run
                 u = st.spd_update(xb, active, x0, conf, d["threshold"], d["accept_threshold"], M)
                 emb_next = st.soft_inputs(table, u.tokens, x0, conf, probs, u.soft, top_k=spec.top_k,
                                           mask_id=M, impl=spec.soft_impl, dtype=dt)
-                final = u.stop | (step + 1 >= spec.max_steps)
+                final = u.stop | (step + 1 >= d["steps"])
                 tr = _record(tr, k, step, run, u.tokens, conf, st.spd_states(u, prompt, final, M))
                 xb = jnp.where(run[:, None], u.tokens, xb)
                 emb = jnp.where(run[:, None, None], emb_next, emb)
-                return step + 1, xb, emb, done | u.stop, cache, nfe, tr
+                return step + 1, xb, emb, done | u.stop, nfe, tr
 
             emb0 = jnp.take(table, xb0, axis=0).astype(dt)
-            init = (jnp.int32(0), xb0, emb0, ~live, cache, nfe, tr)
+            init = (jnp.int32(0), xb0, emb0, ~live, nfe, tr)
         else:  # threshold
             def body(ic):
-                step, xb, left, done, cache, nfe, tr = ic
-                logits, cache = logits_at(step, jnp.take(table, xb, axis=0).astype(dt), cache)
+                step, xb, left, done, nfe, tr = ic
+                logits = logits_at(step, jnp.take(table, xb, axis=0).astype(dt))
                 run = ~done
                 x0, conf, _ = pick(logits, nfe, run)
                 nfe = nfe + run
@@ -159,15 +162,15 @@ def _cached_program(spec: DecodeSpec, cfg: ModelConfig, params, prompt_ids, d: D
                 left = jnp.where(left == 0, st.unroll_count(n_mask, spec.expected_tpf, spec.max_unroll), left)
                 tr = _record(tr, k, step, run, tokens, conf, st.final_states(tokens, prompt, M))
                 xb = jnp.where(run[:, None], tokens, xb)
-                return step + 1, xb, left, done | (run & finished), cache, nfe, tr
+                return step + 1, xb, left, done | (run & finished), nfe, tr
 
             left0 = st.unroll_count((xb0 == M).sum(-1), spec.expected_tpf, spec.max_unroll)
-            init = (jnp.int32(0), xb0, left0, ~live, cache, nfe, tr)
+            init = (jnp.int32(0), xb0, left0, ~live, nfe, tr)
 
-        def cond(ic):
-            return (ic[0] < spec.max_steps) & jnp.any(~ic[3])
+        def cond(ic):  # spd: the runtime step cap (<= spec.max_steps); threshold: the static bound
+            return (ic[0] < jnp.minimum(d["steps"], spec.max_steps)) & jnp.any(~ic[3])
 
-        _, xb, _, _, cache, nfe, tr = jax.lax.while_loop(cond, body, init)
+        _, xb, _, _, nfe, tr = jax.lax.while_loop(cond, body, init)
         x, live_next, gen_end = _finish_block(spec, d["eos_id"], x, xb, start, live, gen_end, k, n_blocks)
         return k + 1, x, cache, nfe, live_next, gen_end, tr
 
@@ -183,7 +186,7 @@ def _llada2_program(spec: DecodeSpec, cfg: ModelConfig, params, prompt_ids, d: D
     b = prompt_ids.shape[0]
     plen, gen = d["prompt_lens"], d["gen_length"]
     s0, _, n_blocks = row_geometry(plen, gen, B)
-    sched = jnp.asarray(st.transfer_schedule(B, spec.max_steps))
+    steps = d["steps"]  # runtime value <= spec.max_steps: changing it does not recompile
     x = jnp.full((b, spec.capacity), M, jnp.int32).at[:, :spec.prompt_len].set(prompt_ids)
     nfe = jnp.zeros((b,), jnp.int32)
 
@@ -202,14 +205,14 @@ def _llada2_program(spec: DecodeSpec, cfg: ModelConfig, params, prompt_ids, d: D
             x0, conf, _ = st.choose_tokens(logits, greedy=spec.greedy, temperature=d["temperature"],
                                            keys=keys, tempered_confidence=True)
             nfe = nfe + run
-            tokens, _ = st.llada2_update(xb, x0, conf, d["threshold"], sched[step], M)
+            tokens, _ = st.llada2_update(xb, x0, conf, d["threshold"], st.transfer_count(B, steps, step), M)
             tr = _record(tr, k, step, run, tokens, conf, st.final_states(tokens, prompt, M))
             xb = jnp.where(run[:, None], tokens, xb)
             return step + 1, xb, done | ~run, nfe, tr
 
         def cond(ic):
             step, xb, done = ic[:3]
-            return (step < spec.max_steps) & jnp.any(~done & (xb == M).any(-1))
+            return (step < steps) & jnp.any(~done & (xb == M).any(-1))
 
         xb0 = kv.row_slice(x, start, B)
         _, xb, _, nfe, tr = jax.lax.while_loop(cond, body, (jnp.int32(0), xb0, ~live, nfe, tr))

@@ -144,6 +144,11 @@ def transfer_schedule(block: int, steps: int) -> np.ndarray:
     return sched
 
 
+def transfer_count(block: int, steps, step):
+    """Entry ``step`` of :func:`transfer_schedule` computed from traced ``steps``/``step``."""
+    return block // steps + (step < block % steps).astype(jnp.int32)
+
+
 def llada2_update(xb, x0, conf, threshold, n_transfer, mask_id: int):
     """Commit every masked position with ``p > τ`` if there are at least ``n_transfer`` of them,
     otherwise the ``min(n_transfer, #masked)`` most confident (ties: lowest index). ``(tokens, transfer)``."""

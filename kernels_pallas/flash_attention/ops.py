@@ -14,8 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmax_jax.model.attention_backends.blockwise import check_qkv
-from dmax_jax.model.attention_backends.layout import live_lists, padded_layout, tile_liveness
+from dmax_jax.model.attention_backends.layout import (
+    check_qkv,
+    live_lists,
+    padded_layout,
+    tile_liveness,
+)
 from dmax_jax.model.masks import MaskSpec
 from kernels_pallas.flash_attention import kernel
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dmax_jax.model.attention_backends.blockwise import check_qkv
-from dmax_jax.model.attention_backends.layout import padded_layout
+from dmax_jax.model.attention_backends.layout import check_qkv, padded_layout
 from dmax_jax.model.masks import MaskSpec, allowed
 
 

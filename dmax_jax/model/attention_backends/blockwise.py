@@ -14,8 +14,9 @@ The backward pass is an explicit flash backward (``jax.custom_vjp``): residuals 
 output and the row log-sum-exp; one pass per query tile recomputes the probabilities of each live
 tile and accumulates dq locally and dk/dv into tile-indexed buffers (5 matmuls per live tile).
 
-Tile size is a work/overhead trade-off on CPU: smaller tiles skip more dead work, larger tiles
-make fewer, bigger matmuls. 128 measured best for block 32 (see ``bench/attention.py``).
+Tile size trades skipped work against loop trips: smaller tiles skip more dead work, larger tiles
+make fewer, bigger matmuls. On CPU with block 32, tiles of 64 and 128 were within noise of each
+other and 256 slower; 128 is the default (half the loop trips of 64, better for accelerators).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 
 from dmax_jax.model.attention_backends.layout import (
     PaddedLayout,
+    check_qkv,
     live_lists,
     padded_layout,
     tile_liveness,
@@ -157,19 +159,6 @@ def _flash_fn(spec: MaskSpec, length: int, tile: int, scale: float):
 
     flash.defvjp(fwd, functools.partial(_backward, tiles, scale))
     return flash
-
-
-def check_qkv(q, k, v) -> tuple[int, int, int, int, int]:
-    """Validate ``q [B, T, Nq, D]``, ``k/v [B, T, Nkv, D]``; return ``(B, T, Nq, Nkv, D)``."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q/k/v must be [batch, len, heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}")
-    b, t, nq, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
-        raise ValueError(f"k {k.shape} / v {v.shape} do not match q {q.shape} (self-attention layout)")
-    nkv = k.shape[2]
-    if nq % nkv:
-        raise ValueError(f"query heads {nq} not divisible by kv heads {nkv}")
-    return b, t, nq, nkv, d
 
 
 def blockwise_attention(q, k, v, *, spec: MaskSpec, scale: float | None = None,

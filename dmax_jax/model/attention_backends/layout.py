@@ -57,8 +57,8 @@ class PaddedLayout:
         """Inverse of ``pad``: drop padding tokens along ``axis``."""
         if self.segment_padded == self.segment:
             return x
-        parts = [jnp.take(x, jnp.arange(s * self.segment_padded, s * self.segment_padded + self.segment),
-                          axis=axis) for s in range(self.num_segments)]
+        starts = [s * self.segment_padded for s in range(self.num_segments)]
+        parts = [jax.lax.slice_in_dim(x, a, a + self.segment, axis=axis) for a in starts]
         return jnp.concatenate(parts, axis=axis)
 
     def indices_of(self, ids, xp=jnp):
@@ -132,3 +132,16 @@ def live_lists(live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             idx[r, : cols.size] = cols
             idx[r, cols.size:] = cols[-1]
     return counts, idx
+
+
+def check_qkv(q, k, v) -> tuple[int, int, int, int, int]:
+    """Validate ``q [B, T, Nq, D]``, ``k/v [B, T, Nkv, D]``; return ``(B, T, Nq, Nkv, D)``."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q/k/v must be [batch, len, heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}")
+    b, t, nq, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
+        raise ValueError(f"k {k.shape} / v {v.shape} do not match q {q.shape} (self-attention layout)")
+    nkv = k.shape[2]
+    if nq % nkv:
+        raise ValueError(f"query heads {nq} not divisible by kv heads {nkv}")
+    return b, t, nq, nkv, d

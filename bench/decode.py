@@ -1,0 +1,139 @@
+"""Decode benchmark: the three strategies side by side on a small random model (CPU by default).
+
+For each strategy: compile once (warm-up), decode ``--prompts`` prompts of one bucket one at a time,
+and report ms per model forward, NFE, TPF, TPS, the share of decode time that is *not* model
+forward (bookkeeping: SPD update, soft embeddings, loop control), and the compile count after the
+warm-up (must not move). The forward-only time comes from one compiled program that runs exactly
+the same forwards (prefill, cross-block and block forwards of the same shapes, or full recomputes
+for llada2) back to back, each fed by the previous one so XLA cannot hoist them.
+
+    python bench/decode.py [--hidden 256 --layers 4 --vocab 4096] [--prompts 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dmax_jax.config import tiny_config  # noqa: E402
+from dmax_jax.decoding import cache as kv  # noqa: E402
+from dmax_jax.decoding import compile_count, generate  # noqa: E402
+from dmax_jax.decoding.layout import row_geometry, shapes  # noqa: E402
+from dmax_jax.model.llada2 import init_params  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--vocab", type=int, default=384)
+    ap.add_argument("--block-length", type=int, default=8)
+    ap.add_argument("--gen-length", type=int, default=32)
+    ap.add_argument("--prompt-bucket", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=20)
+    ap.add_argument("--threshold", type=float, default=0.05)
+    ap.add_argument("--logit-scale", type=float, default=10.0, help="sharpen the random model's softmax")
+    ap.add_argument("--strategies", default="spd,threshold,llada2")
+    ap.add_argument("--repeats", type=int, default=3, help="timings take the best of this many runs")
+    return ap.parse_args(argv)
+
+
+def forwards_only(params, cfg, strategy, prompt, nfe, block, gen_length, bucket, repeats):
+    """Seconds for the same forwards as one decode of ``prompt`` with ``nfe`` forwards, in one program."""
+    padded, capacity = shapes([len(prompt)], gen_length, block, bucket)
+    ids = np.full((1, padded), cfg.resolved_mask_token_id, np.int32)
+    ids[0, :len(prompt)] = prompt
+    s0, _, n_blocks = row_geometry(len(prompt), gen_length, block)
+    x = jnp.asarray(np.pad(ids, ((0, 0), (0, capacity - padded)), constant_values=ids[0, -1]))
+    dt = jnp.float32
+
+    if strategy == "llada2":
+        def prog(params, x):
+            def one(_, x):
+                lg = kv.full_forward(params, cfg, x, block, dt)
+                return x.at[0, 0].set(jnp.where(lg[0, 0, 0] > 1e30, 0, x[0, 0]))  # a true dependency
+            return jax.lax.fori_loop(0, nfe, one, x)
+    else:
+        n_cross = max(n_blocks - 1, 0)
+        n_block = nfe - 1 - n_cross
+        start0 = jnp.asarray([s0], jnp.int32)
+
+        def prog(params, x):
+            cache = kv.prefill(params, cfg, x[:, :padded], start0, capacity, block, dt)
+            emb = jnp.take(params["embedding"], x[:, s0:s0 + block], axis=0)
+
+            def cross(i, c):
+                cache, e = c
+                start = start0 + (i + 1) * block
+                lg, cache = kv.cross_forward(params, cfg, x, start, cache, block, dt)
+                return cache, jnp.where(lg[..., :1] > 1e30, 0.0, e)
+
+            def plain(_, e):
+                lg = kv.block_forward(params, cfg, e, start0, cache, block, dt)
+                return jnp.where(lg[..., :1] > 1e30, 0.0, e)
+
+            cache, emb = jax.lax.fori_loop(0, n_cross, cross, (cache, emb))
+            return jax.lax.fori_loop(0, n_block, plain, emb)
+
+    fn = jax.jit(prog).lower(params, x).compile()
+    jax.block_until_ready(fn(params, x))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(params, x))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    cfg = tiny_config(hidden_size=a.hidden, num_hidden_layers=a.layers, vocab_size=a.vocab,
+                      intermediate_size=a.hidden * 3 // 2, moe_intermediate_size=a.hidden // 2)
+    params = dict(jax.jit(functools.partial(init_params, cfg))(jax.random.PRNGKey(0)))
+    params["lm_head"] = params["lm_head"] * a.logit_scale
+    rng = np.random.default_rng(0)
+    lo = max(1, a.prompt_bucket // 2 + 1)
+    prompts = [[int(t) for t in rng.integers(3, cfg.vocab_size, size=rng.integers(lo, a.prompt_bucket + 1))]
+               for _ in range(a.prompts)]
+    kw = dict(block_length=a.block_length, gen_length=a.gen_length, prompt_bucket=a.prompt_bucket,
+              threshold=a.threshold)
+    print(f"model: H={cfg.hidden_size} layers={cfg.num_hidden_layers} V={cfg.vocab_size}; block "
+          f"{a.block_length}, gen {a.gen_length}, {a.prompts} prompts of one bucket, backend "
+          f"{jax.default_backend()}")
+    head = (f"{'strategy':<10}{'ms/fwd':>8}{'NFE':>7}{'TPF':>7}{'TPS':>9}{'non-fwd':>9}{'compile s':>11}"
+            f"{'compiles +':>11}")
+    print(head)
+    print("-" * len(head))
+    for strategy in a.strategies.split(","):
+        warm = generate((params, cfg), [prompts[0]], strategy=strategy, **kw)
+        count = compile_count()
+        res = [generate((params, cfg), [p], strategy=strategy, **kw) for p in prompts]
+        new_compiles = compile_count() - count
+        secs = np.array([min([r.seconds] + [generate((params, cfg), [p], strategy=strategy, **kw).seconds
+                                            for _ in range(a.repeats - 1)]) for r, p in zip(res, prompts)])
+        nfe = np.array([r.nfe[0] for r in res])
+        tpf = np.mean([r.tpf[0] for r in res])
+        tps = np.mean([r.tokens_ref[0] / t for r, t in zip(res, secs)])
+        sample = range(0, len(prompts), max(1, len(prompts) // 5))  # forward-only timing on a subset
+        fwd = [forwards_only(params, cfg, strategy, prompts[i], int(nfe[i]), a.block_length, a.gen_length,
+                             a.prompt_bucket, a.repeats) for i in sample]
+        share = np.mean([1 - f / secs[i] for f, i in zip(fwd, sample)])
+        ms_fwd = 1e3 * np.mean([f / nfe[i] for f, i in zip(fwd, sample)])
+        print(f"{strategy:<10}{ms_fwd:>8.2f}{nfe.mean():>7.1f}{tpf:>7.2f}{tps:>9.0f}{100 * share:>8.1f}%"
+              f"{warm.compile_seconds:>11.1f}{new_compiles:>11d}")
+    print("non-fwd = 1 − (same forwards alone) / (compiled decode); 'compiles +' = compilations during "
+          "the timed prompts (0 expected)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

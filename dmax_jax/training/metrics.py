@@ -1,0 +1,105 @@
+"""Training metrics sinks: JSONL (one object per logged step), TensorBoard (tensorboardX) and a tqdm bar.
+
+Why a small class: the loop produces one flat ``{name: number}`` dict per logged step; where it goes
+(files only on process 0, a progress bar only when attached to a terminal or asked for) is decided
+here once, so the loop stays about training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+BAR_KEYS = (("loss", "loss", "{:.4f}"), ("grad_norm", "gnorm", "{:.3g}"), ("lr", "lr", "{:.2e}"),
+            ("tokens_per_sec", "tok/s", "{:.0f}"))
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain Python numbers (numpy scalars unwrapped); non-finite floats become strings (JSON has none)."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsWriter:
+    """Write metric rows to ``<out_dir>/metrics.jsonl`` and TensorBoard ``<out_dir>/tensorboard``.
+
+    Only the writing process (``enabled=True``, process 0 in the loop) touches files. Appends to an
+    existing JSONL so a resumed run continues the same file (rows carry their step).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, enabled: bool = True, jsonl: bool = True,
+                 tensorboard: bool = True, progress_bar: bool = True, total_steps: int = 0,
+                 initial_step: int = 0):
+        self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if jsonl:
+            self._jsonl = open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=str(self.out_dir / "tensorboard"))
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
+                             dynamic_ncols=True)
+
+    @property
+    def jsonl_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def advance(self, n: int = 1) -> None:
+        """Move the progress bar by ``n`` steps."""
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record ``metrics`` for ``step`` in every enabled sink."""
+        if not self.enabled:
+            return
+        row = {"step": int(step), "time": round(time.time(), 3)}
+        row.update({k: _jsonable(v) for k, v in metrics.items()})
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"train/{k}", float(v), int(step))
+            self._tb.flush()
+        if self._bar is not None:
+            post = {label: fmt.format(float(metrics[k])) for k, label, fmt in BAR_KEYS if k in metrics}
+            self._bar.set_postfix(post, refresh=False)
+
+    def message(self, text: str) -> None:
+        """A line of text that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None

@@ -1,0 +1,248 @@
+"""Training config (YAML + overrides), the loop (exact resume, keep_last, non-finite stop, HF export)
+and ``train.py`` end to end. The in-process runs share one compiled step (``loop._build`` cache):
+same model, step, optimizer and mesh config, on the 8 fake CPU devices of conftest."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from dmax_jax.checkpoint.hf import load_hf_params
+from dmax_jax.checkpoint.train_state import TrainCheckpointer, abstract_with_shardings
+from dmax_jax.training import loop
+from dmax_jax.training.config import (
+    TrainConfig,
+    TrainConfigError,
+    dump_train_config,
+    load_train_config,
+    train_config_from_dict,
+)
+from dmax_jax.training.loop import NonFiniteLossError, ResumeMismatchError, train
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+# ---- config ---------------------------------------------------------------------------------------
+def test_tiny_yaml_with_overrides_is_typed():
+    cfg = load_train_config(CONFIGS / "tiny.yaml", ["run.num_steps=5", "optim.lr=2e-6", "data.paths=a.jsonl",
+                                                    "model.overrides.num_hidden_layers=2", "step.remat=null"])
+    assert cfg.run.num_steps == 5 and isinstance(cfg.optim.lr, float) and cfg.optim.lr == 2e-6
+    assert cfg.data.paths == ("a.jsonl",)
+    assert cfg.model.overrides == {"vocab_size": 640, "num_hidden_layers": 2}
+    assert cfg.auto == ("optim.total_steps", "step.mask_id")
+    resolved = cfg.resolve(total_steps=9, mask_id=2)
+    assert resolved.optim.total_steps == 9 and resolved.step.mask_id == 2 and resolved.auto == ()
+    with pytest.raises(TrainConfigError, match="step.mask_id: 2 but .* MASK id is 5"):
+        resolved.resolve(total_steps=9, mask_id=5)
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    cfg = load_train_config(CONFIGS / "llada2_mini_oput.yaml", ["model.source=hf:/ckpt/mini"])
+    dump_train_config(cfg, tmp_path / "c.yaml")
+    assert load_train_config(tmp_path / "c.yaml") == cfg
+    resolved = cfg.resolve(total_steps=100, mask_id=156895)
+    assert train_config_from_dict(resolved.to_dict()) == resolved
+
+
+@pytest.mark.parametrize("override, message", [
+    ("run.num_step=3", r"unknown key run.num_step \(did you mean run.num_steps\?\)"),
+    ("bogus.x=1", "unknown key bogus"),
+    ("run.log_every=ten", "run.log_every: expected an integer, got 'ten'"),
+    ("data.batch_size=true", "data.batch_size: expected an integer"),
+    ("run.async_save=1", "run.async_save: expected true/false"),
+    ("optim.lr=fast", "optim.lr: expected a number"),
+    ("data.paths=3", r"data.paths: expected a list"),
+    ("run=3", "run: expected a mapping"),
+    ("step.mode=ar", "step: StepConfig.mode 'ar'"),
+    ("model.source=ckpt", "model.source: 'ckpt' must be one of"),
+    ("run.keep_last=0", "run.keep_last: invalid value 0"),
+    ("run.num_steps", "must look like key.path=value"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(TrainConfigError, match=message):
+        load_train_config(CONFIGS / "tiny.yaml", [override])
+
+
+def test_missing_sections_and_files():
+    with pytest.raises(TrainConfigError, match="missing required key model"):
+        load_train_config(None, [])
+    with pytest.raises(TrainConfigError, match="missing required key data.paths"):
+        load_train_config(None, ["model.source=preset:tiny", "data.max_length=8"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_train_config("nope.yaml")
+
+
+def test_reference_presets():
+    mini = load_train_config(CONFIGS / "llada2_mini_oput.yaml",
+                             ["model.source=hf:/x", "data.paths=[d.jsonl]"])
+    assert (mini.optim.lr, mini.data.num_epochs, mini.data.batch_size) == (2e-6, 2, 8)
+    assert mini.step.block_size == 32 and mini.model.source == "hf:/x"
+    assert (mini.data.noise_low, mini.data.noise_high, mini.data.max_length) == (0.75, 0.75, 2048)
+    assert (mini.step.compute_dtype, mini.step.remat, mini.step.mode) == ("bfloat16", "full", "oput")
+    pod = load_train_config(CONFIGS / "dmax_16b_pod.yaml", ["model.source=hf:/x"])
+    assert pod.mesh.shape(64) == (1, 16, 4, 1)
+    assert isinstance(pod, TrainConfig)
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory):
+    return loop.generate_task_data("generate:arith:48", tmp_path_factory.mktemp("task"))
+
+
+def _cfg(task_data, out: Path, *overrides: str) -> TrainConfig:
+    train_file, tok = task_data
+    base = [f"data.paths=[{train_file}]", f"model.tokenizer={tok}", "model.overrides.num_hidden_layers=2",
+            "data.max_length=64", "data.batch_size=8", "data.num_epochs=1", "step.block_size=8",
+            "optim.total_steps=4", "optim.warmup_ratio=0.25", "run.log_every=1", "run.progress_bar=false",
+            "run.export_hf_at_end=false", f"run.out_dir={out}"]
+    return load_train_config(CONFIGS / "tiny.yaml", base + list(overrides))
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _built(task_data, out: Path):
+    """The loop's cached mesh / shardings / compiled step for the test config."""
+    cfg = _cfg(task_data, out).resolve(total_steps=4, mask_id=2)
+    return loop._build(loop.resolve_model_config(cfg), cfg)
+
+
+def _steps(out: Path) -> list[int]:
+    return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def runs(task_data, tmp_path_factory):
+    """4 steps straight (with HF export) and 2 steps + resume to 4 (saving every step, keep 2)."""
+    root = tmp_path_factory.mktemp("runs")
+    straight = train(_cfg(task_data, root / "a", "run.num_steps=4", "run.export_hf_at_end=true"))
+    first = train(_cfg(task_data, root / "b", "run.num_steps=2", "run.save_every=1", "run.keep_last=2"))
+    steps_after_first = _steps(root / "b")
+    resumed = train(_cfg(task_data, root / "b", "run.num_steps=4", "run.save_every=1", "run.keep_last=2"))
+    return dict(root=root, straight=straight, first=first, resumed=resumed,
+                steps_after_first=steps_after_first, task_data=task_data)
+
+
+def test_resume_is_bit_identical(runs):
+    a, first, b = runs["straight"], runs["first"], runs["resumed"]
+    assert (first.start_step, first.final_step, b.start_step, b.final_step) == (0, 2, 2, 4)
+    assert int(a.state.step) == int(b.state.step) == 4
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # params, Adam moments, rng
+    assert not np.array_equal(np.asarray(a.state.rng), np.asarray(jax.random.key_data(jax.random.key(0))))
+    # Same batches in the same order: every step's loss matches the straight run's.
+    la, lb = _losses(runs["root"] / "a"), _losses(runs["root"] / "b")
+    assert sorted(lb) == [1, 2, 3, 4] and lb == la
+    assert all(np.isfinite(v) for v in la.values()) and la[4] != la[1]
+
+
+def test_keep_last_and_checkpoint_metadata(runs):
+    out = runs["root"] / "b"
+    assert runs["steps_after_first"] == [1, 2] and _steps(out) == [3, 4]
+    meta = TrainCheckpointer(out / "checkpoints").read_metadata(4)
+    assert meta["step"] == 4 and meta["config"]["optim"]["total_steps"] == 4
+    assert meta["config"]["step"]["mask_id"] == 2  # derived from the model config + tokenizer
+    assert meta["rng"] == np.asarray(runs["resumed"].state.rng).tolist()
+    # The checkpoint restores onto the mesh's shardings and equals the final state.
+    built = _built(runs["task_data"], out)
+    state, _ = TrainCheckpointer(out / "checkpoints").restore(
+        4, abstract_with_shardings(built.abstract_state, built.state_shardings), None)
+    assert state.params["embedding"].sharding == built.state_shardings.params["embedding"]
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(runs["resumed"].state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_hf_export_at_end_loads_back(runs):
+    a = runs["straight"]
+    assert a.hf_export_dir is not None and (Path(a.hf_export_dir) / "tokenizer.json").exists()
+    loaded = load_hf_params(a.hf_export_dir)
+    for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(a.state.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert json.loads((Path(a.hf_export_dir) / "config.json").read_text())["vocab_size"] == 640
+
+
+def test_resume_refuses_a_changed_data_config(runs, task_data):
+    with pytest.raises(ResumeMismatchError, match="data.seed: checkpoint 42 vs now 7"):
+        train(_cfg(task_data, runs["root"] / "b", "run.num_steps=4", "data.seed=7"))
+    with pytest.raises(TrainConfigError, match="run.resume is false"):
+        train(_cfg(task_data, runs["root"] / "b", "run.num_steps=4", "run.resume=false"))
+
+
+@pytest.mark.parametrize("save_every, kept", [(1, [1, 2]), (2, [2])])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(runs, task_data, tmp_path, monkeypatch,
+                                                              save_every, kept):
+    """Step 3 produces a NaN loss and NaN params: the run raises, step 3 (and 4) are never saved."""
+    real_build = loop._build
+
+    def build_with_nan(model_config, cfg):
+        built = real_build(model_config, cfg)  # the cached, already compiled step
+
+        def step_fn(state, batch):
+            state, metrics = built.step_fn(state, batch)
+            if int(state.step) == 3:
+                state = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
+                metrics = dict(metrics, loss=metrics["loss"] * np.nan)
+            return state, metrics
+
+        return dataclasses.replace(built, step_fn=step_fn)
+
+    monkeypatch.setattr(loop, "_build", build_with_nan)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan .* micro-step 3 .* checkpoint: step "
+                                                 f"{kept[-1]}"):
+        train(_cfg(task_data, out, "run.num_steps=4", f"run.save_every={save_every}", "run.keep_last=3"))
+    assert _steps(out) == kept
+    assert 3 not in _losses(out) and sorted(_losses(out)) == [1, 2]
+    monkeypatch.setattr(loop, "_build", real_build)
+    built = _built(task_data, out)
+    state, _ = TrainCheckpointer(out / "checkpoints").restore(
+        kept[-1], abstract_with_shardings(built.abstract_state, built.state_shardings), None)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+# ---- train.py -------------------------------------------------------------------------------------
+def _train_script():
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_py_without_arguments_uses_tiny_preset(capsys):
+    script = _train_script()
+    assert script.main(["--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "configs/tiny.yaml" in out and "source: preset:tiny" in out
+    assert script.main(["--config", str(CONFIGS / "tiny.yaml"), "run.num_stepz=2"]) == 2
+    assert "unknown key run.num_stepz" in capsys.readouterr().err
+
+
+def test_train_py_end_to_end(tmp_path):
+    """The tiny preset (1 layer and short rows to keep CPU time low) for 2 steps in a subprocess."""
+    out = tmp_path / "run"
+    args = [sys.executable, str(REPO / "train.py"), "--config", str(CONFIGS / "tiny.yaml"),
+            f"run.out_dir={out}",
+            "data.paths=[generate:arith:32]", "data.max_length=64", "step.block_size=8",
+            "model.overrides.num_hidden_layers=1", "run.log_every=1", "run.progress_bar=false"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run(args + ["run.num_steps=2"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: steps 0 → 2" in proc.stdout
+    assert (out / "task_data" / "train.jsonl").exists() and (out / "hf_final" / "model.safetensors").exists()
+    assert json.loads((out / "hf_final" / "config.json").read_text())["num_hidden_layers"] == 1
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["tokens"] > 0 for r in rows)
+    assert (out / "tensorboard").is_dir() and _steps(out) == [2]
