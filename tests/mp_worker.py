@@ -69,6 +69,15 @@ def step_config(**kw):
     return StepConfig(**{"mask_id": MASK_ID, "block_size": BLOCK, **kw})
 
 
+@functools.cache
+def host_params(seed: int = 0):
+    """``make_params`` as numpy (computed once per process; every process gets the same values)."""
+    import jax
+
+    fn = jax.jit(make_params, static_argnums=(0, 1), compiler_options=CPU_FAST_COMPILE)
+    return jax.tree.map(np.asarray, fn(problem_config(), seed))
+
+
 def run_steps(mesh_shape: tuple[int, int, int, int] | None, n_steps: int = 2, *, gather: bool = False):
     """Run ``n_steps`` OPUT train steps from the same start. ``mesh_shape`` = (data, fsdp, expert,
     tensor) over all global devices, or None for one device. Returns ``(losses, params, state)``:
@@ -85,22 +94,27 @@ def run_steps(mesh_shape: tuple[int, int, int, int] | None, n_steps: int = 2, *,
     opt = make_optimizer(optim_config())
     step = make_train_step(cfg, step_config(), opt)
     batch = make_batch(cfg.vocab_size)
-    init = lambda: init_train_state(make_params(cfg), opt, seed=0)
+    params = host_params()
+    init = lambda p: init_train_state(p, opt, seed=0)
     if mesh_shape is None:
-        state = jax.jit(init)()
+        state = jax.jit(init, compiler_options=CPU_FAST_COMPILE)(params)
         fn = jax.jit(step, compiler_options=CPU_FAST_COMPILE)
         feed = batch
     else:
         mesh = S.make_mesh(S.MeshConfig(*mesh_shape))
-        state_sh = S.train_state_shardings(jax.eval_shape(init), S.model_param_shardings(cfg, mesh), mesh)
-        state = jax.jit(init, out_shardings=state_sh)()
+        p_sh = S.model_param_shardings(cfg, mesh)
+        state_sh = S.train_state_shardings(jax.eval_shape(init, params), p_sh, mesh)
+        # host values -> global arrays without a device round trip (works with several processes)
+        params = jax.tree.map(lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda i: x[i]),
+                              params, p_sh)
+        state = jax.jit(init, out_shardings=state_sh, compiler_options=CPU_FAST_COMPILE)(params)
         b_sh = S.batch_shardings(mesh)
         feed = S.make_global_batch(_local_rows(batch, b_sh["input_ids"]), b_sh)
         fn = S.jit_train_step(step, state_sh, b_sh, mesh, compiler_options=CPU_FAST_COMPILE)
     losses = []
     for _ in range(n_steps):
         state, metrics = fn(state, feed)
-        losses.append(float(multihost_utils.process_allgather(metrics["loss"]) if gather else metrics["loss"]))
+        losses.append(float(metrics["loss"].addressable_data(0)))  # replicated: any local copy
     get = (lambda x: multihost_utils.process_allgather(x, tiled=True)) if gather else np.asarray
     params = jax.tree.map(lambda x: np.asarray(get(x)), state.params)
     return losses, params, state
@@ -114,7 +128,7 @@ def _local_rows(batch: dict[str, np.ndarray], sharding) -> dict[str, np.ndarray]
     return {k: v[lo:hi] for k, v in batch.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_run(n_steps: int = 2):
     """The one-device run (cached: several test modules compare against it in one session)."""
     losses, params, _ = run_steps(None, n_steps)

@@ -78,7 +78,8 @@ def test_async_save_survives_donation_and_restores_sharded(tmp_path, mesh):
                  "step": NamedSharding(mesh2, P()), "rng": NamedSharding(mesh2, P())}
     abstract = abstract_with_shardings(jax.eval_shape(lambda: _state(mesh, 3)), target_sh)
     it2 = _iterator()
-    restored, meta = TrainCheckpointer(tmp_path).restore(7, abstract, it2)
+    with TrainCheckpointer(tmp_path) as ck:
+        restored, meta = ck.restore(7, abstract, it2)
     _assert_tree_equal(restored, expected)
     assert restored["w"].sharding == target_sh["w"]
     assert restored["rng"].dtype == jnp.uint32
@@ -93,7 +94,8 @@ def test_keep_last_deletes_older_steps(tmp_path, mesh):
         ck.wait()
         assert ck.all_steps() == [3, 4]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["3", "4"]
-    assert TrainCheckpointer(tmp_path).read_metadata(4) == {"step": 4}
+    with TrainCheckpointer(tmp_path) as ck:
+        assert ck.read_metadata(4) == {"step": 4}
 
 
 def test_restore_errors_name_the_problem(tmp_path, mesh):

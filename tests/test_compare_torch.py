@@ -26,10 +26,9 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import dmax_jax  # noqa: E402
-from dmax_jax.checkpoint.hf import save_hf_params  # noqa: E402
+from dmax_jax.checkpoint.hf import param_shapes, save_hf_params  # noqa: E402
 from dmax_jax.config import ModelConfig, tiny_config  # noqa: E402
 from dmax_jax.data.tokenizer_build import build_tokenizer  # noqa: E402
-from dmax_jax.model.llada2 import init_params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "compare_torch.py"
@@ -51,20 +50,22 @@ LAYOUTS = {
                               n_group=2, topk_group=1, partial_rotary_factor=0.25),
     # MHA, no shared expert, no expert_bias, all MoE, top-1 (no weight normalisation), full rotary
     "mha_shared0_top1": dict(num_attention_heads=4, num_key_value_heads=4, num_shared_experts=0,
-                             moe_router_enable_expert_bias=False, first_k_dense_replace=0, num_hidden_layers=2,
-                             num_experts_per_tok=1, n_group=1, topk_group=1, rotary_dim=16),
+                             moe_router_enable_expert_bias=False, first_k_dense_replace=0,
+                             num_hidden_layers=2, num_experts_per_tok=1, n_group=1, topk_group=1,
+                             rotary_dim=16),
 }
 
 
-def spread_params(params: dict, config: ModelConfig, seed: int) -> dict:
-    """Unit-scale random weights: matrices N(0, 1/fan_in), norms 1 ± 0.3, expert_bias N(0, 0.2),
-    router ×2 (spread sigmoid scores), lm_head ×4 (peaky softmax so the llada2 threshold fires)."""
+def spread_params(config: ModelConfig, seed: int) -> dict:
+    """Random values for every leaf of ``param_shapes(config)``: matrices N(0, 1/fan_in), norms
+    1 ± 0.3, expert_bias N(0, 0.2), router ×2 (spread sigmoid scores), lm_head ×4 (peaky softmax,
+    so that the llada2 threshold fires)."""
     rng = np.random.default_rng(seed)
     nq_d = config.num_attention_heads * config.head_dim
 
     def leaf(path, x):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
-        shape = np.shape(x)
+        shape = x.shape
         if name.endswith("scale"):
             v = 1.0 + 0.3 * rng.standard_normal(shape)
         elif name.endswith("expert_bias"):
@@ -77,7 +78,7 @@ def spread_params(params: dict, config: ModelConfig, seed: int) -> dict:
             v = gain * rng.standard_normal(shape) / np.sqrt(fan_in)
         return np.asarray(v, np.float32)
 
-    return jax.tree_util.tree_map_with_path(leaf, params)
+    return jax.tree_util.tree_map_with_path(leaf, param_shapes(config))
 
 
 def add_torch_code(hf_dir: Path) -> None:
@@ -90,12 +91,21 @@ def add_torch_code(hf_dir: Path) -> None:
 
 
 def make_hf_dir(path: Path, config: ModelConfig, seed: int, tokenizer: bool = False) -> Path:
-    params = spread_params(init_params(config, jax.random.PRNGKey(seed)), config, seed)
+    params = spread_params(config, seed)
     save_hf_params(params, config, path)
     add_torch_code(path)
     if tokenizer:
         build_tokenizer(path, vocab_size=config.vocab_size)
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matmuls: torch's thread pool only adds synchronisation cost (100x on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +123,8 @@ def run_tool(capsys, *argv: str) -> tuple[int, dict]:
     return rc, json.loads(capsys.readouterr().out)
 
 
-TOOL_ARGS = ("--seq-len", "32", "--block-size", "8", "--batch", "2", "--prompt-len", "5", "--gen-length", "27",
-             "--steps", "4", "--threshold", "0.6")
+TOOL_ARGS = ("--seq-len", "32", "--block-size", "8", "--batch", "2", "--prompt-len", "5",
+             "--gen-length", "27", "--steps", "4", "--threshold", "0.6")
 
 
 # ---- the spec §2 masks the tool builds for the torch side -----------------------------------------
@@ -143,15 +153,19 @@ def test_reference_transfer_schedule(torch_model):
 
 # ---- issue 2: logits parity on several layouts (direct, without the tool's report) ----------------
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_logits_match_torch_reference(tmp_path, layout):
+def test_logits_match_torch_reference(tmp_path, request, layout):
     config = tiny_config(**LAYOUTS[layout])
-    hf_dir = make_hf_dir(tmp_path / layout, config, seed=7)
+    # the default layout reuses the tool's directory: same shapes as TOOL_ARGS, so compilations are shared
+    if LAYOUTS[layout]:
+        hf_dir = make_hf_dir(tmp_path / layout, config, seed=7)
+    else:
+        hf_dir = request.getfixturevalue("tool_dir")
     model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
     assert type(model).__name__ == "LLaDA2MoeModelLM"
     jax.config.update("jax_default_matmul_precision", "highest")
     ours = dmax_jax.load_pretrained(hf_dir)
     rng = np.random.default_rng(3)
-    batch, length, block = 2, 24, 8
+    batch, length, block = 2, 32, 8
     mask_id = config.resolved_mask_token_id
     ids = compare_torch.random_ids(rng, (batch, length), config.vocab_size, [mask_id])
     noisy = np.where(rng.random(ids.shape) < 0.5, mask_id, ids)
@@ -159,13 +173,15 @@ def test_logits_match_torch_reference(tmp_path, layout):
     p = rng.random((batch, length, 1)).astype(np.float32)
     embeds = (p * table[ids] + (1 - p) * table[mask_id]).astype(np.float32)
 
-    for kind, x, emb in [("full", ids, None), ("block_causal", ids, None),
-                         ("noisy_clean", np.concatenate([noisy, ids], 1), None), ("block_causal", None, embeds)]:
+    cases = [("full", ids, None), ("block_causal", ids, None),
+             ("noisy_clean", np.concatenate([noisy, ids], 1), None), ("block_causal", None, embeds)]
+    for kind, x, emb in cases:
         n = (x if x is not None else emb).shape[1]
         allowed = torch.from_numpy(compare_torch.allowed_matrix(kind, n, block))
         pos = torch.from_numpy(compare_torch.positions_for(kind, n))[None]
         with torch.no_grad():
-            inp = {"input_ids": torch.from_numpy(x)} if x is not None else {"inputs_embeds": torch.from_numpy(emb)}
+            inp = ({"input_ids": torch.from_numpy(x)} if x is not None
+                   else {"inputs_embeds": torch.from_numpy(emb)})
             ref = model(attention_mask=allowed[None, None], position_ids=pos, **inp).logits.numpy()
         got = np.asarray(ours.forward(x, mask=kind, block_size=block) if x is not None
                          else ours.forward(inputs_embeds=emb, mask=kind, block_size=block))
@@ -214,8 +230,8 @@ def test_tool_reports_agreement(tool_dir, capsys):
 
 @pytest.mark.slow
 def test_tool_subprocess_table(tool_dir):
-    out = subprocess.run([sys.executable, str(TOOL), "--hf-dir", str(tool_dir), *TOOL_ARGS],
-                         capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, str(TOOL), "--hf-dir", str(tool_dir), *TOOL_ARGS, "--torch-threads", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     for case in ("full", "block_causal", "noisy_clean", "inputs_embeds"):
         assert any(line.startswith(case) and line.rstrip().endswith("ok") for line in out.stdout.splitlines())

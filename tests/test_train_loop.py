@@ -1,6 +1,7 @@
 """Training config (YAML + overrides), the loop (exact resume, keep_last, non-finite stop, HF export)
 and ``train.py`` end to end. The in-process runs share one compiled step (``loop._build`` cache):
-same model, step, optimizer and mesh config, on the 8 fake CPU devices of conftest."""
+same model (one MoE layer, to keep the CPU compile short), step, optimizer and mesh config, on the
+8 fake CPU devices of conftest."""
 
 from __future__ import annotations
 
@@ -102,8 +103,9 @@ def task_data(tmp_path_factory):
 
 def _cfg(task_data, out: Path, *overrides: str) -> TrainConfig:
     train_file, tok = task_data
-    base = [f"data.paths=[{train_file}]", f"model.tokenizer={tok}", "model.overrides.num_hidden_layers=2",
-            "data.max_length=64", "data.batch_size=8", "data.num_epochs=1", "step.block_size=8",
+    base = [f"data.paths=[{train_file}]", f"model.tokenizer={tok}", "model.overrides.num_hidden_layers=1",
+            "model.overrides.first_k_dense_replace=0", "data.max_length=64", "data.batch_size=8",
+            "data.num_epochs=1", "step.block_size=8",
             "optim.total_steps=4", "optim.warmup_ratio=0.25", "run.log_every=1", "run.progress_bar=false",
             "run.export_hf_at_end=false", f"run.out_dir={out}"]
     return load_train_config(CONFIGS / "tiny.yaml", base + list(overrides))
@@ -152,14 +154,15 @@ def test_resume_is_bit_identical(runs):
 def test_keep_last_and_checkpoint_metadata(runs):
     out = runs["root"] / "b"
     assert runs["steps_after_first"] == [1, 2] and _steps(out) == [3, 4]
-    meta = TrainCheckpointer(out / "checkpoints").read_metadata(4)
+    with TrainCheckpointer(out / "checkpoints") as ck:
+        meta = ck.read_metadata(4)
     assert meta["step"] == 4 and meta["config"]["optim"]["total_steps"] == 4
     assert meta["config"]["step"]["mask_id"] == 2  # derived from the model config + tokenizer
     assert meta["rng"] == np.asarray(runs["resumed"].state.rng).tolist()
     # The checkpoint restores onto the mesh's shardings and equals the final state.
     built = _built(runs["task_data"], out)
-    state, _ = TrainCheckpointer(out / "checkpoints").restore(
-        4, abstract_with_shardings(built.abstract_state, built.state_shardings), None)
+    with TrainCheckpointer(out / "checkpoints") as ck:
+        state, _ = ck.restore(4, abstract_with_shardings(built.abstract_state, built.state_shardings), None)
     assert state.params["embedding"].sharding == built.state_shardings.params["embedding"]
     for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(runs["resumed"].state)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -208,8 +211,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(runs, task_data, t
     assert 3 not in _losses(out) and sorted(_losses(out)) == [1, 2]
     monkeypatch.setattr(loop, "_build", real_build)
     built = _built(task_data, out)
-    state, _ = TrainCheckpointer(out / "checkpoints").restore(
-        kept[-1], abstract_with_shardings(built.abstract_state, built.state_shardings), None)
+    with TrainCheckpointer(out / "checkpoints") as ck:
+        state, _ = ck.restore(kept[-1], abstract_with_shardings(built.abstract_state, built.state_shardings),
+                              None)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
@@ -230,6 +234,7 @@ def test_train_py_without_arguments_uses_tiny_preset(capsys):
     assert "unknown key run.num_stepz" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_py_end_to_end(tmp_path):
     """The tiny preset (1 layer and short rows to keep CPU time low) for 2 steps in a subprocess."""
     out = tmp_path / "run"

@@ -2,7 +2,8 @@
 
     python tools/compare_torch.py --hf-dir DIR [--dtype float32] [--seq-len 64 --block-size 32
         --batch 2 --seed 0 --prompt-len 20 --gen-length 64 --steps 32 --threshold 0.95] [--tol 1e-4]
-        [--torch-hf-dir DIR2] [--perturb-torch 'NAME[i,j]+=DELTA'] [--no-generate] [--json]
+        [--torch-hf-dir DIR2] [--torch-device cpu] [--torch-threads N]
+        [--perturb-torch 'NAME[i,j]+=DELTA'] [--no-generate] [--json]
 
 Why: a port is only trustworthy if, on the same weights, it reproduces the reference implementation.
 The PyTorch side is loaded exactly as users load the checkpoint — ``transformers.AutoModelForCausalLM
@@ -231,8 +232,9 @@ def format_report(report: dict[str, Any]) -> str:
     for c in report["logits"]:
         fd = c["first_diverging"]
         where = "-" if fd is None else f"({fd['row']}, {fd['position']})"
-        lines.append(f"{c['case']:<14} {str(c['shape']):<16} {c['max_abs_torch']:>11.4g} {c['max_abs_diff']:>13.3e} "
-                     f"{c['max_rel_diff']:>13.3e} {c['argmax_agree']:>13.4f}  {where:<28} "
+        lines.append(f"{c['case']:<14} {str(c['shape']):<16} {c['max_abs_torch']:>11.4g} "
+                     f"{c['max_abs_diff']:>13.3e} {c['max_rel_diff']:>13.3e} {c['argmax_agree']:>13.4f}  "
+                     f"{where:<28} "
                      f"{'ok' if c['ok'] else 'DIVERGES'}")
     g = report.get("generation")
     if g is None:
@@ -259,10 +261,14 @@ def format_report(report: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1] if __doc__ else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-dir", required=True, help="HF directory (config.json with auto_map, safetensors, code)")
-    p.add_argument("--torch-hf-dir", default=None, help="load the torch side from here instead (default: --hf-dir)")
+    p.add_argument("--hf-dir", required=True,
+                   help="HF directory (config.json with auto_map, safetensors, remote code)")
+    p.add_argument("--torch-hf-dir", default=None,
+                   help="load the torch side from here instead (default: --hf-dir)")
     p.add_argument("--dtype", choices=sorted(DEFAULT_TOL), default="float32")
     p.add_argument("--torch-device", default="cpu")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch.set_num_threads (1 is much faster for tiny test models on a busy CPU)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per row (noisy_clean uses 2 x seq-len)")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=2)
@@ -274,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=None, help="max relative logits difference "
                    "(default 1e-4 in float32, 3e-2 in bfloat16)")
     p.add_argument("--perturb-torch", default=None, metavar="NAME[i,j]+=DELTA",
-                   help="add DELTA to one entry of a torch parameter (checks that the tool sees a divergence)")
+                   help="add DELTA to one entry of a torch parameter (a check that the tool sees divergence)")
     p.add_argument("--no-generate", action="store_true", help="skip the llada2 decoding comparison")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
@@ -301,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import dmax_jax
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+
     if args.dtype == "float32":  # f32 parity means f32 matmuls on accelerators too
         jax.config.update("jax_default_matmul_precision", "highest")
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -312,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report: dict[str, Any] = {"hf_dir": args.hf_dir, "torch_hf_dir": torch_dir, "dtype": args.dtype, "tol": tol,
-                              "torch_class": type(model).__name__, "perturbation": perturbation}
+    report: dict[str, Any] = {"hf_dir": args.hf_dir, "torch_hf_dir": torch_dir, "dtype": args.dtype,
+                              "tol": tol, "torch_class": type(model).__name__, "perturbation": perturbation}
     report["logits"] = logits_cases(pre, model, args, tol)
     report["generation"] = None if args.no_generate else generation_case(pre, model, args)
     ok = all(c["ok"] for c in report["logits"]) and (report["generation"] or {"ok": True})["ok"]

@@ -66,7 +66,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]] | Sequence[int], *, stra
              block_length: int = 32, gen_length: int = 256, threshold: float = 0.5, steps: int | None = None,
              accept_threshold: float = 0.9, temperature: float = 0.0, seed: int = 0,
              mask_id: int | None = None, eos_id: int | None = None, trace: bool = False,
-             soft_embedding_impl: str = "auto", dtype=jnp.float32, top_k: int = 1, max_unroll: int = 4,
+             soft_embedding_impl: str = "auto", dtype=None, top_k: int = 1, max_unroll: int = 4,
              expected_tpf: int = 4, prompt_bucket: int | None = None, batch_size: int | None = None,
              request_ids: Sequence[int] | None = None) -> GenerateResult:
     """Decode a batch of prompts (spec §5) and return tokens, NFE/TPF and optional traces.
@@ -80,6 +80,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]] | Sequence[int], *, stra
 
     Sampling (``temperature > 0``) draws row ``i`` from keys derived from ``(seed, request_ids[i],
     forward index)``: a prompt gets the same tokens in any batch if its request id is the same.
+    ``dtype`` is the compute dtype (default: the model's ``compute_dtype`` if it has one, else f32).
     ``prompt_bucket`` (default max(128, block) rounded to the block) sets the prompt padding;
     ``batch_size`` pads the batch with copies of row 0 (results dropped) so that a ragged final
     batch reuses the compiled program.
@@ -94,6 +95,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]] | Sequence[int], *, stra
     if top_k < 1 or max_unroll < 1 or expected_tpf < 1:
         raise ValueError(f"top_k ({top_k}), max_unroll ({max_unroll}) and expected_tpf ({expected_tpf}) "
                          "must be >= 1")
+    if dtype is None:
+        dtype = getattr(model, "compute_dtype", jnp.float32)
     mask_id = config.resolved_mask_token_id if mask_id is None else int(mask_id)
     eos_id = config.eos_token_id if eos_id is None else int(eos_id)
     if eos_id is None:

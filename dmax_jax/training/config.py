@@ -164,14 +164,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key)
-            except TrainConfigError as e:
-                errors.append(str(e))
+            except TrainConfigError:
+                continue
         raise TrainConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if origin is Literal:
         if value in args:

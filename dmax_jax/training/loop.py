@@ -157,6 +157,12 @@ def _to_global(local: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[
     return {k: jax.make_array_from_process_local_data(s, np.asarray(local[k])) for k, s in shardings.items()}
 
 
+def _local(x: jax.Array) -> np.ndarray:
+    """A replicated array's value from this process's first shard (``device_get`` would need every
+    shard to be addressable, which a replicated array on a multi-host mesh is not)."""
+    return np.asarray(x.addressable_data(0))
+
+
 def _check_resume_compatible(meta: dict[str, Any], cfg: TrainConfig, step_dir: str) -> None:
     saved = meta.get("config")
     if not isinstance(saved, dict):
@@ -278,8 +284,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
         state = built.init_state(params)
         del params
     start_step = 0 if latest is None else latest
-    if int(jax.device_get(state.step)) != start_step * accum:
-        raise ResumeMismatchError(f"checkpoint {latest} holds {int(jax.device_get(state.step))} micro-steps, "
+    if int(_local(state.step)) != start_step * accum:
+        raise ResumeMismatchError(f"checkpoint {latest} holds {int(_local(state.step))} micro-steps, "
                                   f"expected {start_step} updates × grad_accum_steps {accum}")
     if start_step > num_steps:
         raise TrainConfigError(
@@ -296,13 +302,14 @@ def train(cfg: TrainConfig) -> TrainSummary:
     step_fn = built.step_fn
     window: dict[str, list[float]] = {}
     last_logged: dict[str, float] = {}
-    t_window = time.time()
+    # Throughput is timed from the end of this run's first step, so compilation is not counted.
+    rate: dict[str, float] = {"t0": math.nan, "tokens": 0}
     last_saved = latest
 
     def absorb(done: int, metrics: Any) -> None:
         """Read back one step's metrics, stop on non-finite values, log at log steps."""
-        nonlocal t_window, last_logged
-        m = {k: v.item() for k, v in jax.device_get(metrics).items()}
+        nonlocal last_logged
+        m = {k: _local(v).item() for k, v in metrics.items()}
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
             ckpt.wait()
             raise NonFiniteLossError(
@@ -311,27 +318,32 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 f"step {ckpt.latest_step()} in {ckpt.directory}")
         for k, v in m.items():
             window.setdefault(k, []).append(v)
+        now = time.time()
+        if math.isnan(rate["t0"]):
+            rate["t0"] = now
+        else:
+            rate["tokens"] += m["tokens"]
         if done % accum:
             return
         update = done // accum
         writer.advance()
         if update % cfg.run.log_every and update != num_steps:
             return
-        now = time.time()
         tokens = int(sum(window["tokens"]))
         row = {k: float(np.mean(v)) for k, v in window.items() if k not in ("tokens", "valid_sequences")}
         row.update(grad_norm=window["grad_norm"][-1], lr=window["lr"][-1], tokens=tokens,
-                   valid_sequences=int(sum(window["valid_sequences"])),
-                   tokens_per_sec=tokens / max(now - t_window, 1e-9), bad_rows=data.bad_rows)
+                   valid_sequences=int(sum(window["valid_sequences"])), bad_rows=data.bad_rows)
+        if rate["tokens"]:
+            row["tokens_per_sec"] = rate["tokens"] / max(now - rate["t0"], 1e-9)
+            rate.update(t0=now, tokens=0)
         writer.write(update, row)
         last_logged = row
         window.clear()
-        t_window = now
 
     def save(update: int) -> None:
         nonlocal last_saved
         meta = {"config": cfg.to_dict(), "step": update, "micro_step": update * accum,
-                "rng": np.asarray(jax.device_get(state.rng)).tolist(), "metrics": last_logged,
+                "rng": _local(state.rng).tolist(), "metrics": last_logged,
                 "bad_rows": data.bad_rows, "time": time.time()}
         ckpt.save(update, state, iterator, meta)
         last_saved = update

@@ -215,7 +215,8 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
     def __init__(self, config: LLaDA2MoeConfig) -> None:
         super().__init__(config)
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([LLaDA2MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList(
+            [LLaDA2MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LLaDA2MoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
@@ -326,9 +327,10 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
         return token, probs.gather(-1, token[..., None])[..., 0]
 
     @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, temperature: float = 0.0, block_length: int = 32,
-                 steps: int = 32, gen_length: int = 2048, top_p: float | None = None, top_k: int | None = None,
-                 eos_early_stop: bool = False, minimal_topk: int = 1, threshold: float = 0.95,
+    def generate(self, inputs: torch.Tensor | None = None, temperature: float = 0.0,
+                 block_length: int = 32, steps: int = 32, gen_length: int = 2048,
+                 top_p: float | None = None, top_k: int | None = None, eos_early_stop: bool = False,
+                 minimal_topk: int = 1, threshold: float = 0.95,
                  eos_id: int = 156892, mask_id: int = 156895) -> torch.Tensor:
         """Block-wise refinement without a cache (spec §5.5b); batch 1 like the reference.
 

@@ -1,0 +1,68 @@
+"""decode.py end to end on a tiny HF directory (random weights + the test tokenizer)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import pytest
+
+from dmax_jax.checkpoint.hf import save_hf_params
+from dmax_jax.config import tiny_config
+from dmax_jax.data.tokenizer_build import MASK_TOKEN, build_tokenizer
+from dmax_jax.model.llada2 import init_params
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = tiny_config()
+ARGS = ["--block-length", "8", "--gen-length", "16", "--dtype", "float32", "--threshold", "0.3"]
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("decode_cli", ROOT / "decode.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_hf")
+    params = jax.jit(functools.partial(init_params, CFG))(jax.random.PRNGKey(0))
+    save_hf_params(params, CFG, path)
+    build_tokenizer(path, vocab_size=CFG.vocab_size)
+    return path
+
+
+def test_decode_cli_writes_jsonl_and_html(model_dir, tmp_path, capsys):
+    cli = _cli()
+    out, html = tmp_path / "res" / "out.jsonl", tmp_path / "trace.html"
+    rc = cli.main(["--model", str(model_dir), "--prompt", "Tom has 3 apples.", "--prompt", "2+3=?",
+                   "--prompt", "fox", "--strategy", "llada2", "--batch-size", "2", "--out", str(out),
+                   "--html", str(html), *ARGS])
+    assert rc == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert set(r) >= {"text", "token_ids", "nfe", "tokens", "tokens_ref", "tpf", "seconds"}
+        assert r["tokens"] == len(r["token_ids"]) and r["nfe"] >= 1
+        assert r["tpf"] == pytest.approx(r["tokens_ref"] / r["nfe"])
+    page = html.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count('class="trace"') >= 3
+    assert list(out.parent.iterdir()) == [out]             # no temporary file left behind
+
+
+def test_decode_cli_rejects_bad_prompts_without_partial_output(model_dir, tmp_path, capsys):
+    cli = _cli()
+    out = tmp_path / "out.jsonl"
+    rc = cli.main(["--model", str(model_dir), "--prompt", "fine", "--prompt", f"a {MASK_TOKEN} b",
+                   "--no-chat", "--out", str(out), *ARGS])
+    assert rc == 2 and "row 1 contains the mask token" in capsys.readouterr().err
+    rc = cli.main(["--model", str(model_dir), "--prompt", "fine", "--out", str(out), "--block-length", "8",
+                   "--gen-length", str(CFG.max_position_embeddings)])
+    assert rc == 2 and "max_position_embeddings" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    rc = cli.main(["--prompt", "hello"])
+    assert rc == 2 and "embedded default model is not built yet" in capsys.readouterr().err
