@@ -21,7 +21,7 @@ from dmax_jax.config import tiny_config
 from dmax_jax.model.llada2 import init_params
 from dmax_jax.training.optim import OptimConfig, make_optimizer
 from dmax_jax.training.state import init_train_state
-from dmax_jax.training.step import StepConfig, make_train_step
+from dmax_jax.training.step import StepConfig, make_train_step, oput_rollout
 
 MASK_ID = 2
 
@@ -102,20 +102,37 @@ def main() -> None:
         peak, temp = peak_bytes(fn)
         rows.append((mode, "none", times[mode] * 1e3, args.batch * args.length / times[mode], peak, temp,
                      t_compile))
+    # the rollout alone (one no-grad forward): what OPUT adds on top of the MDM step
+    scfg = StepConfig(mask_id=MASK_ID, block_size=args.block, compute_dtype=args.dtype,
+                      attention_backend=args.attention)
+    t0 = time.perf_counter()
+    roll = jax.jit(lambda p, b: oput_rollout(p, cfg, scfg, b)).lower(params, batch).compile()
+    t_compile = time.perf_counter() - t0
+    jax.block_until_ready(roll(params, batch))
+    samples = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(roll(params, batch))
+        samples.append(time.perf_counter() - t0)
+    times["rollout"] = float(np.median(samples))
+    peak, temp = peak_bytes(roll)
+    rows.append(("rollout", "none", times["rollout"] * 1e3, float("nan"), peak, temp, t_compile))
     for remat in ("full", "dots"):
         fn, _, t_compile = compiled("oput", remat)
         peak, temp = peak_bytes(fn)
         rows.append(("oput", remat, float("nan"), float("nan"), peak, temp, t_compile))
 
-    print(f"\n{'mode':<6}{'remat':<7}{'step ms':>10}{'tokens/s':>11}{'peak MiB':>10}{'temp MiB':>10}"
+    print(f"\n{'mode':<9}{'remat':<7}{'step ms':>10}{'tokens/s':>11}{'peak MiB':>10}{'temp MiB':>10}"
           f"{'compile s':>11}")
     for mode, remat, ms, tps, peak, temp, tc in rows:
         ms_s = "-" if np.isnan(ms) else f"{ms:.1f}"
         tps_s = "-" if np.isnan(tps) else f"{tps:.0f}"
-        print(f"{mode:<6}{remat:<7}{ms_s:>10}{tps_s:>11}{peak:>10.1f}{temp:>10.1f}{tc:>11.1f}")
+        print(f"{mode:<9}{remat:<7}{ms_s:>10}{tps_s:>11}{peak:>10.1f}{temp:>10.1f}{tc:>11.1f}")
     ratio = times["oput"] / times["mdm"]
     print(f"\nOPUT / MDM step time: {ratio:.2f}x (target <= 1.45x; one extra no-grad forward ≈ 1.33x) "
           f"[{'ok' if ratio <= 1.45 else 'ABOVE TARGET'}]")
+    print(f"rollout forward / MDM step: {times['rollout'] / times['mdm']:.2f} (forward share of a step; "
+          "on CPU the backward is relatively slower than on accelerators, so this is smaller there)")
     print("tokens/s counts the L noisy-half (trained) tokens per row; timings: median of "
           f"{args.iters} steps after one warm-up.")
 

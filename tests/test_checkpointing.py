@@ -3,6 +3,7 @@ async saves with donated buffers, sharded restore, data iterator position, HF ex
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -98,6 +99,8 @@ def test_keep_last_deletes_older_steps(tmp_path, mesh):
         assert ck.read_metadata(4) == {"step": 4}
 
 
+# orbax leaves its read coroutines unfinished when a restore fails on a shape mismatch (its internals).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_restore_errors_name_the_problem(tmp_path, mesh):
     state = _state(mesh)
     with TrainCheckpointer(tmp_path, async_save=False) as ck:
@@ -110,6 +113,7 @@ def test_restore_errors_name_the_problem(tmp_path, mesh):
         wrong = dict(abstract, w=jax.ShapeDtypeStruct((3, 3), jnp.float32))
         with pytest.raises(CheckpointRestoreError, match="cannot restore"):
             ck.restore(1, wrong, None)
+        gc.collect()  # collect orbax's abandoned coroutines here, under this test's warning filter
     with pytest.raises(ValueError, match="keep_last"):
         TrainCheckpointer(tmp_path / "x", keep_last=0)
 
@@ -147,13 +151,15 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     script, marker, out = tmp_path / "kill.py", tmp_path / "saving", tmp_path / "ckpt"
     script.write_text(_KILL_SCRIPT.format(repo=str(REPO)))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.Popen([sys.executable, str(script), str(out), str(marker)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tmp_path / "helper.log"
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, str(script), str(out), str(marker)], env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
         while not marker.exists():
             if proc.poll() is not None:
-                pytest.fail(f"helper exited early:\n{proc.stdout.read().decode()[-3000:]}")
+                pytest.fail(f"helper exited early:\n{log.read_text()[-3000:]}")
             if time.time() > deadline:
                 pytest.fail("helper never reached the step-2 save")
             time.sleep(0.2)

@@ -108,9 +108,33 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+def point_eos_mid_generation(path: Path) -> int:
+    """Re-point ``eos_token_id`` at a token the reference decodes after the first block of row 0 of
+    the tool's decoding run (``TOOL_ARGS``, prompts drawn like the tool draws them), so that the
+    decoding comparison covers the stop-after-the-EOS-block rule and the cut at the first EOS."""
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+    cfg = json.loads((path / "config.json").read_text())
+    mask, vocab = cfg["mask_token_id"], cfg["vocab_size"]
+    kw = dict(block_length=8, steps=4, gen_length=27, threshold=0.6, mask_id=mask)
+
+    def row0(eos: int) -> list[int]:
+        prompt = compare_torch.random_ids(np.random.default_rng(1), (2, 5), vocab, [mask, eos])[0]
+        return model.generate(inputs=torch.from_numpy(prompt)[None], eos_id=eos, **kw)[0].tolist()
+
+    for t in dict.fromkeys(row0(-1)[3:]):
+        out = row0(t)
+        if out[-1] == t and 3 <= len(out) - 1 < kw["gen_length"]:
+            cfg["eos_token_id"] = cfg["pad_token_id"] = t
+            (path / "config.json").write_text(json.dumps(cfg, indent=2))
+            return t
+    raise AssertionError("no token of the reference's output can serve as a mid-generation EOS")
+
+
 @pytest.fixture(scope="module")
 def tool_dir(tmp_path_factory) -> Path:
-    return make_hf_dir(tmp_path_factory.mktemp("parity") / "model", tiny_config(), seed=1, tokenizer=True)
+    path = make_hf_dir(tmp_path_factory.mktemp("parity") / "model", tiny_config(), seed=1, tokenizer=True)
+    point_eos_mid_generation(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +250,7 @@ def test_tool_reports_agreement(tool_dir, capsys):
     assert len(gen["rows"]) == 2
     for r in gen["rows"]:
         assert r["first_diverging"] is None and r["ours_len"] == r["torch_len"] > 0, r
+    assert gen["rows"][0]["ours_len"] < 27  # stopped at the EOS (see point_eos_mid_generation)
 
 
 @pytest.mark.slow

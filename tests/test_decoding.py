@@ -8,16 +8,12 @@ strategy compiles once; thresholds and EOS id are runtime values and never recom
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import numpy as np
 import pytest
-from test_decoding_oracle import Oracle, outputs
+from test_decoding_oracle import Oracle, outputs, random_params
 
 from dmax_jax.config import tiny_config
 from dmax_jax.decoding import compile_count, generate
-from dmax_jax.model.llada2 import init_params
 
 B, G, BUCKET, CAPACITY = 8, 24, 16, 56
 CFG = tiny_config()
@@ -29,9 +25,7 @@ KW = dict(block_length=B, gen_length=G, prompt_bucket=BUCKET)
 
 @pytest.fixture(scope="module")
 def params():
-    p = dict(jax.jit(functools.partial(init_params, CFG))(jax.random.PRNGKey(0)))
-    p["lm_head"] = p["lm_head"] * 10.0  # sharpen the softmax of the random model
-    return p
+    return random_params(CFG, seed=0, lm_head_scale=10.0)  # sharpened softmax: confident decisions
 
 
 def oracle(params, eos_id=EOS, **kw):
@@ -80,28 +74,35 @@ def test_llada2_matches_oracle(params, tau, steps):
     assert all(not t["steps"][0]["cross"] for t in res.trace)
 
 
-def _mid_token(res, row):
-    """A token the row produces first in its second generated block: as EOS it stops the row there."""
-    toks = res.token_ids[row]
-    seen = set(toks[:B]) | {t for p in PROMPTS for t in p}
-    return next(t for t in toks[B:2 * B] if t not in seen and t != M)
+def _mid_eos(res):
+    """``(row, token)``: a token that row produces for the first time after its first generated
+    block, absent from the prompts and from some other row's output — as EOS it stops that row
+    mid-generation while another row goes on."""
+    banned = {t for p in PROMPTS for t in p} | {M}
+    for r, toks in enumerate(res.token_ids):
+        for i in range(B, len(toks)):
+            t = toks[i]
+            others = [o for j, o in enumerate(res.token_ids) if j != r]
+            if t not in banned and t not in toks[:i] and any(t not in o for o in others):
+                return r, t
+    raise AssertionError("no usable mid-generation token in this random model's output")
 
 
 @pytest.mark.parametrize("strategy", ["spd", "threshold", "llada2"])
 def test_eos_early_stop_matches_oracle(params, strategy):
     kw = dict(strategy=strategy, threshold=0.05, trace=True, **KW)
     base = generate((params, CFG), PROMPTS, **kw)
-    eos = _mid_token(base, 1)
+    row, eos = _mid_eos(base)
     res = generate((params, CFG), PROMPTS, eos_id=eos, **kw)
     orc = oracle(params, eos_id=eos)
     run = {"spd": lambda p, i: orc.spd(p, G, 0.05, 0.9, request_id=i)[:3],
            "threshold": lambda p, i: orc.threshold(p, G, 0.05, request_id=i),
            "llada2": lambda p, i: orc.llada2(p, G, 0.05, B, request_id=i)}[strategy]
     check(res, [run(p, i) for i, p in enumerate(PROMPTS)], eos=eos)
-    assert eos not in res.token_ids[1] and len(res.token_ids[1]) < len(base.token_ids[1])
-    assert res.nfe[1] < base.nfe[1]                        # the row stopped early ...
+    assert eos not in res.token_ids[row] and len(res.token_ids[row]) < len(base.token_ids[row])
+    assert res.nfe[row] < base.nfe[row]                    # the row stopped early ...
     blocks = [max(s["block"] for s in t["steps"]) for t in res.trace]
-    assert blocks[1] < max(blocks)                          # ... while another row went on
+    assert blocks[row] < max(blocks)                        # ... while another row went on
 
 
 def test_rows_do_not_depend_on_batch_order(params):
@@ -124,7 +125,7 @@ def test_one_compilation_per_bucket(params):
     for i in range(0, len(prompts) - 2):
         res = generate((params, CFG), prompts[i:i + 3], strategy="threshold", threshold=0.1 + 0.05 * i,
                        trace=True, eos_id=3 + i, **KW)
-        assert len(res.token_ids) == 3 and res.compile_seconds < 1.0
+        assert len(res.token_ids) == 3 and res.compile_seconds == 0.0
     assert compile_count() == before
 
 

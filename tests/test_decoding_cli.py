@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 from pathlib import Path
 
-import jax
 import pytest
+from test_decoding_oracle import random_params
 
 from dmax_jax.checkpoint.hf import save_hf_params
 from dmax_jax.config import tiny_config
 from dmax_jax.data.tokenizer_build import MASK_TOKEN, build_tokenizer
-from dmax_jax.model.llada2 import init_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = tiny_config()
@@ -30,7 +28,7 @@ def _cli():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_hf")
-    params = jax.jit(functools.partial(init_params, CFG))(jax.random.PRNGKey(0))
+    params = random_params(CFG, seed=0)
     save_hf_params(params, CFG, path)
     build_tokenizer(path, vocab_size=CFG.vocab_size)
     return path

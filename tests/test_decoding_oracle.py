@@ -19,8 +19,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmax_jax.decoding import strategies as st
-from dmax_jax.model.llada2 import forward
+from dmax_jax.model.llada2 import forward, init_params
 from dmax_jax.model.masks import MaskSpec
+
+
+def random_params(cfg, seed: int = 0, lm_head_scale: float = 1.0) -> dict:
+    """Random tiny-model parameters without compiling the initializer (slow on a busy CPU): shapes
+    from ``eval_shape``, N(0, 0.02) weights, unit norms, zero expert bias (as ``init_params``).
+    ``lm_head_scale`` sharpens the random model's softmax so decoders take multi-token decisions."""
+    shapes = jax.eval_shape(functools.partial(init_params, cfg), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            return jnp.ones(s.shape, s.dtype)
+        if "expert_bias" in name:
+            return jnp.zeros(s.shape, s.dtype)
+        w = rng.normal(0.0, 0.02, s.shape) * (lm_head_scale if "lm_head" in name else 1.0)
+        return jnp.asarray(w, s.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from test_decoding_oracle import random_params
 
 from dmax_jax.config import tiny_config
 from dmax_jax.decoding import generate
-from dmax_jax.model.llada2 import init_params
 
 CFG = tiny_config()
 PROMPTS = [[5, 6, 7], [9, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49], list(range(10, 29))]
@@ -36,9 +34,7 @@ def _partition(shape, mesh) -> PartitionSpec:
 
 @pytest.fixture(scope="module")
 def params():
-    p = dict(jax.jit(functools.partial(init_params, CFG))(jax.random.PRNGKey(0)))
-    p["lm_head"] = p["lm_head"] * 10.0
-    return p
+    return random_params(CFG, seed=0, lm_head_scale=10.0)
 
 
 @pytest.mark.parametrize("strategy", ["spd", "threshold", "llada2"])

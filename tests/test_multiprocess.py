@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from mp_worker import reference_run
 
 WORKER = Path(__file__).with_name("mp_worker.py")
@@ -23,6 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two extra Python processes, each compiling the sharded step (~40 s on a busy 2-core box)
 def test_two_processes_match_one_process(tmp_path):
     port, out = _free_port(), tmp_path / "result.npz"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",

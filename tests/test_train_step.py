@@ -70,6 +70,12 @@ def _numpy_loss(logits, labels):
     return np.array(per_row), (float(np.mean(used)) if used else 0.0), len(used)
 
 
+@jax.jit
+def _losses(logits, labels):
+    per_row, count = sequence_losses(logits, labels)
+    return per_row, count, reduce_sequence_losses(per_row, count)
+
+
 def test_loss_matches_numpy_per_sequence_token_mean():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(4, 6, 11)).astype(np.float32) * 3
@@ -77,8 +83,7 @@ def test_loss_matches_numpy_per_sequence_token_mean():
     labels[0, :4] = -100  # 2 labels
     labels[1, :] = -100  # no labels: contributes 0 and is left out of the mean
     labels[2, 1:] = -100  # 1 label
-    per_row, count = sequence_losses(jnp.asarray(logits), jnp.asarray(labels))
-    loss, aux = reduce_sequence_losses(per_row, count)
+    per_row, count, (loss, aux) = _losses(logits, labels)
     want_rows, want_loss, n_valid = _numpy_loss(logits, labels)
     np.testing.assert_allclose(per_row, want_rows, rtol=1e-5)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
@@ -86,7 +91,7 @@ def test_loss_matches_numpy_per_sequence_token_mean():
     assert int(aux["tokens"]) == int((labels != -100).sum()) == 2 + 0 + 1 + 6
     # a token mean per row, not a token mean over the batch
     assert not np.isclose(float(loss), float(np.sum(want_rows * count) / count.sum()))
-    empty, aux = reduce_sequence_losses(*sequence_losses(jnp.asarray(logits), jnp.full((4, 6), -100)))
+    _, _, (empty, aux) = _losses(logits, np.full((4, 6), -100, np.int32))
     assert float(empty) == 0.0 and int(aux["valid_sequences"]) == 0
 
 

@@ -15,6 +15,20 @@ alone. The block counter ``k`` is shared: block ``k`` of every row starts at ``s
 whether the first forward is the cross-block one (``k > 0``) is uniform across the batch.
 
 Compilations are counted by :data:`TRACE_COUNT` (one trace = one compilation of the program).
+
+Where this departs from the references (spec §5, §7), on purpose:
+* batch > 1: every stop test is per row (dInfer's are batch-global; its evals use batch 1);
+* prompts shorter than a block: no stale MASK K/V in the cache (see ``cache.prefill``);
+* threshold: dInfer commits the K/V of a block's last forward directly when that forward saw no
+  MASK (an unrolled no-op forward); here the next block's first forward is always the cross-block
+  one. Same NFE (that forward is the next block's first either way) and mathematically the same
+  K/V and logits, so the same tokens; the previous block's K/V merely come from the cross forward
+  instead of the no-op one (and that forward is 2B tokens wide instead of B). A forward that
+  transfers nothing while masks remain (every masked argmax is MASK) ends the block at
+  temperature 0, where the reference would loop forever; the per-block forward count is capped at
+  the worst case of one token per check;
+* llada2: temperature 0 is argmax (the HF copy samples multinomially even then, spec §7.12), and
+  the recompute covers the whole bucket instead of ``[0, window)`` — identical under block-causal.
 """
 
 from __future__ import annotations

@@ -231,6 +231,30 @@ def _build(model_config: ModelConfig, cfg: TrainConfig) -> _Built:
     return built
 
 
+def _initial_state(cfg: TrainConfig, model_config: ModelConfig, built: _Built, ckpt: TrainCheckpointer,
+                   iterator: Any) -> tuple[Any, int]:
+    """``(state, update)``: restored from the newest checkpoint (iterator position included), or
+    fresh at update 0 (HF weights loaded straight into their shardings, or a random init)."""
+    latest = ckpt.latest_step()
+    if latest is not None and not cfg.run.resume:
+        raise TrainConfigError(f"run.resume is false but {ckpt.directory} holds checkpoints "
+                               f"(steps {ckpt.all_steps()}); use another run.out_dir or remove them")
+    if latest is None:
+        if cfg.model.kind == "hf":
+            params = load_hf_params(cfg.model.location, model_config, shardings=built.param_shardings)
+        else:
+            params = built.init_params(jax.random.key(cfg.run.seed))
+        return built.init_state(params), 0
+    _check_resume_compatible(ckpt.read_metadata(latest), cfg, f"{ckpt.directory}/{latest}")
+    state, _ = ckpt.restore(latest, abstract_with_shardings(built.abstract_state, built.state_shardings),
+                            iterator)
+    accum = cfg.optim.grad_accum_steps
+    if int(_local(state.step)) != latest * accum:
+        raise ResumeMismatchError(f"checkpoint {latest} holds {int(_local(state.step))} micro-steps, "
+                                  f"expected {latest} updates × grad_accum_steps {accum}")
+    return state, latest
+
+
 # ---- the loop -----------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> TrainSummary:
     """Run (or resume) the training described by ``cfg``; see the module docstring."""
@@ -260,7 +284,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
     cfg = cfg.resolve(total_steps=num_steps, mask_id=special.mask_id)
 
     built = _build(model_config, cfg)
-    mesh, s_shard, b_shard = built.mesh, built.state_shardings, built.batch_shardings
+    mesh, b_shard = built.mesh, built.batch_shardings
     global_batch = cfg.data.batch_size * jax.process_count()
     if global_batch % batch_divisor(mesh):
         raise TrainConfigError(f"data.batch_size: the global batch {global_batch} must be a multiple of "
@@ -268,26 +292,13 @@ def train(cfg: TrainConfig) -> TrainSummary:
 
     ckpt = TrainCheckpointer(out / "checkpoints", keep_last=cfg.run.keep_last, async_save=cfg.run.async_save)
     iterator = iter(data)
-    latest = ckpt.latest_step()
-    if latest is not None and not cfg.run.resume:
-        raise TrainConfigError(f"run.resume is false but {ckpt.directory} holds checkpoints "
-                               f"(steps {ckpt.all_steps()}); use another run.out_dir or remove them")
-    if latest is not None:
-        meta = ckpt.read_metadata(latest)
-        _check_resume_compatible(meta, cfg, f"{ckpt.directory}/{latest}")
-        state, _ = ckpt.restore(latest, abstract_with_shardings(built.abstract_state, s_shard), iterator)
-    else:
-        if cfg.model.kind == "hf":
-            params = load_hf_params(cfg.model.location, model_config, shardings=built.param_shardings)
-        else:
-            params = built.init_params(jax.random.key(cfg.run.seed))
-        state = built.init_state(params)
-        del params
-    start_step = 0 if latest is None else latest
-    if int(_local(state.step)) != start_step * accum:
-        raise ResumeMismatchError(f"checkpoint {latest} holds {int(_local(state.step))} micro-steps, "
-                                  f"expected {start_step} updates × grad_accum_steps {accum}")
+    try:
+        state, start_step = _initial_state(cfg, model_config, built, ckpt, iterator)
+    except BaseException:
+        ckpt.close()
+        raise
     if start_step > num_steps:
+        ckpt.close()
         raise TrainConfigError(
             f"run.num_steps: {num_steps} but the checkpoint is already at step {start_step}")
 
@@ -298,13 +309,13 @@ def train(cfg: TrainConfig) -> TrainSummary:
     writer.message(f"training {model_config.num_hidden_layers}-layer model from {cfg.model.source} on "
                    f"mesh {dict(mesh.shape)}: updates {start_step} → {num_steps}, global batch "
                    f"{global_batch}×{accum}, {data.steps_per_epoch} batches/epoch, out {out}"
-                   + (f" (resumed from checkpoint {latest})" if latest is not None else ""))
+                   + (f" (resumed from checkpoint {start_step})" if start_step else ""))
     step_fn = built.step_fn
     window: dict[str, list[float]] = {}
     last_logged: dict[str, float] = {}
     # Throughput is timed from the end of this run's first step, so compilation is not counted.
     rate: dict[str, float] = {"t0": math.nan, "tokens": 0}
-    last_saved = latest
+    last_saved = start_step if start_step else None
 
     def absorb(done: int, metrics: Any) -> None:
         """Read back one step's metrics, stop on non-finite values, log at log steps."""
