@@ -196,3 +196,20 @@ def test_row_alone_equals_row_in_padded_batch(params, strategy):
         assert alone.token_ids[0] == batch.token_ids[i] and alone.nfe[0] == batch.nfe[i]
     padded = generate((params, CFG), PROMPTS[:1], batch_size=3, **kw)   # ragged batch padded to 3 rows
     assert padded.token_ids == batch.token_ids[:1] and padded.nfe == batch.nfe[:1]
+
+
+@pytest.mark.parametrize("strategy", ["spd", "llada2"])
+def test_gen_length_not_a_block_multiple(params, strategy):
+    # G = 20 rounds up to the same capacity as G = 24: same compiled program, runtime gen length
+    generate((params, CFG), PROMPTS, strategy=strategy, threshold=0.05, trace=True, **KW)
+    before = compile_count()
+    res = generate((params, CFG), PROMPTS, strategy=strategy, threshold=0.05, trace=True,
+                   **{**KW, "gen_length": 20})
+    assert compile_count() == before
+    orc = oracle(params)
+    if strategy == "spd":
+        want = [orc.spd(p, 20, 0.05, 0.9, request_id=i)[:3] for i, p in enumerate(PROMPTS)]
+    else:
+        want = [orc.llada2(p, 20, 0.05, B, request_id=i) for i, p in enumerate(PROMPTS)]
+        assert all(len(t) <= 20 for t in res.token_ids)     # HF returns at most gen_length tokens
+    check(res, want)

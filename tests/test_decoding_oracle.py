@@ -285,3 +285,28 @@ def test_soft_inputs_match_the_formula_and_keep_hard_rows():
     h2 = 0.5 * t[4] + 0.3 * t[7] + 0.2 * t[M]
     n2 = 0.5 * np.linalg.norm(t[4]) + 0.3 * np.linalg.norm(t[7]) + 0.2 * np.linalg.norm(t[M])
     np.testing.assert_allclose(out2, h2 * n2 / (np.linalg.norm(h2) + 1e-6), rtol=1e-5)
+
+
+def test_layout_geometry_buckets_and_validation():
+    import pytest
+
+    from dmax_jax.decoding import layout
+
+    assert layout.row_geometry(3, 24, 8) == (0, 32, 4)        # prompt tail inside the first block
+    assert layout.row_geometry(16, 24, 8) == (16, 40, 3)      # prompt ends on a block boundary
+    assert layout.row_geometry(np.array([3, 19]), 20, 8)[2].tolist() == [3, 3]
+    assert layout.shapes([3, 19], 20, 8, 16) == (32, 56)
+    with pytest.raises(ValueError, match="multiple of block_length"):
+        layout.shapes([3], 20, 8, 12)
+    assert layout.normalize_prompts([4, 5]) == [[4, 5]]
+    assert layout.normalize_prompts(np.array([[4, 5]])) == [[4, 5]]
+    ids, lens = layout.pack_prompts([[4, 5], [6]], 4, M)
+    assert ids.tolist() == [[4, 5, M, M], [6, M, M, M]] and lens.tolist() == [2, 1]
+    kw = dict(vocab_size=10, mask_id=M, gen_length=8, block=4, max_positions=16)
+    with pytest.raises(ValueError, match="row 1 is empty"):
+        layout.validate_prompts([[4], []], **kw)
+    with pytest.raises(ValueError, match="row 0 contains the mask token 2 at index 1"):
+        layout.validate_prompts([[4, M]], **kw)
+    with pytest.raises(ValueError, match=r"row 0: 9 prompt tokens .* exceed max_position_embeddings 16"):
+        layout.validate_prompts([[4] * 9], **kw)
+    layout.validate_prompts([[4] * 8], **kw)                  # 8 + 8 = 16 positions: fits exactly

@@ -134,10 +134,10 @@ def _cached_program(spec: DecodeSpec, cfg: ModelConfig, params, prompt_ids, d: D
             return jax.lax.cond((step == 0) & (k > 0), lambda: logits0,
                                 lambda: kv.block_forward(params, cfg, emb, start, cache, B, dt))
 
-        def pick(logits, nfe, run):
+        def pick(logits, nfe):
             keys = None if spec.greedy else st.row_keys(d["seed"], d["request_ids"], nfe)
             return st.choose_tokens(logits, greedy=spec.greedy, temperature=d["temperature"], keys=keys,
-                                    tempered_confidence=False)
+                                    tempered_confidence=False, need_probs=spec.top_k > 1)
 
         if spec.strategy == "spd":
             active = xb0 == M
@@ -146,7 +146,7 @@ def _cached_program(spec: DecodeSpec, cfg: ModelConfig, params, prompt_ids, d: D
                 step, xb, emb, done, nfe, tr = ic
                 logits = logits_at(step, emb)
                 run = ~done
-                x0, conf, probs = pick(logits, nfe, run)
+                x0, conf, probs = pick(logits, nfe)
                 nfe = nfe + run
                 u = st.spd_update(xb, active, x0, conf, d["threshold"], d["accept_threshold"], M)
                 emb_next = st.soft_inputs(table, u.tokens, x0, conf, probs, u.soft, top_k=spec.top_k,
@@ -164,7 +164,7 @@ def _cached_program(spec: DecodeSpec, cfg: ModelConfig, params, prompt_ids, d: D
                 step, xb, left, done, nfe, tr = ic
                 logits = logits_at(step, jnp.take(table, xb, axis=0).astype(dt))
                 run = ~done
-                x0, conf, _ = pick(logits, nfe, run)
+                x0, conf, _ = pick(logits, nfe)
                 nfe = nfe + run
                 tokens, transfer = st.threshold_update(xb, x0, conf, d["threshold"], M)
                 n_mask = (tokens == M).sum(-1)

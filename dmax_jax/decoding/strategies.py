@@ -32,22 +32,34 @@ def row_keys(seed: jax.Array, request_ids: jax.Array, counters: jax.Array) -> ja
     return jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(base, r), c))(request_ids, counters)
 
 
-def choose_tokens(logits: jax.Array, *, greedy: bool, temperature: jax.Array, keys: jax.Array | None,
-                  tempered_confidence: bool):
-    """``(x0 [b, T] int32, confidence [b, T] f32, probs [b, T, V] f32)``.
+def argmax_first(x: jax.Array) -> jax.Array:
+    """``argmax`` over the last axis (first index on ties) as two plain reductions: XLA:CPU's
+    variadic argmax reduce is ~5x slower and dominated the per-step bookkeeping."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    first = jnp.min(jnp.where(x == x.max(-1, keepdims=True), iota, x.shape[-1]), axis=-1)
+    return jnp.minimum(first, x.shape[-1] - 1)  # NaN rows: stay in range
 
-    Greedy: ``x0 = argmax``. Sampling: ``x0 ~ softmax(logits / temperature)`` (Gumbel-max, as dInfer's
-    ``add_gumbel_noise``). The confidence is ``probs[x0]`` where ``probs`` is the plain softmax
-    (dInfer) or the tempered one (``tempered_confidence``: the HF ``generate`` of spec §5.5b).
+
+def choose_tokens(logits: jax.Array, *, greedy: bool, temperature: jax.Array, keys: jax.Array | None,
+                  tempered_confidence: bool, need_probs: bool = False):
+    """``(x0 [b, T] int32, confidence [b, T] f32, probs [b, T, V] f32 | None)``.
+
+    Greedy: ``x0 = argmax``. Sampling: ``x0 ~ softmax(logits / temperature)`` by Gumbel-max with the
+    row's key (bit-identical to ``jax.random.categorical``; dInfer's ``add_gumbel_noise`` is the same
+    rule). The confidence is ``p(x0)`` under the plain softmax (dInfer) or the tempered one
+    (``tempered_confidence``: the HF ``generate`` of spec §5.5b). ``probs`` only if ``need_probs``.
     """
     if greedy:
-        probs = jax.nn.softmax(logits, axis=-1)
-        x0 = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        base = logits
+        x0 = argmax_first(logits)
     else:
         scaled = logits / temperature
-        x0 = jax.vmap(lambda k, lg: jax.random.categorical(k, lg, axis=-1))(keys, scaled).astype(jnp.int32)
-        probs = jax.nn.softmax(scaled if tempered_confidence else logits, axis=-1)
-    conf = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[1:], logits.dtype))(keys)
+        x0 = argmax_first(scaled + noise)
+        base = scaled if tempered_confidence else logits
+    lse = jax.nn.logsumexp(base, axis=-1)
+    conf = jnp.exp(jnp.take_along_axis(base, x0[..., None], axis=-1)[..., 0] - lse)
+    probs = jnp.exp(base - lse[..., None]) if need_probs else None
     return x0, conf, probs
 
 
@@ -155,8 +167,11 @@ def llada2_update(xb, x0, conf, threshold, n_transfer, mask_id: int):
     active = xb == mask_id
     c = jnp.where(active, conf, -jnp.inf)
     high = c > threshold
-    order = jnp.argsort(-c, axis=-1, stable=True)
-    rank = jnp.argsort(order, axis=-1, stable=True)
+    # rank of each position in descending confidence, ties by index (a [B, B] count, not a sort)
+    idx = jnp.arange(c.shape[-1])
+    other, this = c[..., None, :], c[..., :, None]
+    ahead = (other > this) | ((other == this) & (idx < idx[:, None]))
+    rank = ahead.sum(-1)
     k = jnp.minimum(n_transfer, active.sum(-1, keepdims=True))
     top = rank < k
     transfer = jnp.where(high.sum(-1, keepdims=True) >= n_transfer, high, top) & active

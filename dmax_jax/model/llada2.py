@@ -42,9 +42,9 @@ class DecoderLayer(nn.Module):
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         cache = None if layer_cache is None else (*layer_cache, cache_len)
         a, kv = Attention(cfg, self.mask, dt, pdt, self.attention_backend, name="attention")(
-            RMSNorm(cfg.rms_norm_eps, dt, pdt, "embed", name="input_norm")(h), positions, cache)
+            RMSNorm(cfg.rms_norm_eps, dt, pdt, "norm", name="input_norm")(h), positions, cache)
         h = h + a
-        u = RMSNorm(cfg.rms_norm_eps, dt, pdt, "embed", name="post_norm")(h)
+        u = RMSNorm(cfg.rms_norm_eps, dt, pdt, "norm", name="post_norm")(h)
         if self.moe:
             f = MoE(cfg, dt, pdt, self.moe_impl, name="moe")(u)
         else:
@@ -63,10 +63,12 @@ class LLaDA2MoeModel(nn.Module):
     @nn.compact
     def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None,
                  mask: MaskSpec = MaskSpec("full"), cache: KVCache | None = None, commit: bool = False,
-                 commit_length: int | None = None):
+                 commit_length: int | None = None, logits_prefix: int | None = None):
         """Returns ``(logits f32 [batch, length, vocab], cache)``; with ``commit`` the call's K/V are
         written to the returned cache and its first ``commit_length`` tokens (default all) become
-        valid; otherwise the cache comes back unchanged."""
+        valid; otherwise the cache comes back unchanged. ``logits_prefix`` computes logits for the
+        first N positions only (training needs only the noisy half: saves the lm_head on L tokens
+        and an f32 ``[batch, L, vocab]`` buffer)."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -104,7 +106,9 @@ class LLaDA2MoeModel(nn.Module):
                           self.moe_impl, commit, name=name)(h, positions, layer_cache, cache_len)
             if commit:
                 new_k[name], new_v[name] = kv
-        h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, "embed", name="final_norm")(h)
+        if logits_prefix is not None:
+            h = h[:, :logits_prefix]
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, "norm", name="final_norm")(h)
         if cfg.tie_word_embeddings:
             head = emb.T
         else:
@@ -129,13 +133,13 @@ def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32, *, boxed
 def forward(params, config: ModelConfig, input_ids=None, *, inputs_embeds=None, positions=None,
             mask: MaskSpec = MaskSpec("full"), cache: KVCache | None = None, commit: bool = False,
             commit_length: int | None = None, dtype=jnp.float32, attention_backend: str = "xla_dense",
-            moe_impl: str = "ragged",
-            remat: str | None = None):
+            moe_impl: str = "ragged", remat: str | None = None, logits_prefix: int | None = None):
     """Functional forward: ``(logits f32, cache)``. Wrap in ``jax.jit`` with the static arguments."""
     model = LLaDA2MoeModel(config, dtype=dtype, param_dtype=jnp.float32, attention_backend=attention_backend,
                            moe_impl=moe_impl, remat=remat)
     return model.apply({"params": params}, input_ids, inputs_embeds=inputs_embeds, positions=positions,
-                       mask=mask, cache=cache, commit=commit, commit_length=commit_length)
+                       mask=mask, cache=cache, commit=commit, commit_length=commit_length,
+                       logits_prefix=logits_prefix)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mask", "dtype", "attention_backend", "moe_impl"))
@@ -148,7 +152,7 @@ def jit_forward(params, config: ModelConfig, input_ids=None, *, inputs_embeds=No
 
 
 forward_jit = jax.jit(forward, static_argnames=("config", "mask", "commit", "commit_length", "dtype",
-                                               "attention_backend", "moe_impl", "remat"))
+                                               "attention_backend", "moe_impl", "remat", "logits_prefix"))
 forward_jit.__doc__ = "``forward`` under ``jax.jit`` (config, mask and flags static)."
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from dmax_jax.config import ModelConfig
 from dmax_jax.model.layers import GatedMLP, param_with_axes
 
-MOE_IMPLS = ("ragged", "dense")
+MOE_IMPLS = ("ragged", "dense", "ep")  # ep: expert-parallel all_to_all (moe_ep.py)
 
 
 def route(logits: jax.Array, expert_bias: jax.Array, cfg: ModelConfig):
@@ -91,7 +91,10 @@ class MoE(nn.Module):
         u = x.reshape(-1, hdim).astype(self.dtype)
         logits = u.astype(jnp.float32) @ router.astype(jnp.float32)
         idx, w = route(logits, bias, cfg)
-        fn = experts_ragged if self.impl == "ragged" else experts_dense
+        if self.impl == "ep":
+            from dmax_jax.model.moe_ep import experts_ep as fn  # local: moe_ep imports this module
+        else:
+            fn = experts_ragged if self.impl == "ragged" else experts_dense
         y = fn(u, idx, w, wg.astype(self.dtype), wu.astype(self.dtype), wd.astype(self.dtype))
         if cfg.num_shared_experts > 0:
             y = y + GatedMLP(im * cfg.num_shared_experts, self.dtype, self.param_dtype, name="shared")(u)

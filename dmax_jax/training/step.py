@@ -94,8 +94,8 @@ def _logits(params, model_config: ModelConfig, step_cfg: StepConfig, noisy, clea
     ids = constrain(jnp.concatenate([noisy, clean], axis=1).astype(jnp.int32), ("batch", "length"))
     logits, _ = forward(params, model_config, ids, mask=MaskSpec("noisy_clean", step_cfg.block_size),
                         dtype=step_cfg.dtype, attention_backend=step_cfg.attention_backend,
-                        moe_impl=step_cfg.moe_impl, remat=remat)
-    return constrain(logits[:, :half], ("batch", "length", "vocab"))
+                        moe_impl=step_cfg.moe_impl, remat=remat, logits_prefix=half)
+    return constrain(logits, ("batch", "length", "vocab"))
 
 
 def oput_rollout(params, model_config: ModelConfig, step_cfg: StepConfig, batch: Mapping[str, jax.Array]):
