@@ -260,3 +260,58 @@ def write_results(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLi
                **(dict(extra) if extra else {})}
     js.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return {"markdown": md, "json": js, "plot": plot_tradeoff(records, out / "tradeoff.png")}
+
+
+# ---- the quick OPUT run (``python train.py`` with no arguments) --------------------------------------------
+def quick_config_path() -> Path:
+    """``configs/demo_oput_quick.yaml`` of this checkout (configs are not part of the wheel)."""
+    path = REPO_ROOT / "configs" / QUICK_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the quick demo runs from a source checkout")
+    return path
+
+
+def run_quick_demo(out_dir: str | os.PathLike = "runs/demo_quick", *, limit: int = 100,
+                   overrides: Sequence[str] = (), decode: DemoDecode = DEMO_DECODE, log: Any = print
+                   ) -> dict[str, Any]:
+    """OPUT-fine-tune the shipped ``base`` for a few CPU minutes with the project's training loop
+    (``configs/demo_oput_quick.yaml``), then decode ``limit`` held-out problems with base and the new
+    fine-tune under threshold decoding (τ = 0.95) and SPD (τ_dec = ``decode.spd_threshold``), print the
+    table and write it (``out_dir/eval``). Returns ``{"train_seconds", "records", "headline", ...}``.
+    A second call with the same ``out_dir`` resumes the finished run instead of training again.
+    """
+    import time
+
+    from dmax_jax.data.chat import load_tokenizer
+    from dmax_jax.pretrained import Pretrained
+    from dmax_jax.training.config import load_train_config
+    from dmax_jax.training.loop import resolve_model_config, train
+
+    out = Path(out_dir).absolute()
+    base_dir = default_model_dir("base")
+    cfg = load_train_config(quick_config_path(), [
+        f"model.source=hf:{base_dir}", f"model.tokenizer={base_dir}", f"run.out_dir={out / 'train'}",
+        *overrides])
+    log(f"quick demo: OPUT fine-tune of {base_dir} ({cfg.run.num_steps} steps, batch {cfg.data.batch_size}, "
+        f"noise U({cfg.data.noise_low}, {cfg.data.noise_high})) → {out}")
+    t0 = time.time()
+    summary = train(cfg)
+    train_seconds = time.time() - t0
+    tuned = Pretrained(resolve_model_config(cfg), summary.state.params, load_tokenizer(base_dir))
+    models = {"base": load_demo_model("base"), "dmax": tuned}
+    cells = ((("threshold", decode.baseline_threshold),), (("spd", decode.spd_threshold),))
+    t1 = time.time()
+    records = []
+    rows = test_problems(limit)
+    for ((strategy, tau),) in cells:
+        records += evaluate_grid(models, rows, out_dir=out / "eval", strategies=(strategy,), thresholds=(tau,),
+                                 decode=decode, log=log)
+    eval_seconds = time.time() - t1
+    paths = write_results(records, out / "eval", decode, extra={"train_seconds": round(train_seconds, 1),
+                                                                "eval_seconds": round(eval_seconds, 1)})
+    log("")
+    log("'dmax' below is the fine-tune you just trained (the shipped one: dmax_jax/assets/demo/dmax).")
+    log(results_markdown(records, decode))
+    log(f"\ntrain {train_seconds:.0f}s, eval {eval_seconds:.0f}s; wrote {paths['markdown'].parent}")
+    return {"train_seconds": train_seconds, "eval_seconds": eval_seconds, "records": records,
+            "headline": headline(records, decode), "paths": paths, "summary": summary}
