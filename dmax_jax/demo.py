@@ -67,7 +67,8 @@ def default_model_dir(name: str = "dmax") -> Path:
     missing = [f for f in ("config.json", "tokenizer.json") if not (path / f).is_file()]
     if missing or not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"shipped demo model {path} is incomplete (missing "
-                                f"{missing or ['*.safetensors']}); rebuild it with `python tools/build_demo.py`")
+                                f"{missing or ['*.safetensors']}); rebuild it with "
+                                "`python tools/build_demo.py`")
     return path
 
 
@@ -167,15 +168,15 @@ def evaluate_grid(models: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], 
                 summary = run_eval(bench, list(rows), generate_fn, model.tokenizer, out_dir=cell,
                                    batch_size=decode.batch_size, decode_config=kw, limit=limit)
                 rec = {"model": name, "strategy": strategy, "threshold": float(tau),
-                       "accuracy": summary["accuracy"], "tpf": summary["tpf"], "mean_nfe": summary["mean_nfe"],
-                       "samples": summary["samples"], "tps": summary["tps"]}
+                       **{k: summary[k] for k in ("accuracy", "tpf", "mean_nfe", "samples", "tps")}}
                 log(f"{name:>6} {strategy:>9} τ={tau:<4g} accuracy {100 * rec['accuracy']:5.1f}%  "
                     f"TPF {rec['tpf']:5.2f}  NFE {rec['mean_nfe']:5.1f}")
                 records.append(rec)
     return records
 
 
-def _cell(records: Sequence[Mapping[str, Any]], model: str, strategy: str, tau: float) -> Mapping[str, Any] | None:
+def _cell(records: Sequence[Mapping[str, Any]], model: str, strategy: str,
+          tau: float) -> Mapping[str, Any] | None:
     for r in records:
         if r["model"] == model and r["strategy"] == strategy and abs(r["threshold"] - tau) < 1e-9:
             return r
@@ -210,9 +211,10 @@ def results_markdown(records: Sequence[Mapping[str, Any]], decode: DemoDecode = 
     h = headline(records, decode)
     if h is not None:
         b, d = h["baseline"], h["dmax_spd"]
-        lines += ["", f"**Headline**: base + threshold (τ={b['threshold']:g}): {100 * b['accuracy']:.1f}% at "
-                      f"TPF {b['tpf']:.2f} → dmax + SPD (τ={d['threshold']:g}): {100 * d['accuracy']:.1f}% at "
-                      f"TPF {d['tpf']:.2f} — {h['tpf_ratio']:.2f}× tokens per forward, accuracy "
+        lines += ["", f"**Headline**: base + threshold (τ={b['threshold']:g}): {100 * b['accuracy']:.1f}% "
+                      f"at TPF {b['tpf']:.2f} → dmax + SPD (τ={d['threshold']:g}): "
+                      f"{100 * d['accuracy']:.1f}% at TPF {d['tpf']:.2f} — "
+                      f"{h['tpf_ratio']:.2f}× tokens per forward, accuracy "
                       f"{h['accuracy_delta_points']:+.1f} points."]
     return "\n".join(lines)
 
@@ -228,7 +230,8 @@ def plot_tradeoff(records: Sequence[Mapping[str, Any]], path: str | os.PathLike)
               ("dmax", "threshold"): ("tab:red", "o", "-"), ("dmax", "spd"): ("tab:red", "s", "--")}
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for pair in dict.fromkeys((r["model"], r["strategy"]) for r in records):
-        pts = sorted((r for r in records if (r["model"], r["strategy"]) == pair), key=lambda r: -r["threshold"])
+        pts = sorted((r for r in records if (r["model"], r["strategy"]) == pair),
+                     key=lambda r: -r["threshold"])
         color, marker, ls = styles.get(pair, ("tab:gray", "^", ":"))
         ax.plot([r["tpf"] for r in pts], [100 * r["accuracy"] for r in pts], color=color, marker=marker,
                 linestyle=ls, label=f"{pair[0]} + {pair[1]}")
@@ -249,15 +252,16 @@ def plot_tradeoff(records: Sequence[Mapping[str, Any]], path: str | os.PathLike)
 
 
 def write_results(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
-                  decode: DemoDecode = DEMO_DECODE, extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+                  decode: DemoDecode = DEMO_DECODE,
+                  extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """``results.md``, ``results.json`` and ``tradeoff.png`` under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "results.md"
     md.write_text(results_markdown(records, decode) + "\n", encoding="utf-8")
     js = out / "results.json"
-    payload = {"decode": dataclasses.asdict(decode), "cells": list(records), "headline": headline(records, decode),
-               **(dict(extra) if extra else {})}
+    payload = {"decode": dataclasses.asdict(decode), "cells": list(records),
+               "headline": headline(records, decode), **(dict(extra) if extra else {})}
     js.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return {"markdown": md, "json": js, "plot": plot_tradeoff(records, out / "tradeoff.png")}
 
@@ -304,8 +308,8 @@ def run_quick_demo(out_dir: str | os.PathLike = "runs/demo_quick", *, limit: int
     records = []
     rows = test_problems(limit)
     for ((strategy, tau),) in cells:
-        records += evaluate_grid(models, rows, out_dir=out / "eval", strategies=(strategy,), thresholds=(tau,),
-                                 decode=decode, log=log)
+        records += evaluate_grid(models, rows, out_dir=out / "eval", strategies=(strategy,),
+                                 thresholds=(tau,), decode=decode, log=log)
     eval_seconds = time.time() - t1
     paths = write_results(records, out / "eval", decode, extra={"train_seconds": round(train_seconds, 1),
                                                                 "eval_seconds": round(eval_seconds, 1)})

@@ -165,12 +165,12 @@ def test_resolve_special_ids_sources(tok, tmp_path):
         resolve_special_ids(tiny_config(mask_token_id=7), tok)
     assert resolve_special_ids(tiny_config(mask_token_id=7), tok, strict=False).mask_id == 7
     # a config.json without the id keys: ModelConfig's LLaDA2 defaults must not win over the tokenizer
-    raw = tiny_config(vocab_size=157184).to_hf_dict()  # LLaDA2-sized so the defaults validate
+    raw = tiny_config().to_hf_dict()
     for key in ("mask_token_id", "eos_token_id", "pad_token_id"):
         raw.pop(key, None)
     (tmp_path / "config.json").write_text(json.dumps(raw))
     cfg = ModelConfig.from_json(tmp_path)
-    assert cfg.eos_token_id is not None  # the dataclass default is filled in ...
+    assert cfg.eos_token_id is None  # absent keys are unknown, not the LLaDA2 defaults ...
     assert resolve_special_ids(cfg, tok) == SpecialIds(2, 1, 1)  # ... but the tokenizer decides
     with pytest.raises(ValueError, match="no id for mask"):
         resolve_special_ids(cfg, None)

@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "build_demo", help="run folders (checkpoints)")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "build_demo",
+                    help="run folders (checkpoints)")
     ap.add_argument("--assets", type=Path, default=ROOT / "dmax_jax" / "assets" / "demo",
                     help="where the HF model folders base/ and dmax/ are written")
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "demo", help="evaluation output")
@@ -40,8 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="override for the OPUT fine-tune config (repeatable)")
     ap.add_argument("--skip-base", action="store_true", help="reuse ASSETS/base (only fine-tune + evaluate)")
     ap.add_argument("--skip-eval", action="store_true", help="do not run the evaluation")
-    ap.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N held-out problems")
-    ap.add_argument("--resume", action="store_true", help="keep existing run folders (resume their checkpoints)")
+    ap.add_argument("--eval-limit", type=int, default=None,
+                    help="evaluate only the first N held-out problems")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep existing run folders (resume their checkpoints)")
     return ap.parse_args(argv)
 
 
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary.final_metrics.get('loss')})", flush=True)
     train_file = base_run / "task_data" / "train.jsonl"
     if not train_file.is_file():
-        raise FileNotFoundError(f"{train_file} is missing: run without --skip-base (the base stage writes it)")
+        raise FileNotFoundError(f"{train_file} is missing: run without --skip-base "
+                                "(the base stage writes it)")
 
     dmax_run = work / "dmax"
     _fresh(dmax_run, args.resume)

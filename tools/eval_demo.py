@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     data = Path(args.data) if args.data else demo.write_test_jsonl(out / "test.jsonl", n=args.n_test)
     rows = get_benchmark("gsm8k").load(data)
-    decode = dataclasses.replace(demo.DEMO_DECODE, batch_size=args.batch_size, spd_threshold=args.spd_threshold)
+    decode = dataclasses.replace(demo.DEMO_DECODE, batch_size=args.batch_size,
+                                 spd_threshold=args.spd_threshold)
     thresholds = tuple(dict.fromkeys((*args.thresholds, decode.spd_threshold, decode.baseline_threshold)))
     models = {name: demo.load_demo_model(path, dtype=args.dtype) for name, path in args.models.items()}
     n = len(rows) if args.limit is None else min(args.limit, len(rows))
