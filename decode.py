@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Sequence
 
 STRATEGIES = ("spd", "threshold", "llada2")
+DEFAULT_THRESHOLD = 0.5
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -30,7 +31,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     src.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     src.add_argument("--prompts", help="JSONL file: one {\"prompt\": ...} object (or JSON string) per line")
     ap.add_argument("--strategy", choices=STRATEGIES, default="spd")
-    ap.add_argument("--threshold", type=float, default=0.5, help="τ_dec (spd) / τ (threshold, llada2)")
+    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                    help="τ_dec (spd) / τ (threshold, llada2)")
     ap.add_argument("--accept-threshold", type=float, default=0.9, help="τ_acc (spd)")
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--gen-length", type=int, default=256)
@@ -85,14 +87,30 @@ def encode_prompts(texts: list[str], tokenizer, chat: bool) -> list[list[int]]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.model is None and not args.prompt and args.prompts is None:
+            return run_demo(args)
         texts = read_prompts(args)
-        if args.model is None:
-            # TODO(lead): wire the embedded default model once it is built
-            raise ValueError("--model is required: the embedded default model is not built yet")
+        if args.model is None:  # prompts but no model: the shipped tiny DMax
+            from dmax_jax.demo import default_model_dir
+
+            args.model = str(default_model_dir("dmax"))
         return run(args, texts)
     except (ValueError, FileNotFoundError) as e:
         print(f"decode.py: error: {e}", file=sys.stderr)
         return 2
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """No --model and no prompts: decode a few held-out demo problems with the shipped tiny DMax model
+    (the demo's own block/generation geometry) and print answers with NFE and TPF."""
+    from dmax_jax.demo import decode_examples, default_model_dir, format_examples
+
+    threshold = None if args.threshold == DEFAULT_THRESHOLD else args.threshold
+    print(f"decode.py: no --model given: decoding 4 held-out problems with the embedded demo model "
+          f"{default_model_dir('dmax')} ({args.strategy}); pass --model DIR for a real checkpoint",
+          file=sys.stderr)
+    print(format_examples(decode_examples("dmax", n=4, strategy=args.strategy, threshold=threshold)))
+    return 0
 
 
 def run(args: argparse.Namespace, texts: list[str]) -> int:
