@@ -12,7 +12,8 @@ _flags = ["--xla_force_host_platform_device_count=8"]
 if os.environ.get("DMAX_TEST_XLA_OPT") != "1":
     _flags += ["--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"]
 _current = os.environ.get("XLA_FLAGS", "")
-os.environ["XLA_FLAGS"] = " ".join([_current] + [f for f in _flags if f.split("=")[0] not in _current]).strip()
+_missing = [f for f in _flags if f.split("=")[0] not in _current]
+os.environ["XLA_FLAGS"] = " ".join([_current, *_missing]).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -10,14 +10,15 @@ from dmax_jax.config import tiny_config
 from dmax_jax.model.kv_cache import init_cache
 from dmax_jax.model.llada2 import forward_jit as forward
 from dmax_jax.model.llada2 import init_params
-from dmax_jax.model.masks import MaskSpec, dense_mask, default_positions
+from dmax_jax.model.masks import MaskSpec, default_positions, dense_mask
 from dmax_jax.model.moe import experts_dense, experts_ragged, route
 
 LAYOUTS = {
     "base": {},
     "mha_no_shared": dict(num_attention_heads=4, num_key_value_heads=4, num_shared_experts=0),
     "gqa4_two_shared": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8, num_shared_experts=2),
-    "one_group_k3": dict(num_experts=6, n_group=1, topk_group=1, num_experts_per_tok=3, first_k_dense_replace=0),
+    "one_group_k3": dict(num_experts=6, n_group=1, topk_group=1, num_experts_per_tok=3,
+                         first_k_dense_replace=0),
     "two_groups_tied": dict(n_group=2, topk_group=1, tie_word_embeddings=True, first_k_dense_replace=2,
                             num_hidden_layers=3, rotary_dim=8),
 }
@@ -45,7 +46,8 @@ def spread_params(cfg, seed=0):
 @pytest.mark.parametrize("kind", ["full", "block_causal", "noisy_clean"])
 @pytest.mark.parametrize("length,block", [(16, 4), (14, 4), (20, 3), (8, 32)])
 def test_masks_match_spec_set_formulas(kind, length, block):
-    np.testing.assert_array_equal(dense_mask(MaskSpec(kind, block), length), spec_allowed(kind, length, block))
+    want = spec_allowed(kind, length, block)
+    np.testing.assert_array_equal(dense_mask(MaskSpec(kind, block), length), want)
 
 
 def test_noisy_clean_positions_are_shared():
@@ -85,8 +87,8 @@ def test_ragged_moe_equals_dense_reference():
     wg, wu = (jnp.asarray(rng.standard_normal((e, h, i)), jnp.float32) for _ in range(2))
     wd = jnp.asarray(rng.standard_normal((e, i, h)), jnp.float32)
     with jax.default_matmul_precision("highest"):
-        np.testing.assert_allclose(experts_ragged(x, idx, w, wg, wu, wd), experts_dense(x, idx, w, wg, wu, wd),
-                                   rtol=1e-5, atol=1e-5)
+        got = experts_ragged(x, idx, w, wg, wu, wd)
+        np.testing.assert_allclose(got, experts_dense(x, idx, w, wg, wu, wd), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -194,8 +196,10 @@ def test_remat_gives_same_gradients():
     g0 = jax.grad(loss)(params, None)
     g1 = jax.grad(loss)(params, "full")
     # f32 summation-order noise only: remat recomputes the same ops in a different fusion
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(a).max())),
-                 g0, g1)
+    def close(a, b):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(a).max()))
+
+    jax.tree.map(close, g0, g1)
     assert float(jnp.abs(g0["moe_layers"]["moe"]["expert_bias"]).max()) == 0.0  # frozen
 
 
