@@ -1,7 +1,9 @@
 """Train DMax (OPUT) with JAX: ``python train.py --config configs/X.yaml [key.path=value ...]``.
 
-With no arguments it runs ``configs/tiny.yaml`` (a tiny random model on generated arithmetic problems,
-CPU, minutes) and says so. Overrides use dotted keys and YAML values, e.g. ``run.num_steps=20``,
+With no arguments it runs the embedded demo: a short OPUT fine-tune of the shipped tiny ``base`` model
+on CPU (``configs/demo_oput_quick.yaml``, a few minutes), then evaluates it against ``base`` and prints
+the paper-style table (``dmax_jax.demo.run_quick_demo``). ``--config configs/tiny.yaml`` trains a tiny
+random model instead. Overrides use dotted keys and YAML values, e.g. ``run.num_steps=20``,
 ``data.paths=[a.jsonl,b.jsonl]``, ``model.source=hf:/ckpt/LLaDA2.0-mini``. A run resumes from the
 newest checkpoint in ``run.out_dir``.
 """
@@ -35,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.config is None and not args.overrides and not args.print_config:
+        return run_embedded_demo()
     if args.config is None:
         args.config = DEFAULT_CONFIG
         print(f"train.py: no --config given; running the tiny CPU preset {args.config}", flush=True)
@@ -69,6 +73,20 @@ def main(argv: list[str] | None = None) -> int:
           f"final loss {loss if loss is None else f'{loss:.4f}'}; checkpoint {summary.last_checkpoint_step} "
           f"in {summary.checkpoint_dir}"
           + (f"; HF export {summary.hf_export_dir}" if summary.hf_export_dir else ""))
+    return 0
+
+
+def run_embedded_demo() -> int:
+    """``python train.py``: OPUT fine-tune of the shipped demo ``base``, evaluated and tabulated."""
+    from dmax_jax.demo import run_quick_demo
+
+    print("train.py: no --config given; running the embedded demo (OPUT fine-tune of the shipped tiny "
+          "base model, then evaluation); see README", flush=True)
+    try:
+        run_quick_demo()
+    except FileNotFoundError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

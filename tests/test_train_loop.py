@@ -225,7 +225,7 @@ def _train_script():
     return module
 
 
-def test_train_py_without_arguments_uses_tiny_preset(capsys):
+def test_train_py_print_config_defaults_to_tiny_preset(capsys):
     script = _train_script()
     assert script.main(["--print-config"]) == 0
     out = capsys.readouterr().out

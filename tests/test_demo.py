@@ -1,0 +1,95 @@
+"""The embedded demo: the shipped models load and decode, dmax + SPD solves held-out problems, and the
+paper-style table / plot are built from the evaluation records."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dmax_jax import demo
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return {name: demo.load_demo_model(name) for name in demo.MODEL_NAMES}
+
+
+def test_shipped_models_are_small_hf_folders(shipped):
+    total = 0
+    for name in demo.MODEL_NAMES:
+        path = demo.default_model_dir(name)
+        cfg = json.loads((path / "config.json").read_text())
+        assert cfg["model_type"] == "llada2_moe"
+        assert cfg["num_experts"] > 1 and cfg["num_hidden_layers"] > cfg["first_k_dense_replace"]
+        total += sum(f.stat().st_size for f in path.iterdir())
+        model = shipped[name]
+        assert model.config.vocab_size >= len(model.tokenizer)
+        assert model.config.resolved_mask_token_id == model.tokenizer.convert_tokens_to_ids("<|mask|>")
+    assert total < 30 * 2**20, f"shipped demo models take {total / 2**20:.1f} MiB (budget 30)"
+    # base and dmax are different weights of the same architecture (dmax = fine-tune of base)
+    a, b = shipped["base"].params["embedding"], shipped["dmax"].params["embedding"]
+    assert a.shape == b.shape and not np.allclose(np.asarray(a), np.asarray(b))
+
+
+def test_unknown_or_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="not one of"):
+        demo.default_model_dir("llada")
+    with pytest.raises(FileNotFoundError, match="model directory"):
+        demo.load_demo_model(tmp_path / "nowhere")
+
+
+def test_dmax_spd_solves_held_out_problems(shipped):
+    results = demo.decode_examples(shipped["dmax"], n=8, strategy="spd")
+    assert len(results) == 8
+    assert sum(r["correct"] for r in results) >= 4, demo.format_examples(results)
+    for r in results:
+        assert "####" in r["response"]
+        assert r["nfe"] >= 2 and r["tpf"] == pytest.approx(r["tokens"] / r["nfe"])
+    # SPD decodes several tokens per forward on average (the point of the demo)
+    assert np.mean([r["tpf"] for r in results]) > 2.0
+    text = demo.format_examples(results)
+    assert results[0]["question"] in text and "TPF" in text
+
+
+def test_evaluate_grid_writes_cells_and_results(shipped, tmp_path):
+    rows = demo.test_problems(6)
+    records = demo.evaluate_grid(shipped, rows, out_dir=tmp_path, strategies=("threshold", "spd"),
+                                 thresholds=(0.95,), limit=4, log=lambda *_: None)
+    assert [(r["model"], r["strategy"]) for r in records] == [
+        ("base", "threshold"), ("base", "spd"), ("dmax", "threshold"), ("dmax", "spd")]
+    for r in records:
+        assert r["samples"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and r["tpf"] > 0
+        cell = tmp_path / "runs" / f"{r['model']}_{r['strategy']}_0.95"
+        assert len((cell / "samples.jsonl").read_text().splitlines()) == 4
+    paths = demo.write_results(records, tmp_path)
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(paths["json"].read_text())
+    assert saved["cells"] == json.loads(json.dumps(records))
+
+
+def test_results_markdown_and_headline():
+    rec = [
+        {"model": "base", "strategy": "threshold", "threshold": 0.95, "accuracy": 0.8, "tpf": 2.0,
+         "mean_nfe": 20.0, "samples": 500, "tps": None},
+        {"model": "dmax", "strategy": "spd", "threshold": 0.5, "accuracy": 0.79, "tpf": 6.0,
+         "mean_nfe": 7.0, "samples": 500, "tps": None},
+    ]
+    h = demo.headline(rec)
+    assert h["tpf_ratio"] == pytest.approx(3.0)
+    assert h["accuracy_delta_points"] == pytest.approx(-1.0)
+    md = demo.results_markdown(rec)
+    assert "| base | threshold | 80.0 / 2.00 | — |" in md
+    assert "| dmax | spd | — | 79.0 / 6.00 |" in md
+    assert "3.00× tokens per forward" in md
+    assert demo.headline(rec[:1]) is None
+
+
+def test_generate_kwargs_follow_the_demo_geometry():
+    kw = demo.DEMO_DECODE.generate_kwargs("spd", 0.3)
+    assert kw["strategy"] == "spd" and kw["threshold"] == 0.3 and kw["accept_threshold"] == 0.9
+    assert kw["block_length"] == 32 and kw["gen_length"] == 64
+    assert "accept_threshold" not in demo.DEMO_DECODE.generate_kwargs("threshold", 0.95)
+    with pytest.raises(ValueError, match="not one of"):
+        demo.DEMO_DECODE.generate_kwargs("llada2", 0.9)
