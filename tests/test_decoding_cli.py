@@ -52,7 +52,7 @@ def test_decode_cli_writes_jsonl_and_html(model_dir, tmp_path, capsys):
     assert list(out.parent.iterdir()) == [out]             # no temporary file left behind
 
 
-def test_decode_cli_rejects_bad_prompts_without_partial_output(model_dir, tmp_path, capsys):
+def test_decode_cli_rejects_bad_prompts_without_partial_output(model_dir, tmp_path, capsys, monkeypatch):
     cli = _cli()
     out = tmp_path / "out.jsonl"
     rc = cli.main(["--model", str(model_dir), "--prompt", "fine", "--prompt", f"a {MASK_TOKEN} b",
@@ -62,5 +62,8 @@ def test_decode_cli_rejects_bad_prompts_without_partial_output(model_dir, tmp_pa
                    "--gen-length", str(CFG.max_position_embeddings)])
     assert rc == 2 and "max_position_embeddings" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+    import dmax_jax.demo
+
+    monkeypatch.setattr(dmax_jax.demo, "ASSET_DIR", tmp_path / "no_assets")  # no --model, no shipped model
     rc = cli.main(["--prompt", "hello"])
-    assert rc == 2 and "embedded default model is not built yet" in capsys.readouterr().err
+    assert rc == 2 and "shipped demo model" in capsys.readouterr().err
