@@ -13,6 +13,9 @@ from dmax_jax import demo
 
 @pytest.fixture(scope="module")
 def shipped():
+    missing = [n for n in demo.MODEL_NAMES if not (demo.ASSET_DIR / n / "config.json").is_file()]
+    if missing:  # reported by -ra; the models are built by tools/build_demo.py (issue 5, in progress)
+        pytest.skip(f"shipped demo models {missing} not built yet: run tools/build_demo.py")
     return {name: demo.load_demo_model(name) for name in demo.MODEL_NAMES}
 
 

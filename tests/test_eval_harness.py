@@ -286,7 +286,7 @@ def test_cli_wires_model_decoder_and_defaults(gsm8k_rows, tokenizer, tmp_path, m
                  "--limit", "3", "--batch-size", "2"]) == 0
     assert loaded == [("/m", "bfloat16")] and fake_gen.calls == [[0, 1], [2]]
     assert calls[0] == {"strategy": "spd", "block_length": 32, "gen_length": 2048, "threshold": 0.5,
-                        "steps": 32, "accept_threshold": 0.9, "temperature": 0.0, "seed": 0}
+                        "steps": None, "accept_threshold": 0.9, "temperature": 0.0, "seed": 0}
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["samples"] == 3 and summary["accuracy"] == pytest.approx(2 / 3)
     assert summary["decode_config"]["threshold"] == 0.5 and summary["decode_config"]["dtype"] == "bfloat16"

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-threshold", type=float, default=0.9, help="τ_acc of SPD's stop rule")
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--gen-length", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=32, help="steps per block (llada2 strategy)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per block (llada2; default 32) / forward cap per block (spd; default block)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", help="parameter/compute dtype for load_pretrained")
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     decode_config = {
         "strategy": args.strategy, "block_length": args.block_length, "gen_length": args.gen_length,
         "threshold": bench.default_threshold if args.threshold is None else args.threshold,
-        "steps": args.steps, "accept_threshold": args.accept_threshold,
+        # threshold decoding runs until the block has no mask: it takes no step count
+        "steps": None if args.strategy == "threshold" else args.steps,
+        "accept_threshold": args.accept_threshold,
         "temperature": args.temperature, "seed": args.seed,
     }
 
