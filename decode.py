@@ -20,6 +20,9 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+# transformers serves tokenizers and configs here (no torch models): keep its torch advisory quiet
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 STRATEGIES = ("spd", "threshold", "llada2")
 DEFAULT_THRESHOLD = 0.5
 

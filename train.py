@@ -11,8 +11,12 @@ newest checkpoint in ``run.out_dir``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+# transformers serves tokenizers and configs here (no torch models): keep its torch advisory quiet
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 

@@ -184,6 +184,19 @@ def test_resume_refuses_a_changed_data_config(runs, task_data):
         train(_cfg(task_data, runs["root"] / "b", "run.num_steps=4", "run.resume=false"))
 
 
+def test_resume_accepts_the_same_data_file_named_relatively(task_data, tmp_path, monkeypatch):
+    """A run started as `data.paths=[rel/train.jsonl]` resumes when relaunched with the absolute path
+    (and vice versa); a different file is still a mismatch."""
+    train_file = Path(task_data[0])
+    monkeypatch.chdir(train_file.parent.parent)
+    rel = _cfg(task_data, tmp_path, f"data.paths=[{train_file.parent.name}/{train_file.name}]")
+    meta = {"config": rel.to_dict()}
+    loop._check_resume_compatible(meta, _cfg(task_data, tmp_path), "ckpt")
+    other = tmp_path / "other.jsonl"
+    with pytest.raises(ResumeMismatchError, match="data.paths"):
+        loop._check_resume_compatible(meta, _cfg(task_data, tmp_path, f"data.paths=[{other}]"), "ckpt")
+
+
 @pytest.mark.parametrize("save_every, kept", [(1, [1, 2]), (2, [2])])
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(runs, task_data, tmp_path, monkeypatch,
                                                               save_every, kept):

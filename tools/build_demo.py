@@ -7,9 +7,12 @@ Stages (each timed; the times go to ``WORK/build_times.json``):
    problems (chat rows, spec §5.4 prompt) and trains the 640-token task BPE under ``WORK/base/task_data``;
 2. ``base``: block-diffusion masked-diffusion pretraining from a random init (step mode "mdm",
    ``[noisy | clean]`` layout, noise ratio drawn per sequence) → ``ASSETS/base``;
-3. ``dmax``: OPUT fine-tune of ``base`` (step mode "oput", flag-duplicated rows, spec §3-4) on the same
-   train problems → ``ASSETS/dmax``;
-4. evaluation: ``tools/eval_demo.py`` over the held-out split → ``--results`` (table, json, plot).
+3. trajectories: ``base`` decodes the first ``--distill-rows`` train questions (threshold decoding,
+   τ = 0.95); its own answers replace the gold ones, as DMax's OPUT data are LLaDA2.0-mini's own
+   generations (spec §3) → ``WORK/distill/train.jsonl`` (``--distill-rows 0``: gold answers);
+4. ``dmax``: OPUT fine-tune of ``base`` (step mode "oput", flag-duplicated rows, spec §3-4) on those
+   rows → ``ASSETS/dmax``;
+5. evaluation: ``tools/eval_demo.py`` over the held-out split → ``--results`` (table, json, plot).
 Existing run folders are removed first (a rebuild never resumes a stale run) unless ``--resume``.
 """
 
@@ -26,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 
+DISTILL_ROWS = 0
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "build_demo",
@@ -40,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dmax-override", action="append", default=[], metavar="key=value",
                     help="override for the OPUT fine-tune config (repeatable)")
     ap.add_argument("--skip-base", action="store_true", help="reuse ASSETS/base (only fine-tune + evaluate)")
+    ap.add_argument("--distill-rows", type=int, default=DISTILL_ROWS,
+                    help="train questions answered by base for the OPUT data "
+                         "(0: gold answers; default %(default)s)")
     ap.add_argument("--skip-eval", action="store_true", help="do not run the evaluation")
     ap.add_argument("--eval-limit", type=int, default=None,
                     help="evaluate only the first N held-out problems")
@@ -76,6 +85,29 @@ def export(summary, model_config, tokenizer, out: Path) -> Path:
     return out
 
 
+def distill(base_dir: Path, train_file: Path, out: Path, n: int, resume: bool) -> Path:
+    """``base``'s own answers to the first ``n`` train questions as chat rows (``out/train.jsonl``)."""
+    from dmax_jax import demo
+
+    result = out / "train.jsonl"
+    if resume and result.is_file():
+        return result
+    with open(train_file, encoding="utf-8") as f:
+        rows = [json.loads(line) for _, line in zip(range(n), f)]
+    if len(rows) < n:
+        raise ValueError(f"--distill-rows {n}: {train_file} has only {len(rows)} rows")
+    new_rows, stats = demo.self_distill(demo.load_demo_model(base_dir), rows)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = result.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for r in new_rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(result)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"build_demo: {n} trajectories of base → {result} ({stats})", flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work, assets = args.work.absolute(), args.assets.absolute()
@@ -96,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     if not train_file.is_file():
         raise FileNotFoundError(f"{train_file} is missing: run without --skip-base "
                                 "(the base stage writes it)")
+
+    if args.distill_rows > 0:
+        t0 = time.time()
+        train_file = distill(assets / "base", train_file, work / "distill", args.distill_rows, args.resume)
+        times["distill_s"] = round(time.time() - t0, 1)
 
     dmax_run = work / "dmax"
     _fresh(dmax_run, args.resume)

@@ -26,9 +26,22 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) 
         raise FileNotFoundError(f"tokenizer directory {p!r} does not exist")
     if not any(os.path.exists(os.path.join(p, f)) for f in _TOKENIZER_FILES):
         raise FileNotFoundError(f"{p!r} holds no tokenizer (looked for {', '.join(_TOKENIZER_FILES)})")
-    from transformers import AutoTokenizer
+    import warnings
 
-    return AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # AutoTokenizer parses config.json to guess the tokenizer class; its warnings about the LLaDA2 config
+    # (unknown model type without remote code, the `rope_scaling` field) concern torch models, not the
+    # tokenizer loaded here, so they are muted for this call only.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(max(verbosity, hf_logging.ERROR))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*rope_scaling.*deprecated", category=FutureWarning)
+            return AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def chat_text(tokenizer: Any, messages: Messages, add_generation_prompt: bool = False) -> str:

@@ -163,6 +163,13 @@ def _local(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
+def _comparable(section: str, key: str, value: Any) -> Any:
+    """Data files compare by resolved path: the same file named relatively or absolutely is no change."""
+    if section == "data" and key == "paths" and isinstance(value, list):
+        return [v if str(v).startswith(GENERATE_PREFIX) else os.path.realpath(v) for v in value]
+    return value
+
+
 def _check_resume_compatible(meta: dict[str, Any], cfg: TrainConfig, step_dir: str) -> None:
     saved = meta.get("config")
     if not isinstance(saved, dict):
@@ -174,7 +181,7 @@ def _check_resume_compatible(meta: dict[str, Any], cfg: TrainConfig, step_dir: s
         for key in sorted(set(a) | set(b)):
             if section == "data" and key in RESUME_IGNORED_DATA_KEYS:
                 continue
-            if a.get(key) != b.get(key):
+            if _comparable(section, key, a.get(key)) != _comparable(section, key, b.get(key)):
                 diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}")
     if diffs:
         raise ResumeMismatchError(
