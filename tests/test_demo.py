@@ -157,3 +157,25 @@ def test_quick_demo_fine_tunes_base_and_tabulates(shipped, tmp_path):
     # the fine-tune moved away from base (two OPUT updates at lr > 0)
     tuned = np.asarray(res["summary"].state.params["embedding"])
     assert not np.allclose(tuned, np.asarray(shipped["base"].params["embedding"]))
+
+
+def test_build_demo_distill_stage_writes_base_trajectories(shipped, tmp_path):
+    import importlib.util
+
+    from dmax_jax.eval.benchmarks import get_benchmark
+
+    spec = importlib.util.spec_from_file_location("build_demo", demo.REPO_ROOT / "tools" / "build_demo.py")
+    build_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_demo)
+    bench = get_benchmark("gsm8k")
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": bench.prompt(p)},
+                                                      {"role": "assistant", "content": p["answer"]}]}) + "\n"
+                             for p in demo.test_problems(3)))
+    out = build_demo.distill(demo.default_model_dir("base"), train, tmp_path / "distill", 2, resume=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = demo.decode_examples(shipped["base"], n=2, strategy="threshold")
+    assert [r["messages"][1]["content"] for r in rows] == [e["response"].strip() for e in expected]
+    assert json.loads((tmp_path / "distill" / "stats.json").read_text())["rows"] == 2
+    with pytest.raises(ValueError, match="has only 3 rows"):
+        build_demo.distill(demo.default_model_dir("base"), train, tmp_path / "d2", 5, resume=False)
