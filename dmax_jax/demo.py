@@ -161,10 +161,9 @@ def self_distill(model: Any, rows: Sequence[Mapping[str, Any]], *, strategy: str
     out, agree, finished = [], 0, 0
     for start in range(0, len(rows), decode.batch_size):
         chunk = rows[start:start + decode.batch_size]
-        for r in chunk:
+        for i, r in enumerate(chunk, start):
             if [m.get("role") for m in r.get("messages", [])] != ["user", "assistant"]:
-                raise ValueError(f"self_distill: row {start + chunk.index(r)} is not one user + one "
-                                 "assistant turn")
+                raise ValueError(f"self_distill: row {i} is not one user + one assistant turn")
         ids = [build_input_ids(model.tokenizer, r["messages"][0]["content"]) for r in chunk]
         res = generate(model, ids, batch_size=decode.batch_size, **kw)
         for i, r in enumerate(chunk):
