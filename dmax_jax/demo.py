@@ -93,12 +93,9 @@ def test_problems(n: int = 500, seed: int = 0) -> list[dict[str, str]]:
 
 def write_test_jsonl(path: str | os.PathLike, n: int = 1000, seed: int = 0) -> Path:
     """Write the held-out split as GSM8K jsonl (what ``get_benchmark("gsm8k").load`` reads)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8", newline="\n") as f:
-        for row in test_problems(n, seed):
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return out
+    from dmax_jax.tasks.arith import write_jsonl
+
+    return write_jsonl(path, test_problems(n, seed))
 
 
 def example_questions(n: int = 4) -> list[str]:

@@ -9,7 +9,6 @@ and argmax decisions are far from ties and a wrong formula cannot hide in tiny n
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from scripts import load_script
 
 torch = pytest.importorskip("torch")
 
@@ -37,9 +37,7 @@ AUTO_MAP = {"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
             "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"}
 TOL = 1e-4
 
-_spec = importlib.util.spec_from_file_location("compare_torch", TOOL)
-compare_torch = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(compare_torch)
+compare_torch = load_script("tools/compare_torch.py")
 
 LAYOUTS = {
     # GQA 2:1, one shared expert, untied head, 1 dense + 2 MoE layers, 4 groups keep 2, top-2

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 from test_decoding_oracle import random_params
 
 from dmax_jax.checkpoint.hf import save_hf_params
@@ -19,10 +19,7 @@ ARGS = ["--block-length", "8", "--gen-length", "16", "--dtype", "float32", "--th
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("decode_cli", ROOT / "decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("decode.py")
 
 
 @pytest.fixture(scope="module")

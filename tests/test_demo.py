@@ -7,9 +7,11 @@ import json
 
 import numpy as np
 import pytest
+from scripts import load_script
 from test_decoding_cli import _cli
 
 from dmax_jax import demo
+from dmax_jax.tasks.arith import chat_row, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +114,7 @@ def test_criterion_picks_fastest_dmax_spd_cell_at_kept_accuracy():
 
 
 def test_self_distill_answers_with_the_base_models_own_decoding(shipped):
-    from dmax_jax.eval.benchmarks import get_benchmark
-
-    bench = get_benchmark("gsm8k")
-    problems = demo.test_problems(3)
-    rows = [{"messages": [{"role": "user", "content": bench.prompt(p)},
-                          {"role": "assistant", "content": p["answer"]}]} for p in problems]
+    rows = [chat_row(p) for p in demo.test_problems(3)]
     out, stats = demo.self_distill(shipped["base"], rows, log=None)
     expected = demo.decode_examples(shipped["base"], n=3, strategy="threshold")  # τ = 0.95 too
     assert [r["messages"][0] for r in out] == [r["messages"][0] for r in rows]
@@ -160,18 +157,8 @@ def test_quick_demo_fine_tunes_base_and_tabulates(shipped, tmp_path):
 
 
 def test_build_demo_distill_stage_writes_base_trajectories(shipped, tmp_path):
-    import importlib.util
-
-    from dmax_jax.eval.benchmarks import get_benchmark
-
-    spec = importlib.util.spec_from_file_location("build_demo", demo.REPO_ROOT / "tools" / "build_demo.py")
-    build_demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_demo)
-    bench = get_benchmark("gsm8k")
-    train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": bench.prompt(p)},
-                                                      {"role": "assistant", "content": p["answer"]}]}) + "\n"
-                             for p in demo.test_problems(3)))
+    build_demo = load_script("tools/build_demo.py")
+    train = write_jsonl(tmp_path / "train.jsonl", [chat_row(p) for p in demo.test_problems(3)])
     out = build_demo.distill(demo.default_model_dir("base"), train, tmp_path / "distill", 2, resume=False)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     expected = demo.decode_examples(shipped["base"], n=2, strategy="threshold")

@@ -6,7 +6,6 @@ same model (one MoE layer, to keep the CPU compile short), step, optimizer and m
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from scripts import load_script
 
 from dmax_jax.checkpoint.hf import load_hf_params
 from dmax_jax.checkpoint.train_state import TrainCheckpointer, abstract_with_shardings
@@ -232,10 +232,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(runs, task_data, t
 
 # ---- train.py -------------------------------------------------------------------------------------
 def _train_script():
-    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train.py")
 
 
 def test_train_py_print_config_defaults_to_tiny_preset(capsys):

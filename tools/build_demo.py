@@ -88,6 +88,7 @@ def export(summary, model_config, tokenizer, out: Path) -> Path:
 def distill(base_dir: Path, train_file: Path, out: Path, n: int, resume: bool) -> Path:
     """``base``'s own answers to the first ``n`` train questions as chat rows (``out/train.jsonl``)."""
     from dmax_jax import demo
+    from dmax_jax.tasks.arith import write_jsonl
 
     result = out / "train.jsonl"
     if resume and result.is_file():
@@ -97,12 +98,7 @@ def distill(base_dir: Path, train_file: Path, out: Path, n: int, resume: bool) -
     if len(rows) < n:
         raise ValueError(f"--distill-rows {n}: {train_file} has only {len(rows)} rows")
     new_rows, stats = demo.self_distill(demo.load_demo_model(base_dir), rows)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = result.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for r in new_rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(result)
+    write_jsonl(result, new_rows)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(f"build_demo: {n} trajectories of base → {result} ({stats})", flush=True)
     return result

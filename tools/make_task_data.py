@@ -10,14 +10,12 @@ the chat template and the spec §5.4 GSM8K prompt, so the demo's sequence length
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dmax_jax.tasks.arith import TEMPLATES, generate_problems  # noqa: E402
+from dmax_jax.tasks.arith import TEMPLATES, generate_problems, write_jsonl  # noqa: E402
 from dmax_jax.tasks.tokenizer import (  # noqa: E402
     DEMO_VOCAB_SIZE,
     build_task_tokenizer,
@@ -26,13 +24,6 @@ from dmax_jax.tasks.tokenizer import (  # noqa: E402
 )
 
 MIN_TEST = 500
-
-
-def write_jsonl(path: str | os.PathLike, rows: list[dict[str, str]]) -> None:
-    """One JSON object per line, UTF-8, '\\n' line ends, so the bytes depend only on the rows."""
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

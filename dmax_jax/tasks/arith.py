@@ -18,10 +18,13 @@ Guarantees (tested in ``tests/test_tasks.py``):
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 GSM8K_PROMPT = "Question: {question}\nLet's think step by step\nAnswer:"
 SPLITS = ("train", "test")
@@ -267,3 +270,22 @@ def generate_problems(n: int, seed: int = 0, split: str = "train") -> list[dict[
 def gsm8k_prompt(question: str) -> str:
     """The zero-shot GSM8K prompt of spec §5.4 (sent as the user turn of the chat template)."""
     return GSM8K_PROMPT.format(question=question)
+
+
+def chat_row(problem: Mapping[str, str]) -> dict[str, list[dict[str, str]]]:
+    """A GSM8K row as the training chat row: user turn = ``gsm8k_prompt(question)``, assistant = answer."""
+    return {"messages": [{"role": "user", "content": gsm8k_prompt(problem["question"])},
+                         {"role": "assistant", "content": problem["answer"]}]}
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
+    """One JSON object per line, UTF-8, '\\n' line ends (the bytes depend only on the rows), written to a
+    temporary file first so an interrupted write never leaves a truncated data file behind."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    return out

@@ -107,7 +107,7 @@ def generate_task_data(spec: str, out: Path) -> tuple[str, str]:
     Rows are chat messages whose user turn is the spec §5.4 GSM8K prompt, as the demo evaluates.
     Deterministic; reused when a previous run wrote the same spec (``stamp.json``).
     """
-    from dmax_jax.tasks.arith import generate_problems, gsm8k_prompt
+    from dmax_jax.tasks.arith import chat_row, generate_problems, write_jsonl
     from dmax_jax.tasks.tokenizer import build_task_tokenizer
 
     parts = spec[len(GENERATE_PREFIX):].split(":")
@@ -119,11 +119,7 @@ def generate_task_data(spec: str, out: Path) -> tuple[str, str]:
     train_file, tok_dir, stamp = out / "train.jsonl", out / "tokenizer", out / "stamp.json"
     if jax.process_index() == 0 and not (stamp.is_file() and json.loads(stamp.read_text()) == {"spec": spec}):
         out.mkdir(parents=True, exist_ok=True)
-        with open(train_file, "w", encoding="utf-8", newline="\n") as f:
-            for p in generate_problems(n, seed=0, split="train"):
-                messages = [{"role": "user", "content": gsm8k_prompt(p["question"])},
-                            {"role": "assistant", "content": p["answer"]}]
-                f.write(json.dumps({"messages": messages}) + "\n")
+        write_jsonl(train_file, (chat_row(p) for p in generate_problems(n, seed=0, split="train")))
         build_task_tokenizer(tok_dir, n_problems=min(n, 5000), seed=0)
         stamp.write_text(json.dumps({"spec": spec}))
     if jax.process_count() > 1:
