@@ -59,22 +59,15 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         if not args.prompt:
             raise ValueError("give at least one --prompt or a --prompts FILE.jsonl")
         return list(args.prompt)
+    from dmax_jax.eval.benchmarks import read_jsonl
+
     out = []
-    with open(args.prompts, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{args.prompts}:{n}: not valid JSON ({e})") from None
-            text = obj.get("prompt") if isinstance(obj, dict) else obj
-            if not isinstance(text, str):
-                raise ValueError(f"{args.prompts}:{n}: expected a JSON string or an object with a string "
-                                 "'prompt'")
-            out.append(text)
-    if not out:
-        raise ValueError(f"{args.prompts} holds no prompts")
+    for n, obj in read_jsonl(args.prompts, objects_only=False):
+        text = obj.get("prompt") if isinstance(obj, dict) else obj
+        if not isinstance(text, str):
+            raise ValueError(f"{args.prompts}:{n}: expected a JSON string or an object with a "
+                             "string 'prompt'")
+        out.append(text)
     return out
 
 

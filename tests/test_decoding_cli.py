@@ -64,3 +64,19 @@ def test_decode_cli_rejects_bad_prompts_without_partial_output(model_dir, tmp_pa
     monkeypatch.setattr(dmax_jax.demo, "ASSET_DIR", tmp_path / "no_assets")  # no --model, no shipped model
     rc = cli.main(["--prompt", "hello"])
     assert rc == 2 and "shipped demo model" in capsys.readouterr().err
+
+
+def test_prompts_file_takes_strings_and_objects_and_names_bad_lines(tmp_path):
+    cli = _cli()
+    good = tmp_path / "prompts.jsonl"
+    good.write_text('"bare string"\n\n{"prompt": "from an object", "id": 7}\n', encoding="utf-8")
+    assert cli.read_prompts(cli.parse_args(["--prompts", str(good)])) == ["bare string", "from an object"]
+    for body, message in (('"ok"\n{"text": "no prompt key"}\n', ":2: expected a JSON string or an object"),
+                          ('"ok"\n{"prompt": \n', ":2: invalid JSON"),
+                          ("\n\n", "no rows")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(body, encoding="utf-8")
+        with pytest.raises(ValueError, match=message):
+            cli.read_prompts(cli.parse_args(["--prompts", str(bad)]))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        cli.read_prompts(cli.parse_args(["--prompts", str(tmp_path / "missing.jsonl")]))

@@ -101,6 +101,21 @@ def task_data(tmp_path_factory):
     return loop.generate_task_data("generate:arith:48", tmp_path_factory.mktemp("task"))
 
 
+def test_generated_task_data_follows_the_spec(task_data, tmp_path):
+    from dmax_jax.tasks.arith import chat_row, generate_problems
+
+    train_file, _ = task_data
+    rows = [json.loads(line) for line in Path(train_file).read_text().splitlines()]
+    assert rows == [chat_row(p) for p in generate_problems(48)]
+    varied_file, tok = loop.generate_task_data("generate:arith_varied:48", tmp_path / "varied")
+    varied = [json.loads(line) for line in Path(varied_file).read_text().splitlines()]
+    assert varied == [chat_row(p) for p in generate_problems(48, phrasing="varied")] != rows
+    assert (Path(tok) / "tokenizer.json").is_file()
+    for bad in ("generate:arith:x", "generate:algebra:4", "generate:arith:4:5", "generate:arith:0"):
+        with pytest.raises(TrainConfigError, match="data.paths"):
+            loop.generate_task_data(bad, tmp_path / "bad")
+
+
 def _cfg(task_data, out: Path, *overrides: str) -> TrainConfig:
     train_file, tok = task_data
     base = [f"data.paths=[{train_file}]", f"model.tokenizer={tok}", "model.overrides.num_hidden_layers=1",

@@ -36,13 +36,14 @@ class Score:
     detail: str = ""
 
 
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Row]]:
-    """``(line_number, row)`` for every non-blank line; raises naming ``file:line`` on bad JSON."""
+def read_jsonl(path: str | os.PathLike, *, objects_only: bool = True) -> list[tuple[int, Any]]:
+    """``(line_number, row)`` for every non-blank line (``.gz`` read transparently); raises naming
+    ``file:line`` on bad JSON, and on a row that is not a JSON object unless ``objects_only=False``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"benchmark data file not found: {path}")
+        raise FileNotFoundError(f"JSONL file not found: {path}")
     opener = gzip.open if path.endswith(".gz") else open
-    rows: list[tuple[int, Row]] = []
+    rows: list[tuple[int, Any]] = []
     with opener(path, "rt", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -51,7 +52,7 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Row]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
+            if objects_only and not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append((lineno, row))
     if not rows:

@@ -22,12 +22,13 @@ import json
 import os
 import random
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 GSM8K_PROMPT = "Question: {question}\nLet's think step by step\nAnswer:"
 SPLITS = ("train", "test")
+PHRASINGS = ("fixed", "varied")
 TEST_PER_MILLE = 100  # 10 % of numeric skeletons are reserved for the test split
 _MAX_CONSECUTIVE_REJECTS = 20_000
 
@@ -72,7 +73,11 @@ class Problem:
 
 
 # A template draws its parameters from ``rng`` and returns (numbers, words, question, solution lines).
-_Rendered = tuple[dict[str, int], dict[str, str], str, list[str]]
+# Each solution line is a tuple of interchangeable phrasings (one equation each, same result), the
+# first being the "fixed" wording; with ``phrasing="varied"`` ``phrase_solution`` picks one per problem
+# from the question's hash, never from ``rng``, so the questions (and the split) never depend on it.
+_Line = tuple[str, ...]
+_Rendered = tuple[dict[str, int], dict[str, str], str, list[_Line]]
 
 
 def _person(rng: random.Random) -> tuple[str, str]:
@@ -84,9 +89,19 @@ def _shopping(rng: random.Random) -> _Rendered:
     i1, i2 = rng.sample(_SHOP_ITEMS, 2)
     a, b, p, q = (rng.randint(2, 9) for _ in range(4))
     x, y = a * p, b * q
+    he = pron.capitalize()
     question = (f"{name} buys {a} {i1} for ${p} each and {b} {i2} for ${q} each. "
                 f"How many dollars does {pron} spend?")
-    lines = [f"The {i1} cost {a}*{p}={x}.", f"The {i2} cost {b}*{q}={y}.", f"In total {x}+{y}={x + y}."]
+
+    def cost(n: int, item: str, price: int, total: int) -> _Line:
+        return (f"The {item} cost {n}*{price}={total}.",
+                f"{n} {item} at ${price} each is {n}*{price}={total}.",
+                f"For the {item} {pron} pays {n}*{price}={total}.",
+                f"{n}*{price}={total} dollars go to the {item}.")
+
+    lines = [cost(a, i1, p, x), cost(b, i2, q, y),
+             (f"In total {x}+{y}={x + y}.", f"Together that is {x}+{y}={x + y} dollars.",
+              f"{he} spends {x}+{y}={x + y}.", f"So {x}+{y}={x + y}.")]
     return {"a": a, "p": p, "b": b, "q": q}, {"name": name, "item1": i1, "item2": i2}, question, lines
 
 
@@ -98,10 +113,16 @@ def _change(rng: random.Random) -> _Rendered:
     x = a * p
     y = x + q  # <= 99, so a $100 bill always leaves change
     bill = rng.choice([v for v in (20, 50, 100) if v > y])
+    he = pron.capitalize()
     question = (f"{name} buys {a} {item} for ${p} each and a {thing} for ${q}. "
-                f"{pron.capitalize()} pays with ${bill}. How many dollars of change does {pron} get?")
-    lines = [f"The {item} cost {a}*{p}={x}.", f"With the {thing} {x}+{q}={y}.",
-             f"The change is {bill}-{y}={bill - y}."]
+                f"{he} pays with ${bill}. How many dollars of change does {pron} get?")
+    r = bill - y
+    lines = [(f"The {item} cost {a}*{p}={x}.", f"{a} {item} at ${p} each is {a}*{p}={x}.",
+              f"For the {item} {pron} pays {a}*{p}={x}."),
+             (f"With the {thing} {x}+{q}={y}.", f"Adding the {thing} gives {x}+{q}={y}.",
+              f"{he} spends {x}+{q}={y} in all."),
+             (f"The change is {bill}-{y}={r}.", f"{he} gets back {bill}-{y}={r}.",
+              f"From ${bill} that leaves {bill}-{y}={r} dollars.")]
     words = {"name": name, "item": item, "thing": thing}
     return {"a": a, "p": p, "q": q, "bill": bill}, words, question, lines
 
@@ -120,8 +141,13 @@ def _sharing(rng: random.Random) -> _Rendered:
     he = pron.capitalize()
     question = (f"{name} has {a} boxes of {item} with {b} in each box. {he} keeps {keep} and shares the "
                 f"rest equally among {c} friends. How many {item} does each friend get?")
-    lines = [f"There are {a}*{b}={t} {item}.", f"{he} shares {t}-{keep}={t - keep}.",
-             f"Each friend gets {t - keep}/{c}={(t - keep) // c}."]
+    u, r = t - keep, (t - keep) // c
+    lines = [(f"There are {a}*{b}={t} {item}.", f"{he} has {a}*{b}={t} {item} in all.",
+              f"{a} boxes of {b} make {a}*{b}={t}."),
+             (f"{he} shares {t}-{keep}={u}.", f"After keeping {keep} there are {t}-{keep}={u} left.",
+              f"{t}-{keep}={u} {item} are shared."),
+             (f"Each friend gets {u}/{c}={r}.", f"Split among {c} friends that is {u}/{c}={r} each.",
+              f"So each gets {u}/{c}={r} {item}.")]
     return {"a": a, "b": b, "keep": keep, "c": c}, {"name": name, "item": item}, question, lines
 
 
@@ -134,7 +160,9 @@ def _ages(rng: random.Random) -> _Rendered:
     relation, op, result = ("older", "+", x + d) if older else ("younger", "-", x - d)
     question = (f"{n1} is {a} years old. {n2} is {k} times as old as {n1}. "
                 f"{n3} is {d} years {relation} than {n2}. How old is {n3}?")
-    lines = [f"{n2} is {a}*{k}={x}.", f"{n3} is {x}{op}{d}={result}."]
+    lines = [(f"{n2} is {a}*{k}={x}.", f"{n2} is {a}*{k}={x} years old.", f"So {n2} is {a}*{k}={x}."),
+             (f"{n3} is {x}{op}{d}={result}.", f"So {n3} is {x}{op}{d}={result} years old.",
+              f"Being {relation}, {n3} is {x}{op}{d}={result}.")]
     return {"a": a, "k": k, "d": d, "older": older}, {"name1": n1, "name2": n2, "name3": n3}, question, lines
 
 
@@ -144,13 +172,17 @@ def _speed(rng: random.Random) -> _Rendered:
     s, h, h2 = rng.randint(3, 12), rng.randint(2, 9), rng.randint(2, 9)
     dist, dist2 = s * h, s * h2
     ask_hours = rng.randint(0, 1)
-    lines = [f"The speed is {dist}/{h}={s}."]
+    he = pron.capitalize()
+    lines = [(f"The speed is {dist}/{h}={s}.", f"{he} goes {dist}/{h}={s} miles per hour.",
+              f"In one hour {pron} travels {dist}/{h}={s} miles.")]
     if ask_hours:
         ask = f"how many hours does {pron} need for {dist2} miles?"
-        lines.append(f"For {dist2} miles it takes {dist2}/{s}={h2}.")
+        lines.append((f"For {dist2} miles it takes {dist2}/{s}={h2}.",
+                      f"{dist2} miles take {dist2}/{s}={h2} hours.", f"{he} needs {dist2}/{s}={h2} hours."))
     else:
         ask = f"how many miles does {pron} travel in {h2} hours?"
-        lines.append(f"In {h2} hours it is {s}*{h2}={dist2}.")
+        lines.append((f"In {h2} hours it is {s}*{h2}={dist2}.", f"{h2} hours give {s}*{h2}={dist2} miles.",
+                      f"{he} travels {s}*{h2}={dist2} miles."))
     question = f"{name} travels {dist} miles by {vehicle} in {h} hours. At the same speed, {ask}"
     return ({"dist": dist, "h": h, "h2": h2, "ask_hours": ask_hours}, {"name": name, "vehicle": vehicle},
             question, lines)
@@ -164,7 +196,12 @@ def _trip(rng: random.Random) -> _Rendered:
     x, y = s1 * h1, s2 * h2
     question = (f"{name} {m1} at {s1} miles per hour for {h1} hours, then {m2} at {s2} miles per hour "
                 f"for {h2} hours. How many miles is that?")
-    lines = [f"First {s1}*{h1}={x} miles.", f"Then {s2}*{h2}={y} miles.", f"In total {x}+{y}={x + y}."]
+    lines = [(f"First {s1}*{h1}={x} miles.", f"The first part is {s1}*{h1}={x} miles.",
+              f"{name} {m1} {s1}*{h1}={x} miles."),
+             (f"Then {s2}*{h2}={y} miles.", f"The second part is {s2}*{h2}={y} miles.",
+              f"Then {name} {m2} {s2}*{h2}={y} miles."),
+             (f"In total {x}+{y}={x + y}.", f"Together that is {x}+{y}={x + y} miles.",
+              f"So {x}+{y}={x + y}.")]
     return {"s1": s1, "h1": h1, "s2": s2, "h2": h2}, {"name": name, "mode1": m1, "mode2": m2}, question, lines
 
 
@@ -178,8 +215,13 @@ def _savings(rng: random.Random) -> _Rendered:
     he = pron.capitalize()
     question = (f"{name} has ${start}. {he} saves ${a} each week for {w} weeks, then buys a {thing} "
                 f"for ${cost}. How many dollars does {pron} have left?")
-    lines = [f"{he} saves {a}*{w}={x}.", f"{he} has {start}+{x}={y}.",
-             f"After the {thing} {y}-{cost}={y - cost}."]
+    r = y - cost
+    lines = [(f"{he} saves {a}*{w}={x}.", f"In {w} weeks {pron} saves {a}*{w}={x} dollars.",
+              f"Saving ${a} a week gives {a}*{w}={x}."),
+             (f"{he} has {start}+{x}={y}.", f"Then {pron} has {start}+{x}={y} dollars.",
+              f"With the ${start} that is {start}+{x}={y}."),
+             (f"After the {thing} {y}-{cost}={r}.", f"The {thing} leaves {y}-{cost}={r}.",
+              f"So {pron} has {y}-{cost}={r} dollars left.")]
     return {"start": start, "a": a, "w": w, "cost": cost}, {"name": name, "thing": thing}, question, lines
 
 
@@ -189,11 +231,22 @@ def _packing(rng: random.Random) -> _Rendered:
     bags, k, p = rng.randint(2, 12), rng.randint(2, 9), rng.randint(2, 9)
     n, money = bags * k, bags * p
     flour = rng.randint(1, min(30, money - 1))
-    question = (f"{name} bakes {n} {item} and packs them in bags of {k}. {pron.capitalize()} sells each bag "
+    he = pron.capitalize()
+    question = (f"{name} bakes {n} {item} and packs them in bags of {k}. {he} sells each bag "
                 f"for ${p} and spent ${flour} on flour. How many dollars of profit does {pron} make?")
-    lines = [f"There are {n}/{k}={bags} bags.", f"They sell for {bags}*{p}={money}.",
-             f"After the flour {money}-{flour}={money - flour}."]
+    r = money - flour
+    lines = [(f"There are {n}/{k}={bags} bags.", f"{he} makes {n}/{k}={bags} bags.",
+              f"In bags of {k} that is {n}/{k}={bags} bags."),
+             (f"They sell for {bags}*{p}={money}.", f"The bags bring {bags}*{p}={money} dollars.",
+              f"{he} earns {bags}*{p}={money}."),
+             (f"After the flour {money}-{flour}={r}.", f"The profit is {money}-{flour}={r}.",
+              f"Minus the flour that is {money}-{flour}={r} dollars.")]
     return {"n": n, "k": k, "p": p, "flour": flour}, {"name": name, "item": item}, question, lines
+
+
+# Templates whose first two steps are independent and whose last step adds their results: the order
+# of the two is part of the phrasing (the sum follows it).
+_REORDERABLE = frozenset({"shopping"})
 
 
 TEMPLATES: dict[str, Callable[[random.Random], _Rendered]] = {
@@ -216,13 +269,38 @@ def split_of(problem: Problem) -> str:
     return "test" if int.from_bytes(digest[:8], "big") % 1000 < TEST_PER_MILLE else "train"
 
 
-def sample_problem(rng: random.Random, template: str) -> Problem:
-    """Draw one problem of ``template`` (a key of ``TEMPLATES``) from ``rng``."""
+def sample_problem(rng: random.Random, template: str, phrasing: str = "fixed") -> Problem:
+    """Draw one problem of ``template`` (a key of ``TEMPLATES``) from ``rng``; ``phrasing`` is one of
+    ``PHRASINGS`` ("fixed": one wording per step; "varied": see ``phrase_solution``)."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
-    numbers, words, question, lines = TEMPLATES[template](rng)
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
+    numbers, words, question, alternatives = TEMPLATES[template](rng)
+    if phrasing == "fixed":
+        lines = [alts if isinstance(alts, str) else alts[0] for alts in alternatives]
+    else:
+        lines = phrase_solution(question, alternatives, reorderable=template in _REORDERABLE)
     answer = "\n".join([*lines, f"#### {_last_result(lines[-1])}"])
     return Problem(template, numbers, words, question, answer)
+
+
+def phrase_solution(question: str, alternatives: Sequence[_Line | str], *,
+                    reorderable: bool = False) -> list[str]:
+    """One phrasing per step (a plain string is its step's only phrasing) and, for ``reorderable``
+    templates, the order of the two first steps, drawn from a stream seeded by the question's SHA-256.
+
+    Why: several equally likely wordings per step give the model genuinely multi-modal positions (as
+    natural text does), which makes confidence-threshold decoding slow and naive parallel decoding
+    incoherent -- the gap OPUT + SPD closes (README "Embedded demo" reports the experiment). Seeding
+    by the question keeps the problem set, the split and the final answers independent of it.
+    """
+    rng = random.Random(int.from_bytes(hashlib.sha256(("phrasing:" + question).encode()).digest()[:8], "big"))
+    lines = [alts if isinstance(alts, str) else rng.choice(alts) for alts in alternatives]
+    if reorderable and rng.random() < 0.5:
+        lines[0], lines[1] = lines[1], lines[0]
+        lines[-1] = re.sub(r"(\d+)\+(\d+)=", r"\2+\1=", lines[-1])
+    return lines
 
 
 def _last_result(line: str) -> int:
@@ -234,7 +312,7 @@ def _rng_for(seed: int, split: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def generate_records(n: int, seed: int = 0, split: str = "train") -> list[Problem]:
+def generate_records(n: int, seed: int = 0, split: str = "train", phrasing: str = "fixed") -> list[Problem]:
     """``n`` distinct problems of ``split``; templates cycle round-robin so each gets n/len shares.
 
     Draws are rejected when their skeleton belongs to the other split or their question repeats.
@@ -243,13 +321,15 @@ def generate_records(n: int, seed: int = 0, split: str = "train") -> list[Proble
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
     rng, names = _rng_for(seed, split), list(TEMPLATES)
     seen: set[str] = set()
     out: list[Problem] = []
     rejected = 0
     while len(out) < n:
         template = names[len(out) % len(names)]
-        problem = sample_problem(rng, template)
+        problem = sample_problem(rng, template, phrasing)
         if problem.question in seen or split_of(problem) != split:
             rejected += 1
             if rejected > _MAX_CONSECUTIVE_REJECTS:
@@ -262,9 +342,10 @@ def generate_records(n: int, seed: int = 0, split: str = "train") -> list[Proble
     return out
 
 
-def generate_problems(n: int, seed: int = 0, split: str = "train") -> list[dict[str, str]]:
+def generate_problems(n: int, seed: int = 0, split: str = "train",
+                      phrasing: str = "fixed") -> list[dict[str, str]]:
     """``n`` distinct GSM8K-format rows ``{"question", "answer"}`` of ``split`` ("train" | "test")."""
-    return [p.to_gsm8k() for p in generate_records(n, seed, split)]
+    return [p.to_gsm8k() for p in generate_records(n, seed, split, phrasing)]
 
 
 def gsm8k_prompt(question: str) -> str:

@@ -101,8 +101,13 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
     return base.replace(**m.overrides) if m.overrides else base
 
 
+# generate:<task> names → the arithmetic task's solution phrasing (dmax_jax.tasks.arith.PHRASINGS).
+GENERATED_TASKS = {"arith": "fixed", "arith_varied": "varied"}
+
+
 def generate_task_data(spec: str, out: Path) -> tuple[str, str]:
-    """``generate:arith[:N]`` → ``(train.jsonl, tokenizer dir)`` under ``out`` (default N = 2000).
+    """``generate:arith[:N]`` (or ``generate:arith_varied[:N]``, several wordings per solution step)
+    → ``(train.jsonl, tokenizer dir)`` under ``out`` (default N = 2000).
 
     Rows are chat messages whose user turn is the spec §5.4 GSM8K prompt, as the demo evaluates.
     Deterministic; reused when a previous run wrote the same spec (``stamp.json``).
@@ -111,16 +116,19 @@ def generate_task_data(spec: str, out: Path) -> tuple[str, str]:
     from dmax_jax.tasks.tokenizer import build_task_tokenizer
 
     parts = spec[len(GENERATE_PREFIX):].split(":")
-    if parts[0] != "arith" or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
-        raise TrainConfigError(f"data.paths: {spec!r} is not 'generate:arith' or 'generate:arith:N'")
+    if parts[0] not in GENERATED_TASKS or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise TrainConfigError(f"data.paths: {spec!r} is not 'generate:TASK' or 'generate:TASK:N' with TASK "
+                               f"one of {sorted(GENERATED_TASKS)}")
+    phrasing = GENERATED_TASKS[parts[0]]
     n = int(parts[1]) if len(parts) == 2 else 2000
     if n < 1:
         raise TrainConfigError(f"data.paths: {spec!r} asks for {n} problems")
     train_file, tok_dir, stamp = out / "train.jsonl", out / "tokenizer", out / "stamp.json"
     if jax.process_index() == 0 and not (stamp.is_file() and json.loads(stamp.read_text()) == {"spec": spec}):
         out.mkdir(parents=True, exist_ok=True)
-        write_jsonl(train_file, (chat_row(p) for p in generate_problems(n, seed=0, split="train")))
-        build_task_tokenizer(tok_dir, n_problems=min(n, 5000), seed=0)
+        write_jsonl(train_file, (chat_row(p) for p in generate_problems(n, seed=0, split="train",
+                                                                        phrasing=phrasing)))
+        build_task_tokenizer(tok_dir, n_problems=min(n, 5000), seed=0, phrasing=phrasing)
         stamp.write_text(json.dumps({"spec": spec}))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
