@@ -274,29 +274,35 @@ def sample_problem(rng: random.Random, template: str, phrasing: str = "fixed") -
     ``PHRASINGS`` ("fixed": one wording per step; "varied": see ``phrase_solution``)."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
-    if phrasing not in PHRASINGS:
-        raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
+    _check_phrasing(phrasing)
     numbers, words, question, alternatives = TEMPLATES[template](rng)
-    if phrasing == "fixed":
-        lines = [alts if isinstance(alts, str) else alts[0] for alts in alternatives]
-    else:
-        lines = phrase_solution(question, alternatives, reorderable=template in _REORDERABLE)
+    lines = phrase_solution(question, alternatives, phrasing=phrasing, reorderable=template in _REORDERABLE)
     answer = "\n".join([*lines, f"#### {_last_result(lines[-1])}"])
     return Problem(template, numbers, words, question, answer)
 
 
-def phrase_solution(question: str, alternatives: Sequence[_Line | str], *,
+def _check_phrasing(phrasing: str) -> None:
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
+
+
+def phrase_solution(question: str, alternatives: Sequence[_Line | str], *, phrasing: str = "varied",
                     reorderable: bool = False) -> list[str]:
-    """One phrasing per step (a plain string is its step's only phrasing) and, for ``reorderable``
-    templates, the order of the two first steps, drawn from a stream seeded by the question's SHA-256.
+    """The solution lines: each step's first wording for ``phrasing="fixed"``; for ``"varied"`` one
+    wording per step and, for ``reorderable`` templates, the order of the two first steps, drawn from a
+    stream seeded by the question's SHA-256. A plain string is its step's only wording.
 
     Why: several equally likely wordings per step give the model genuinely multi-modal positions (as
     natural text does), which makes confidence-threshold decoding slow and naive parallel decoding
     incoherent -- the gap OPUT + SPD closes (README "Embedded demo" reports the experiment). Seeding
     by the question keeps the problem set, the split and the final answers independent of it.
     """
+    _check_phrasing(phrasing)
+    steps = [(alts,) if isinstance(alts, str) else alts for alts in alternatives]
+    if phrasing == "fixed":
+        return [alts[0] for alts in steps]
     rng = random.Random(int.from_bytes(hashlib.sha256(("phrasing:" + question).encode()).digest()[:8], "big"))
-    lines = [alts if isinstance(alts, str) else rng.choice(alts) for alts in alternatives]
+    lines = [rng.choice(alts) for alts in steps]
     if reorderable and rng.random() < 0.5:
         lines[0], lines[1] = lines[1], lines[0]
         lines[-1] = re.sub(r"(\d+)\+(\d+)=", r"\2+\1=", lines[-1])
@@ -321,8 +327,7 @@ def generate_records(n: int, seed: int = 0, split: str = "train", phrasing: str 
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    if phrasing not in PHRASINGS:
-        raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
+    _check_phrasing(phrasing)
     rng, names = _rng_for(seed, split), list(TEMPLATES)
     seen: set[str] = set()
     out: list[Problem] = []
