@@ -27,7 +27,8 @@ QUICK_CONFIG = "demo_oput_quick.yaml"
 
 @dataclasses.dataclass(frozen=True)
 class DemoDecode:
-    """Decoding geometry of the demo task (prompts 44-60 tokens, answers <= 48 + EOS).
+    """Decoding geometry of the demo task (prompts 44-63 tokens; answers <= 60 tokens + EOS on the first
+    1,000 held-out problems).
 
     The first block starts at 32 * floor(P / 32) = 32 and holds the prompt tail; 64 generated
     positions cover every answer in at most three 32-token blocks. ``prompt_bucket`` 64 keeps the
@@ -173,6 +174,30 @@ def self_distill(model: Any, rows: Sequence[Mapping[str, Any]], *, strategy: str
     stats = {"rows": len(out), "strategy": strategy, "threshold": tau, "finished": finished,
              "answer_agrees_with_gold": agree}
     return out, stats
+
+
+def distill_file(base: Any, train_file: str | os.PathLike, out_dir: str | os.PathLike, n: int, *,
+                 resume: bool = False, log: Any = print) -> Path:
+    """``base``'s own answers to the first ``n`` chat rows of ``train_file`` → ``out_dir/train.jsonl``
+    (+ ``stats.json``): the OPUT data of ``tools/build_demo.py`` and of the quick demo.
+    ``base``: a ``Pretrained``, a shipped name or an HF directory. ``resume`` reuses an existing file."""
+    from dmax_jax.tasks.arith import write_jsonl
+
+    out = Path(out_dir)
+    result = out / "train.jsonl"
+    if resume and result.is_file():
+        return result
+    with open(train_file, encoding="utf-8") as f:
+        rows = [json.loads(line) for _, line in zip(range(n), f)]
+    if len(rows) < n:
+        raise ValueError(f"distill: {n} rows requested but {train_file} has only {len(rows)} rows")
+    model = base if hasattr(base, "params") else load_demo_model(base)
+    new_rows, stats = self_distill(model, rows, log=log)
+    write_jsonl(result, new_rows)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    if log:
+        log(f"distill: {n} trajectories of base → {result} ({stats})")
+    return result
 
 
 # ---- the evaluation grid ---------------------------------------------------------------------------------
@@ -352,12 +377,14 @@ def quick_config_path() -> Path:
 
 
 def run_quick_demo(out_dir: str | os.PathLike = "runs/demo_quick", *, limit: int = 100,
-                   overrides: Sequence[str] = (), decode: DemoDecode = DEMO_DECODE, log: Any = print
-                   ) -> dict[str, Any]:
+                   overrides: Sequence[str] = (), distill_rows: int | None = None,
+                   decode: DemoDecode = DEMO_DECODE, log: Any = print) -> dict[str, Any]:
     """OPUT-fine-tune the shipped ``base`` for a few CPU minutes with the project's training loop
-    (``configs/demo_oput_quick.yaml``), then decode ``limit`` held-out problems with base and the new
-    fine-tune under threshold decoding (τ = 0.95) and SPD (τ_dec = ``decode.spd_threshold``), print the
-    table and write it (``out_dir/eval``). Returns ``{"train_seconds", "records", "headline", ...}``.
+    (``configs/demo_oput_quick.yaml``) on ``base``'s own answers to the config's train questions (the
+    shipped ``dmax``'s recipe, see :func:`distill_file`; ``distill_rows`` of them, default all,
+    0 = the gold answers), then decode ``limit`` held-out problems with base and the new fine-tune
+    under threshold decoding (τ = 0.95) and SPD (τ_dec = ``decode.spd_threshold`` and 0), print the table
+    and write it (``out_dir/eval``). Returns ``{"train_seconds", "records", "headline", ...}``.
     A second call with the same ``out_dir`` resumes the finished run instead of training again.
     """
     import time
@@ -365,27 +392,39 @@ def run_quick_demo(out_dir: str | os.PathLike = "runs/demo_quick", *, limit: int
     from dmax_jax.data.chat import load_tokenizer
     from dmax_jax.pretrained import Pretrained
     from dmax_jax.training.config import load_train_config
-    from dmax_jax.training.loop import resolve_model_config, train
+    from dmax_jax.training.loop import prepare_data, resolve_model_config, train
 
     out = Path(out_dir).absolute()
     base_dir = default_model_dir("base")
-    cfg = load_train_config(quick_config_path(), [
-        f"model.source=hf:{base_dir}", f"model.tokenizer={base_dir}", f"run.out_dir={out / 'train'}",
-        *overrides])
+    base = load_demo_model("base")
+    fixed = [f"model.source=hf:{base_dir}", f"model.tokenizer={base_dir}", f"run.out_dir={out / 'train'}"]
+    cfg = load_train_config(quick_config_path(), [*fixed, *overrides])
+    t0 = time.time()
+    if distill_rows != 0:
+        paths = prepare_data(cfg)[0].data.paths
+        if len(paths) != 1:
+            raise ValueError(f"quick demo: distillation needs one data path, got data.paths={list(paths)}")
+        gold = paths[0]
+        n = sum(1 for _ in open(gold, encoding="utf-8")) if distill_rows is None else distill_rows
+        log(f"quick demo: base answers {n} train questions (threshold decoding, τ = "
+            f"{decode.baseline_threshold}) → the OPUT data")
+        data = distill_file(base, gold, out / "distill", n, resume=True, log=log)
+        cfg = load_train_config(quick_config_path(), [*fixed, f"data.paths=[{data}]", *overrides])
     log(f"quick demo: OPUT fine-tune of {base_dir} ({cfg.run.num_steps} steps, batch {cfg.data.batch_size}, "
         f"noise U({cfg.data.noise_low}, {cfg.data.noise_high})) → {out}")
-    t0 = time.time()
     summary = train(cfg)
     train_seconds = time.time() - t0
     tuned = Pretrained(resolve_model_config(cfg), summary.state.params, load_tokenizer(base_dir))
-    models = {"base": load_demo_model("base"), "dmax": tuned}
-    cells = ((("threshold", decode.baseline_threshold),), (("spd", decode.spd_threshold),))
+    models = {"base": base, "dmax": tuned}
+    # the paper's baseline cell, SPD at the demo's τ_dec and at the most aggressive τ_dec = 0
+    spd_taus = tuple(dict.fromkeys((decode.spd_threshold, 0.0)))
+    cells = (("threshold", (decode.baseline_threshold,)), ("spd", spd_taus))
     t1 = time.time()
     records = []
     rows = test_problems(limit)
-    for ((strategy, tau),) in cells:
+    for strategy, taus in cells:
         records += evaluate_grid(models, rows, out_dir=out / "eval", strategies=(strategy,),
-                                 thresholds=(tau,), decode=decode, log=log)
+                                 thresholds=taus, decode=decode, log=log)
     eval_seconds = time.time() - t1
     paths = write_results(records, out / "eval", decode, extra={"train_seconds": round(train_seconds, 1),
                                                                 "eval_seconds": round(eval_seconds, 1)})

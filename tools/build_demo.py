@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 
-DISTILL_ROWS = 0
+DISTILL_ROWS = 8000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,8 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="train questions answered by base for the OPUT data "
                          "(0: gold answers; default %(default)s)")
     ap.add_argument("--skip-eval", action="store_true", help="do not run the evaluation")
-    ap.add_argument("--eval-limit", type=int, default=None,
-                    help="evaluate only the first N held-out problems")
+    ap.add_argument("--eval-limit", type=int, default=500,
+                    help="evaluate the first N held-out problems (default %(default)s, as results/demo)")
     ap.add_argument("--resume", action="store_true",
                     help="keep existing run folders (resume their checkpoints)")
     return ap.parse_args(argv)
@@ -85,25 +85,6 @@ def export(summary, model_config, tokenizer, out: Path) -> Path:
     return out
 
 
-def distill(base_dir: Path, train_file: Path, out: Path, n: int, resume: bool) -> Path:
-    """``base``'s own answers to the first ``n`` train questions as chat rows (``out/train.jsonl``)."""
-    from dmax_jax import demo
-    from dmax_jax.tasks.arith import write_jsonl
-
-    result = out / "train.jsonl"
-    if resume and result.is_file():
-        return result
-    with open(train_file, encoding="utf-8") as f:
-        rows = [json.loads(line) for _, line in zip(range(n), f)]
-    if len(rows) < n:
-        raise ValueError(f"--distill-rows {n}: {train_file} has only {len(rows)} rows")
-    new_rows, stats = demo.self_distill(demo.load_demo_model(base_dir), rows)
-    write_jsonl(result, new_rows)
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print(f"build_demo: {n} trajectories of base → {result} ({stats})", flush=True)
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work, assets = args.work.absolute(), args.assets.absolute()
@@ -127,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.distill_rows > 0:
         t0 = time.time()
-        train_file = distill(assets / "base", train_file, work / "distill", args.distill_rows, args.resume)
+        from dmax_jax.demo import distill_file
+
+        train_file = distill_file(assets / "base", train_file, work / "distill", args.distill_rows,
+                                  resume=args.resume)
         times["distill_s"] = round(time.time() - t0, 1)
 
     dmax_run = work / "dmax"
