@@ -50,8 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="train questions answered by base for the OPUT data "
                          "(0: gold answers; default %(default)s)")
     ap.add_argument("--skip-eval", action="store_true", help="do not run the evaluation")
-    ap.add_argument("--eval-limit", type=int, default=500,
-                    help="evaluate the first N held-out problems (default %(default)s, as results/demo)")
+    ap.add_argument("--eval-limit", type=int, default=None,
+                    help="evaluate only the first N held-out problems (default: all 1,000, as results/demo)")
     ap.add_argument("--resume", action="store_true",
                     help="keep existing run folders (resume their checkpoints)")
     return ap.parse_args(argv)
