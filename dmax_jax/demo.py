@@ -405,7 +405,11 @@ def run_quick_demo(out_dir: str | os.PathLike = "runs/demo_quick", *, limit: int
         if len(paths) != 1:
             raise ValueError(f"quick demo: distillation needs one data path, got data.paths={list(paths)}")
         gold = paths[0]
-        n = sum(1 for _ in open(gold, encoding="utf-8")) if distill_rows is None else distill_rows
+        if distill_rows is None:
+            with open(gold, encoding="utf-8") as f:
+                n = sum(1 for _ in f)
+        else:
+            n = distill_rows
         log(f"quick demo: base answers {n} train questions (threshold decoding, τ = "
             f"{decode.baseline_threshold}) → the OPUT data")
         data = distill_file(base, gold, out / "distill", n, resume=True, log=log)
