@@ -7,20 +7,40 @@ config back unchanged (spec §1.1).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 from typing import Any
 
+import jax.numpy as jnp
+
 SUPPORTED_MODEL_TYPES = ("llada2_moe", "llada2_moe_veomni")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # parameter / compute dtypes every CLI accepts
 
 # Spec §0: LLaDA2.0-mini special ids (used when neither config nor tokenizer says otherwise).
 LLADA2_MASK_ID = 156895
 LLADA2_EOS_ID = 156892
 
 
-class ConfigError(ValueError):
+class ModelConfigError(ValueError):
     """A model config that cannot describe a valid LLaDA2-MoE; the message names the field."""
+
+
+class DtypeError(ValueError):
+    """A dtype name outside :data:`DTYPE_NAMES`; the message lists the allowed names."""
+
+
+def parse_dtype(name: Any, what: str = "dtype") -> jnp.dtype:
+    """``"bfloat16"`` → ``jnp.dtype``; anything but float32/bfloat16/float16 (a name or a dtype
+    object) raises :class:`DtypeError` naming ``what`` (e.g. ``"--dtype"``) and the allowed names."""
+    key = name if isinstance(name, str) else repr(name)
+    if name is not None and not isinstance(name, str):
+        with contextlib.suppress(TypeError):
+            key = jnp.dtype(name).name
+    if key not in DTYPE_NAMES:
+        raise DtypeError(f"{what}: {key!r} is not one of {', '.join(DTYPE_NAMES)}")
+    return jnp.dtype(key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +109,7 @@ class ModelConfig:
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
         def bad(field: str, why: str) -> None:
-            raise ConfigError(f"config field {field!r}: {why}")
+            raise ModelConfigError(f"config field {field!r}: {why}")
 
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             bad("model_type", f"{self.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
@@ -143,7 +163,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"raw"}
         kw = {k: d[k] for k in names if k in d}
         if "model_type" not in d:
-            raise ConfigError("config field 'model_type' is missing")
+            raise ModelConfigError("config field 'model_type' is missing")
         for tid in ("pad_token_id", "eos_token_id"):  # absent means unknown, not the LLaDA2 default
             kw.setdefault(tid, None)
         eos = kw.get("eos_token_id")
@@ -164,7 +184,7 @@ class ModelConfig:
             try:
                 d = json.load(f)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{p} is not valid JSON: {e}") from e
+                raise ModelConfigError(f"{p} is not valid JSON: {e}") from e
         return cls.from_hf_dict(d)
 
     def to_hf_dict(self) -> dict:

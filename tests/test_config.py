@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dmax_jax.config import ConfigError, ModelConfig, llada2_mini_config, tiny_config
+from dmax_jax.config import ModelConfig, ModelConfigError, llada2_mini_config, tiny_config
 
 # LLaDA2.0-mini's config.json as dFactory ships it (spec §1.1), including keys we do not model.
 MINI = {
@@ -38,9 +38,9 @@ def test_mini_config_round_trip_unchanged(tmp_path):
 def test_model_types_accepted_and_rejected():
     for mt in ("llada2_moe", "llada2_moe_veomni"):
         assert ModelConfig.from_hf_dict({**MINI, "model_type": mt}).model_type == mt
-    with pytest.raises(ConfigError, match="model_type"):
+    with pytest.raises(ModelConfigError, match="model_type"):
         ModelConfig.from_hf_dict({**MINI, "model_type": "llama"})
-    with pytest.raises(ConfigError, match="model_type"):
+    with pytest.raises(ModelConfigError, match="model_type"):
         ModelConfig.from_hf_dict({k: v for k, v in MINI.items() if k != "model_type"})
 
 
@@ -57,7 +57,7 @@ def test_model_types_accepted_and_rejected():
     (dict(hidden_size=0), "hidden_size"),
 ])
 def test_validation_names_the_field(override, field):
-    with pytest.raises(ConfigError, match=field):
+    with pytest.raises(ModelConfigError, match=field):
         tiny_config(**override)
 
 
@@ -71,7 +71,7 @@ def test_missing_token_ids_are_unknown_not_llada2_defaults():
 
 def test_bad_json_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="not valid JSON"):
+    with pytest.raises(ModelConfigError, match="not valid JSON"):
         ModelConfig.from_json(tmp_path)
     with pytest.raises(FileNotFoundError):
         ModelConfig.from_json(tmp_path / "nowhere")
