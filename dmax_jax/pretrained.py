@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmax_jax.config import ModelConfig
+from dmax_jax.config import ModelConfig, parse_dtype
 from dmax_jax.model.llada2 import forward_jit
 from dmax_jax.model.masks import MASK_KINDS, MaskSpec, default_positions
 
@@ -75,15 +75,25 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, compute_
                     shardings: Any = None) -> Pretrained:
     """Load an HF directory (config.json + safetensors [+ tokenizer]) into a ``Pretrained``.
 
-    ``dtype`` is the parameter dtype; computation runs in ``compute_dtype`` (default: ``dtype``).
+    ``dtype`` is the parameter dtype; computation runs in ``compute_dtype`` (default: ``dtype``). A
+    missing or empty directory, a missing config.json or missing safetensors raise one
+    ``CheckpointNotFoundError`` line naming the directory; a bad config.json a ``ModelConfigError``.
     """
-    from dmax_jax.checkpoint.hf import load_hf_params
+    from dmax_jax.checkpoint.hf import CheckpointNotFoundError, load_hf_params
     from dmax_jax.data.chat import load_tokenizer
 
+    param_dtype = parse_dtype(dtype, "dtype")
+    run_dtype = param_dtype if compute_dtype is None else parse_dtype(compute_dtype, "compute_dtype")
     p = Path(path)
+    if not p.exists():
+        raise CheckpointNotFoundError(f"model directory {p} does not exist")
     if not p.is_dir():
-        raise FileNotFoundError(f"model directory {p} does not exist")
+        raise CheckpointNotFoundError(f"model path {p} is not a directory")
+    if not any(p.iterdir()):
+        raise CheckpointNotFoundError(f"model directory {p} is empty (expected config.json, *.safetensors)")
+    if not (p / "config.json").is_file():
+        raise CheckpointNotFoundError(f"model directory {p} has no config.json")
     config = ModelConfig.from_json(p)
-    params = load_hf_params(p, config, dtype=np.dtype(jnp.dtype(dtype)), shardings=shardings)
+    params = load_hf_params(p, config, dtype=np.dtype(param_dtype), shardings=shardings)
     tokenizer = load_tokenizer(p) if any((p / f).exists() for f in TOKENIZER_FILES) else None
-    return Pretrained(config, params, tokenizer, os.fspath(p), jnp.dtype(compute_dtype or dtype))
+    return Pretrained(config, params, tokenizer, os.fspath(p), run_dtype)

@@ -63,10 +63,13 @@ def test_validation_names_the_field(override, field):
 
 def test_missing_token_ids_are_unknown_not_llada2_defaults():
     d = {"model_type": "llada2_moe", "vocab_size": 100, "hidden_size": 8, "num_hidden_layers": 1,
-         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4, "num_experts": 0}
+         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4, "num_experts": 0,
+         "intermediate_size": 16, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "use_bias": False}
     cfg = ModelConfig.from_hf_dict(d)
     assert cfg.pad_token_id is None and cfg.eos_token_id is None
     assert cfg.num_moe_layers == 0
+    with pytest.raises(ModelConfigError, match="no `mask_token_id`.*outside its vocabulary"):
+        cfg.resolved_mask_token_id  # the LLaDA2 mask id 156895 cannot be a token of a 100-token model
 
 
 def test_bad_json_file(tmp_path):
