@@ -95,6 +95,12 @@ _KIND_WORDS = {"int": "an integer", "float": "a finite number", "bool": "true or
                "dict": "an object"}
 
 
+def _show(value: Any, limit: int = 40) -> str:
+    """``repr`` cut to ``limit`` characters: an error line must stay one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _kind_ok(kind: str, value: Any) -> bool:
     if value is None:
         return kind.endswith("?")
@@ -200,69 +206,75 @@ class ModelConfig:
             value = getattr(self, field)
             if not _kind_ok(kind, value):
                 bad(field, f"must be {_KIND_WORDS[kind.rstrip('?')]}{' or null' * kind.endswith('?')}, "
-                    f"got {value!r}")
+                    f"got {_show(value)}")
         self._validate_attention(bad)
         self._validate_ffn(bad)
         for f in ("pad_token_id", "eos_token_id", "mask_token_id"):
             v = getattr(self, f)
             if v is not None and not 0 <= v < self.vocab_size:
-                bad(f, f"= {v} is outside the vocabulary [0, {self.vocab_size})")
+                bad(f, f"= {_show(v)} is outside the vocabulary [0, {_show(self.vocab_size)})")
 
     def _validate_attention(self, bad: Any) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            bad("model_type", f"= {self.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
+            bad("model_type", f"= {_show(self.model_type)} is not one of {SUPPORTED_MODEL_TYPES}")
         for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "max_position_embeddings"):
             if getattr(self, f) <= 0:
-                bad(f, f"must be positive, got {getattr(self, f)}")
+                bad(f, f"must be positive, got {_show(getattr(self, f))}")
         for f in ("rms_norm_eps", "rope_theta"):
             if getattr(self, f) <= 0:
-                bad(f, f"must be > 0, got {getattr(self, f)}")
+                bad(f, f"must be > 0, got {_show(getattr(self, f))}")
         if self.num_attention_heads % self.num_key_value_heads:
-            bad("num_attention_heads", f"= {self.num_attention_heads} is not divisible by "
-                f"num_key_value_heads = {self.num_key_value_heads}")
+            bad("num_attention_heads", f"= {_show(self.num_attention_heads)} is not divisible by "
+                f"num_key_value_heads = {_show(self.num_key_value_heads)}")
+        if self.rotary_dim is None and not 0 < self.partial_rotary_factor <= 1:
+            bad("partial_rotary_factor", f"must be in (0, 1], got {_show(self.partial_rotary_factor)}")
         r, name = self.rope_dim, "rotary_dim" if self.rotary_dim is not None else "partial_rotary_factor"
         if r % 2 or r <= 0 or r > self.head_dim:
-            bad(name, f"gives {r} rotated dims; they must be even, positive and <= head_dim {self.head_dim}")
+            bad(name, f"gives {_show(r)} rotated dims; they must be even, positive and <= head_dim "
+                f"{_show(self.head_dim)}")
         if self.hidden_act != "silu":
-            bad("hidden_act", f"= {self.hidden_act!r}: only 'silu' is implemented")
+            bad("hidden_act", f"= {_show(self.hidden_act)}: only 'silu' is implemented")
         for f in ("use_bias", "use_qkv_bias"):
             if getattr(self, f):
                 bad(f, "= true: biases are not used by LLaDA2-MoE checkpoints and not implemented")
         scaling = self.rope_scaling or {}
         rope_type = scaling.get("type", scaling.get("rope_type", "default"))
         if rope_type != "default":
-            bad("rope_scaling", f"= {self.rope_scaling!r} is not supported (only default RoPE)")
+            bad("rope_scaling", f"= {_show(self.rope_scaling)} is not supported (only default RoPE)")
 
     def _validate_ffn(self, bad: Any) -> None:
         if self.num_experts < 0:
-            bad("num_experts", f"must be >= 0, got {self.num_experts}")
+            bad("num_experts", f"must be >= 0, got {_show(self.num_experts)}")
         if self.first_k_dense_replace < 0:
-            bad("first_k_dense_replace", f"must be >= 0, got {self.first_k_dense_replace}")
+            bad("first_k_dense_replace", f"must be >= 0, got {_show(self.first_k_dense_replace)}")
         if self.num_dense_layers > 0 and self.intermediate_size <= 0:
-            bad("intermediate_size", f"must be positive (dense layers exist), got {self.intermediate_size}")
+            bad("intermediate_size", f"must be positive (dense layers exist), got "
+                f"{_show(self.intermediate_size)}")
         if self.num_moe_layers == 0:
             return
         E, G, K = self.num_experts, self.n_group, self.num_experts_per_tok
         if self.score_function != "sigmoid":
-            bad("score_function", f"= {self.score_function!r}: only 'sigmoid' is implemented")
+            bad("score_function", f"= {_show(self.score_function)}: only 'sigmoid' is implemented")
         if self.router_dtype not in ("fp32", "float32"):
-            bad("router_dtype", f"= {self.router_dtype!r}: only 'fp32' is implemented")
+            bad("router_dtype", f"= {_show(self.router_dtype)}: only 'fp32' is implemented")
         if self.moe_intermediate_size <= 0:
-            bad("moe_intermediate_size", f"must be positive, got {self.moe_intermediate_size}")
+            bad("moe_intermediate_size", f"must be positive, got {_show(self.moe_intermediate_size)}")
         if self.routed_scaling_factor <= 0:
-            bad("routed_scaling_factor", f"must be > 0, got {self.routed_scaling_factor}")
-        if G <= 0 or E % G:
-            bad("num_experts", f"= {E} is not divisible by n_group = {G}")
+            bad("routed_scaling_factor", f"must be > 0, got {_show(self.routed_scaling_factor)}")
+        if G <= 0:
+            bad("n_group", f"must be positive, got {_show(G)}")
+        if E % G:
+            bad("num_experts", f"= {_show(E)} is not divisible by n_group = {_show(G)}")
         if not 0 < self.topk_group <= G:
-            bad("topk_group", f"= {self.topk_group} must be in 1..n_group = {G}")
+            bad("topk_group", f"= {_show(self.topk_group)} must be in 1..n_group = {_show(G)}")
         if E // G < 2 and G > 1:
             bad("n_group", f"= {G} leaves {E // G} expert per group; the top-2 group score needs >= 2")
         if not 0 < K <= (E // G) * self.topk_group:
-            bad("num_experts_per_tok", f"= {K} must be in 1..experts in the kept groups "
+            bad("num_experts_per_tok", f"= {_show(K)} must be in 1..experts in the kept groups "
                 f"({(E // G) * self.topk_group})")
         if self.num_shared_experts < 0:
-            bad("num_shared_experts", f"must be >= 0, got {self.num_shared_experts}")
+            bad("num_shared_experts", f"must be >= 0, got {_show(self.num_shared_experts)}")
 
     # ---- HF interop ----------------------------------------------------------------------------
     @classmethod
