@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmax_jax.config import ModelConfig, parse_dtype
+from dmax_jax.data.chat import TOKENIZER_FILES
 from dmax_jax.model.llada2 import forward_jit
 from dmax_jax.model.masks import MASK_KINDS, MaskSpec, default_positions
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 @dataclasses.dataclass
@@ -71,19 +70,12 @@ class Pretrained:
         return jnp.take(self.params["embedding"], jnp.asarray(ids), axis=0)
 
 
-def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, compute_dtype: str | None = None,
-                    shardings: Any = None) -> Pretrained:
-    """Load an HF directory (config.json + safetensors [+ tokenizer]) into a ``Pretrained``.
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path`` if it is a directory with a config.json, else one-line
+    ``CheckpointNotFoundError`` (absent, not a directory, empty, no config.json). Cheap: CLIs call
+    it before reading anything large."""
+    from dmax_jax.checkpoint.hf import CheckpointNotFoundError
 
-    ``dtype`` is the parameter dtype; computation runs in ``compute_dtype`` (default: ``dtype``). A
-    missing or empty directory, a missing config.json or missing safetensors raise one
-    ``CheckpointNotFoundError`` line naming the directory; a bad config.json a ``ModelConfigError``.
-    """
-    from dmax_jax.checkpoint.hf import CheckpointNotFoundError, load_hf_params
-    from dmax_jax.data.chat import load_tokenizer
-
-    param_dtype = parse_dtype(dtype, "dtype")
-    run_dtype = param_dtype if compute_dtype is None else parse_dtype(compute_dtype, "compute_dtype")
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFoundError(f"model directory {p} does not exist")
@@ -93,6 +85,23 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, compute_
         raise CheckpointNotFoundError(f"model directory {p} is empty (expected config.json, *.safetensors)")
     if not (p / "config.json").is_file():
         raise CheckpointNotFoundError(f"model directory {p} has no config.json")
+    return p
+
+
+def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, compute_dtype: str | None = None,
+                    shardings: Any = None) -> Pretrained:
+    """Load an HF directory (config.json + safetensors [+ tokenizer]) into a ``Pretrained``.
+
+    ``dtype`` is the parameter dtype; computation runs in ``compute_dtype`` (default: ``dtype``). A
+    missing or empty directory, a missing config.json or missing safetensors raise one
+    ``CheckpointNotFoundError`` line naming the directory; a bad config.json a ``ModelConfigError``.
+    """
+    from dmax_jax.checkpoint.hf import load_hf_params
+    from dmax_jax.data.chat import load_tokenizer
+
+    param_dtype = parse_dtype(dtype, "dtype")
+    run_dtype = param_dtype if compute_dtype is None else parse_dtype(compute_dtype, "compute_dtype")
+    p = check_model_dir(path)
     config = ModelConfig.from_json(p)
     params = load_hf_params(p, config, dtype=np.dtype(param_dtype), shardings=shardings)
     tokenizer = load_tokenizer(p) if any((p / f).exists() for f in TOKENIZER_FILES) else None
