@@ -103,6 +103,11 @@ def check_out_dir(out_dir: str | os.PathLike, config: dict) -> int:
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise EvalError(f"--out {out_dir} exists and is not a directory")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise EvalError(f"--out {out_dir}: cannot write there ({existing} is not a writable directory)")
     done = load_samples(os.path.join(out_dir, SAMPLES_FILE))
     check_run_config(out_dir, config, has_samples=bool(done), write=False)
     return len(done)
