@@ -69,7 +69,7 @@ def test_missing_token_ids_are_unknown_not_llada2_defaults():
     assert cfg.pad_token_id is None and cfg.eos_token_id is None
     assert cfg.num_moe_layers == 0
     with pytest.raises(ModelConfigError, match="no `mask_token_id`.*outside its vocabulary"):
-        cfg.resolved_mask_token_id  # the LLaDA2 mask id 156895 cannot be a token of a 100-token model
+        _ = cfg.resolved_mask_token_id  # the LLaDA2 mask id 156895 cannot be a token of a 100-token model
 
 
 def test_bad_json_file(tmp_path):

@@ -252,9 +252,9 @@ def run_eval(benchmark: Benchmark | str, rows: Sequence[Row], generate_fn: Calla
             os.fsync(fh.fileno())
             next_batch_id += 1
             finished = [done[k] for k in done if k < len(rows)]
-            bar.update(len(indices))
             bar.set_postfix(acc=f"{sum(r['correct'] for r in finished) / len(finished):.1%}",
-                            tpf=f"{sum(r['tpf'] for r in finished) / len(finished):.2f}")
+                            tpf=f"{sum(r['tpf'] for r in finished) / len(finished):.2f}", refresh=False)
+            bar.update(len(indices))
     records = [done[i] for i in range(len(rows))]
     summary = summarize(bench.name, records, decode_config, hardware or hardware_string())
     with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as fh:
