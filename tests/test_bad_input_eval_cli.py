@@ -302,3 +302,34 @@ def test_subprocess_exit_status_and_stderr(tmp_path, case):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ---- samples.jsonl corrupted at random -----------------------------------------------------------
+_RECORD = {"index": 0, "prompt": "p", "response": "r", "extracted": ["1"], "gold": "1", "correct": True,
+           "detail": "", "nfe": 2, "tokens": 3, "tokens_ref": 3, "tpf": 1.5, "seconds": 0.1, "batch_id": 0,
+           "batch_size": 1}
+_GARBAGE = st.one_of(
+    st.binary(max_size=24).map(lambda b: b.replace(b"\n", b"")),
+    st.text(max_size=24).map(lambda t: t.replace("\n", "").encode()),
+    # JSON objects that lack batch_id, so never a valid record
+    st.dictionaries(st.sampled_from(sorted(set(_RECORD) - {"batch_id"})), _SCALAR, max_size=6)
+    .map(lambda d: json.dumps(d).encode()),
+)
+
+
+@SETTINGS
+@given(st.integers(0, 3), _GARBAGE)
+def test_random_corrupt_sample_lines(tmp_path, position, garbage):
+    from dmax_jax.eval.harness import load_samples
+
+    lines = [json.dumps({**_RECORD, "index": i, "batch_id": i}).encode() + b"\n" for i in range(3)]
+    lines.insert(position, garbage + b"\n")
+    path = tmp_path / SAMPLES_FILE
+    path.write_bytes(b"".join(lines))
+    try:
+        records = load_samples(str(path))
+    except EvalError as e:
+        assert position < 3 and f"{path}:{position + 1}: corrupt" in str(e) and "\n" not in str(e)
+        return
+    assert position == 3 and sorted(records) == [0, 1, 2]  # a bad last line is a torn write: dropped
+    assert path.read_bytes() == b"".join(lines[:3])

@@ -55,35 +55,52 @@ def _check_result(result: Any, batch: int) -> None:
         raise ValueError(f"GenerateResult.seconds = {result.seconds} must be >= 0")
 
 
+_RECORD_TYPES: dict[str, Any] = {"index": int, "prompt": str, "correct": bool, "nfe": int, "tokens": int,
+                                 "tokens_ref": int, "tpf": (int, float), "seconds": (int, float),
+                                 "batch_id": int}
+
+
+def _parse_record(line: bytes) -> dict:
+    """One samples.jsonl line as a record with every field ``summarize`` needs (ValueError if not)."""
+    if not line.endswith(b"\n"):
+        raise ValueError("line not terminated")
+    record = json.loads(line.decode("utf-8"))
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    bad = [k for k, t in _RECORD_TYPES.items()
+           if not isinstance(record.get(k), t) or (t is int and isinstance(record.get(k), bool))]
+    if bad:
+        raise ValueError(f"fields {bad} missing or of the wrong type")
+    if record["nfe"] < 1 or record["index"] < 0:
+        raise ValueError("nfe must be >= 1 and index >= 0")
+    return record
+
+
 def load_samples(path: str) -> dict[int, dict]:
     """Records already written, by index. A truncated/corrupt **last** line is dropped and the file
-    rewritten without it; a corrupt earlier line or a duplicated index raises (naming ``file:line``)."""
+    rewritten without it (a crash mid-write; that sample is decoded again); a corrupt earlier line
+    or a duplicated index raises :class:`EvalError` naming ``file:line``."""
     if not os.path.exists(path):
         return {}
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
         lines = fh.readlines()
     records: dict[int, dict] = {}
     keep = len(lines)
     for lineno, line in enumerate(lines, start=1):
         try:
-            if not line.endswith("\n"):
-                raise ValueError("line not terminated")
-            record = json.loads(line)
+            record = _parse_record(line)
         except ValueError as exc:
             if lineno == len(lines):
                 keep = lineno - 1
                 break
-            raise EvalError(f"{path}:{lineno}: corrupt sample record ({exc}); "
-                             "fix or delete the file") from exc
-        index = record.get("index") if isinstance(record, dict) else None
-        if not isinstance(index, int):
-            raise EvalError(f"{path}:{lineno}: sample record without an integer 'index'")
-        if index in records:
-            raise EvalError(f"{path}:{lineno}: duplicate sample index {index}")
-        records[index] = record
+            raise EvalError(f"{path}:{lineno}: corrupt sample record ({str(exc)[:80]}); "
+                            "fix or delete the file") from None
+        if record["index"] in records:
+            raise EvalError(f"{path}:{lineno}: duplicate sample index {record['index']}")
+        records[record["index"]] = record
     if keep < len(lines):
         tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with open(tmp, "wb") as fh:
             fh.writelines(lines[:keep])
         os.replace(tmp, path)
     return records
