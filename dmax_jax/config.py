@@ -64,6 +64,8 @@ def parse_dtype(name: Any, what: str = "dtype") -> jnp.dtype:
 # when config.json omits the key. ``use_bias`` really defaults to True there (a bias-free checkpoint must
 # say ``false``); the modeling code always has an expert_bias, computes sigmoid scores in fp32 and ignores
 # ``norm_topk_prob``. ``head_dim`` defaults to hidden_size // num_attention_heads (see from_hf_dict).
+# Two entries are not numerics: absent token ids are *unknown* (None; data/chat.resolve_special_ids asks
+# the tokenizer) rather than HF's pad 126081, and ``torch_dtype`` only labels the saved weights.
 HF_DEFAULTS: dict[str, Any] = {
     "hidden_act": "silu", "use_qkv_bias": False, "use_bias": True, "tie_word_embeddings": False,
     "max_position_embeddings": 16384, "rope_scaling": None, "partial_rotary_factor": 0.5, "rotary_dim": None,
