@@ -10,6 +10,7 @@ import dataclasses
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -333,3 +334,19 @@ def test_random_corrupt_sample_lines(tmp_path, position, garbage):
         return
     assert position == 3 and sorted(records) == [0, 1, 2]  # a bad last line is a torn write: dropped
     assert path.read_bytes() == b"".join(lines[:3])
+
+
+def test_prompts_the_model_cannot_take(tmp_path, capsys, model_dir):
+    from dmax_jax.data.chat import load_tokenizer
+
+    mask_text = load_tokenizer(model_dir).convert_ids_to_tokens(2)  # tiny_config: mask_token_id = 2
+    data = tmp_path / "mask.jsonl"
+    data.write_text(json.dumps({"question": f"What is {mask_text} + 1?", "answer": "#### 3"}) + "\n")
+    assert_short_error(*run(args(model_dir, tmp_path / "o", data=data), capsys),
+                       f"row 0 of {data}: its prompt contains the mask token (id 2)")
+    small = tmp_path / "small"
+    shutil.copytree(model_dir, small)
+    raw = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**raw, "vocab_size": 40}))
+    assert_short_error(*run(args(small, tmp_path / "o"), capsys),
+                       "outside the model's vocabulary (vocab_size 40)")

