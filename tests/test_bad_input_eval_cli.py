@@ -288,14 +288,16 @@ def test_summary_line_pluralised_and_ctrl_c_says_how_to_resume(tmp_path, capsys,
 
 
 # ---- the real command, as a shell runs it -------------------------------------------------------------
-@pytest.mark.parametrize("case", ["empty_model", "threshold", "default_gen_length_demo_model"])
+@pytest.mark.parametrize("case", ["empty_model", "threshold", "default_gen_length"])
 def test_subprocess_exit_status_and_stderr(tmp_path, case):
     demo = REPO / "dmax_jax" / "assets" / "demo" / "dmax"
     (tmp_path / "empty").mkdir()
+    bare = tmp_path / "bare"  # the shipped demo model without its dmax_decode.json: the eval defaults apply
+    shutil.copytree(demo, bare, ignore=shutil.ignore_patterns("dmax_decode.json", "*.safetensors"))
     model, extra, needle = {
         "empty_model": (tmp_path / "empty", ["--gen-length", "64"], "is empty"),
         "threshold": (demo, ["--threshold", "1.5"], "--threshold"),
-        "default_gen_length_demo_model": (demo, [], "--gen-length 2048 (the default) does not fit"),
+        "default_gen_length": (bare, [], "--gen-length 2048 (the default) does not fit"),
     }[case]
     cmd = [sys.executable, "-m", "dmax_jax.eval", "--model", str(model), "--benchmark", "gsm8k", "--data",
            str(GSM8K), "--out", str(tmp_path / "o"), *extra]
@@ -350,3 +352,23 @@ def test_prompts_the_model_cannot_take(tmp_path, capsys, model_dir):
     (small / "config.json").write_text(json.dumps({**raw, "vocab_size": 40}))
     assert_short_error(*run(args(small, tmp_path / "o"), capsys),
                        "outside the model's vocabulary (vocab_size 40)")
+
+
+def test_model_decode_defaults_are_layered_said_and_recorded(tmp_path, capsys, model_dir, fake_model):
+    """A model's dmax_decode.json sits between the eval defaults and the flags."""
+    model = tmp_path / "m"
+    shutil.copytree(model_dir, model)
+    demo = REPO / "dmax_jax" / "assets" / "demo" / "dmax" / "dmax_decode.json"
+    shutil.copy(demo, model / "dmax_decode.json")
+    argv = ["--model", model, "--benchmark", "gsm8k", "--data", GSM8K, "--out", tmp_path / "o", "--quiet",
+            "--limit", "1", "--threshold", "0.4"]
+    assert main([str(a) for a in argv]) == 0
+    err = capsys.readouterr().err
+    assert f"decode defaults from {model / 'dmax_decode.json'}: " in err and "gen_length=64" in err
+    assert "threshold" not in err  # given as a flag: the file's spd threshold (0.5) is not used
+    used = fake_model[-1]
+    assert (used.gen_length, used.dtype, used.prompt_bucket, used.threshold) == (64, "float32", 64, 0.4)
+    recorded = json.loads((tmp_path / "o" / RUN_CONFIG_FILE).read_text())["decode_config"]
+    assert recorded["gen_length"] == 64 and recorded["threshold"] == 0.4
+    (model / "dmax_decode.json").write_text('{"format": "dmax_decode/1", "decode": {"gen_length": 0}}')
+    assert_short_error(*run([*argv[:-2]], capsys), "dmax_decode.json", "gen_length")

