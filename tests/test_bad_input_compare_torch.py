@@ -114,3 +114,16 @@ def test_random_bad_values(capsys, hf_dir, flag, value):
     if isinstance(value, float) and float(value).is_integer():  # a count must not be a whole number here
         value += 0.5
     assert_short(*run(capsys, "--hf-dir", hf_dir, f"{flag}={value}"), flag)
+
+
+def test_subprocess_bad_flag_is_one_line(hf_dir):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(REPO / "tools" / "compare_torch.py"), "--hf-dir", str(hf_dir),
+           "--threshold", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == "compare_torch.py: error: --threshold: must be in [0, 1], got 2.0"

@@ -165,6 +165,8 @@ def test_data_file_problems(tmp_path, capsys, model_dir):
     assert_short_error(*run(args(model_dir, out, data=gz), capsys), "cannot read it as gzip")
     gz.write_bytes(gzip.compress(good.encode() + b"\n")[:-12])  # truncated archive
     assert_short_error(*run(args(model_dir, out, data=gz), capsys), str(gz))
+    gz.write_bytes(gzip.compress((good + "\n").encode()))
+    assert get_benchmark("gsm8k").load(gz)[0]["question"].startswith("Janet")  # a good .gz is read
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     assert_short_error(*run(args(model_dir, out, data=empty), capsys), "no rows")
@@ -274,8 +276,12 @@ def test_out_directory_problems(tmp_path, capsys, model_dir, fake_model):
 def test_summary_line_pluralised_and_ctrl_c_says_how_to_resume(tmp_path, capsys, model_dir, fake_model,
                                                                 monkeypatch):
     out = tmp_path / "o"
-    assert main([str(a) for a in args(model_dir, out, "--limit", "1")]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("1 sample: accuracy 100.00 %, TPF")
+    argv = [a for a in args(model_dir, out, "--limit", "1") if a != "--quiet"]
+    assert main([str(a) for a in argv]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1].startswith("1 sample: accuracy 100.00 %, TPF")
+    assert captured.out.count("| gsm8k |") == 1  # one summary table
+    assert "gsm8k: 100%" in captured.err and "1/1" in captured.err  # the tqdm bar
     assert json.loads((out / SUMMARY_FILE).read_text())["samples"] == 1
 
     def interrupted(*a, **k):
