@@ -103,7 +103,8 @@ def test_long_prompt_is_fine_without_generation(capsys, hf_dir, monkeypatch):
     assert seen and seen[0].block_length == 32 and seen[0].threshold == 0.95
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(["--threshold", "--block-length", "--gen-length", "--steps", "--seq-len", "--batch",
                         "--prompt-len", "--tol"]),
        st.one_of(st.integers(max_value=0), st.floats(min_value=1.0001, allow_infinity=False, allow_nan=False),

@@ -30,7 +30,7 @@ from dmax_jax.config import (
 )
 from dmax_jax.pretrained import load_pretrained
 
-SETTINGS = settings(max_examples=60, deadline=None,
+SETTINGS = settings(max_examples=60, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 COMPLETE = tiny_config().to_hf_dict()  # every typed field stated, as save_pretrained writes it
 INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -257,7 +257,7 @@ def test_checkpoint_for_another_size_is_a_short_error(tmp_path, tiny_dir):
 
 
 # ---- dtype names --------------------------------------------------------------------------------
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.one_of(st.text(max_size=12), st.sampled_from(DTYPE_NAMES + ("float64", "int8", "bf16", "float8"))))
 def test_parse_dtype_accepts_exactly_the_three_names(name):
     if name in DTYPE_NAMES:

@@ -30,7 +30,7 @@ from dmax_jax.eval.harness import RUN_CONFIG_FILE, SAMPLES_FILE, SUMMARY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = REPO / "tests" / "data" / "gsm8k" / "test.jsonl"
-SETTINGS = settings(max_examples=25, deadline=None,
+SETTINGS = settings(max_examples=25, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
