@@ -7,11 +7,12 @@ import pytest
 from numpy_reference import forward_numpy, route_numpy, spec_allowed
 
 from dmax_jax.config import tiny_config
+from dmax_jax.model.experts import experts_dense, experts_grouped
 from dmax_jax.model.kv_cache import init_cache
 from dmax_jax.model.llada2 import forward_jit as forward
 from dmax_jax.model.llada2 import init_params
 from dmax_jax.model.masks import MaskSpec, default_positions, dense_mask
-from dmax_jax.model.moe import experts_dense, experts_ragged, route
+from dmax_jax.model.moe import route
 
 LAYOUTS = {
     "base": {},
@@ -87,7 +88,7 @@ def test_ragged_moe_equals_dense_reference():
     wg, wu = (jnp.asarray(rng.standard_normal((e, h, i)), jnp.float32) for _ in range(2))
     wd = jnp.asarray(rng.standard_normal((e, i, h)), jnp.float32)
     with jax.default_matmul_precision("highest"):
-        got = experts_ragged(x, idx, w, wg, wu, wd)
+        got = experts_grouped(x, idx, w, wg, wu, wd)
         np.testing.assert_allclose(got, experts_dense(x, idx, w, wg, wu, wd), rtol=1e-5, atol=1e-5)
 
 
