@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from dmax_jax.config import ModelConfig
-from dmax_jax.model.attention import Attention
+from dmax_jax.model.attention_layer import Attention
 from dmax_jax.model.kv_cache import KVCache
 from dmax_jax.model.layers import GatedMLP, RMSNorm, param_with_axes
 from dmax_jax.model.masks import MaskSpec, default_positions
