@@ -31,6 +31,7 @@ A backend the platform cannot run raises ``MoEBackendError``; nothing falls back
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import sys
 from collections.abc import Callable
@@ -95,7 +96,14 @@ def _tokamax():
         raise MoEBackendError(f"moe_impl 'tokamax' needs the tokamax package ({e})") from e
     if not flags.FLAGS.is_parsed():
         flags.FLAGS(sys.argv, known_only=True)
+    logging.getLogger("absl").addFilter(_drop_autotuning_cache_miss)
     return tokamax
+
+
+def _drop_autotuning_cache_miss(record: logging.LogRecord) -> bool:
+    """tokamax logs every trace without a tuned config (with the whole group-size array) and then
+    uses its heuristic config, which is what we want: keep that one message out of the logs."""
+    return not str(record.msg).startswith("Autotuning cache miss")
 
 
 def _tokamax_matmul(lhs, rhs, sizes, *, platform: str):
