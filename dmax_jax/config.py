@@ -123,7 +123,7 @@ def required_fields(d: dict) -> tuple[str, ...]:
     if moe:
         need += _MOE_REQUIRED
     first_dense = d.get("first_k_dense_replace")
-    if not moe or (_kind_ok("int", first_dense) and first_dense > 0):
+    if not moe or not _kind_ok("int", first_dense) or first_dense > 0:  # unknown first_k: needed too
         need.append("intermediate_size")
     return tuple(need)
 
