@@ -6,7 +6,7 @@ compiled program per request shape (prefill + block loop + step loop, all ``lax.
 validation, static/traced split), ``buckets`` (prompt buckets, row geometry), ``strategies``
 (per-step rules), ``forwards`` (model calls against the KV cache), ``loop`` (the compiled program),
 ``stats`` (results, NFE/TPF, traces), ``trace_schema`` (trace state names), ``api`` (``generate``),
-``cli_args`` (the shared argparse flags).
+``cli_args`` (the shared argparse flags), ``model_defaults`` (a model directory's dmax_decode.json).
 """
 
 from dmax_jax.decoding.api import compile_count, generate
