@@ -9,7 +9,7 @@ validation, static/traced split), ``buckets`` (prompt buckets, row geometry), ``
 ``cli_args`` (the shared argparse flags), ``model_defaults`` (a model directory's dmax_decode.json).
 """
 
-from dmax_jax.decoding.api import compile_count, generate
+from dmax_jax.decoding.api import clear_compiled, compile_count, generate
 from dmax_jax.decoding.config import (
            SOFT_IMPLS,
            STRATEGIES,
@@ -23,4 +23,5 @@ from dmax_jax.decoding.stats import DecodeTrace, GenerateResult
 from dmax_jax.decoding.trace_schema import STATE_NAMES
 
 __all__ = ["DecodeConfig", "DecodeConfigError", "DecodeSpec", "DecodeStatic", "DecodeTrace", "GenerateResult",
-           "RowParams", "SOFT_IMPLS", "STATE_NAMES", "STRATEGIES", "compile_count", "generate"]
+           "RowParams", "SOFT_IMPLS", "STATE_NAMES", "STRATEGIES", "clear_compiled", "compile_count",
+           "generate"]
