@@ -31,8 +31,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dmax_jax.decoding.api import SOFT_IMPLS, _model_parts
 from dmax_jax.decoding.strategies import threshold_max_forwards
 from dmax_jax.serving import program as prog
-from dmax_jax.serving.requests import (BlockCommitted, EngineClosedError, EngineRequest, EngineRequestError,
-                                       Event, Finished, ProvisionalStep, RequestHandle)
+from dmax_jax.serving.requests import (
+    BlockCommitted,
+    EngineClosedError,
+    EngineRequest,
+    Event,
+    Finished,
+    ProvisionalStep,
+    RequestHandle,
+)
 from dmax_jax.serving.slots import Limits, Slot, validate
 
 SERVED_STRATEGIES = ("spd", "threshold")
@@ -73,22 +80,25 @@ class Engine:
         strategies = tuple(strategies)
         for s in strategies:
             if s not in SERVED_STRATEGIES:
-                raise ValueError(f"strategy {s!r} is not served by the engine; served: {SERVED_STRATEGIES}"
-                                 + (" (llada2 recomputes the whole prefix every step)" if s == "llada2" else ""))
+                why = " (llada2 recomputes the whole prefix every step)" if s == "llada2" else ""
+                raise ValueError(f"strategy {s!r} is not served by the engine{why}; "
+                                 f"served: {SERVED_STRATEGIES}")
         if not strategies or len(set(strategies)) != len(strategies):
             raise ValueError(f"strategies must be a non-empty tuple without repeats, got {strategies}")
-        for name, v in (("max_batch", max_batch), ("block_length", block_length), ("prefill_chunk", prefill_chunk),
-                        ("top_k", top_k), ("max_unroll", max_unroll), ("expected_tpf", expected_tpf)):
+        for name, v in (("max_batch", max_batch), ("block_length", block_length),
+                        ("prefill_chunk", prefill_chunk), ("top_k", top_k), ("max_unroll", max_unroll),
+                        ("expected_tpf", expected_tpf)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if prefill_chunk % block_length:
-            raise ValueError(f"prefill_chunk {prefill_chunk} must be a multiple of block_length {block_length}")
+            raise ValueError(f"prefill_chunk {prefill_chunk} must be a multiple of block_length "
+                             f"{block_length}")
         if soft_embedding_impl not in SOFT_IMPLS:
             raise ValueError(f"soft_embedding_impl {soft_embedding_impl!r} is not one of {SOFT_IMPLS}")
         cap = cfg.max_position_embeddings if capacity is None else int(capacity)
         if cap < block_length or cap > cfg.max_position_embeddings:
-            raise ValueError(f"capacity {cap} must be in [block_length {block_length}, max_position_embeddings "
-                             f"{cfg.max_position_embeddings}]")
+            raise ValueError(f"capacity {cap} must be in [block_length {block_length}, "
+                             f"max_position_embeddings {cfg.max_position_embeddings}]")
         cap -= cap % block_length
         self.eos_id = cfg.eos_token_id if eos_id is None else int(eos_id)
         if self.eos_id is None:
@@ -234,9 +244,10 @@ class Engine:
         """Counters: rounds, busy seconds, queued / prefilling / decoding / free slots, finished."""
         with self._lock:
             live = [s for s in self._slots if s is not None]
-            return {**self._counters, "queued": len(self._queue), "prefilling": sum(s.prefilling for s in live),
-                    "decoding": sum(not s.prefilling for s in live), "free_slots": self.max_batch - len(live),
-                    "compile_count": self.compile_count()}
+            return {**self._counters, "queued": len(self._queue),
+                    "prefilling": sum(s.prefilling for s in live),
+                    "decoding": sum(not s.prefilling for s in live),
+                    "free_slots": self.max_batch - len(live), "compile_count": self.compile_count()}
 
     # ---- internals -------------------------------------------------------------------------------
     def _has_work(self) -> bool:
@@ -284,7 +295,8 @@ class Engine:
         """Host arrays of one round: ``decoding`` slots advance a block, slot ``prefill`` gets its
         next prompt chunk (its cursor advances here)."""
         n, B, M, C = self.max_batch, self.block_length, self.spec.mask_id, self.spec.prefill_chunk
-        f = {k: np.zeros(n, np.int32) for k in ("strategy", "k", "start", "prompt_lens", "nfe", "seed", "rng_id")}
+        ints = ("strategy", "k", "start", "prompt_lens", "nfe", "seed", "rng_id")
+        f = {k: np.zeros(n, np.int32) for k in ints}
         f.update(decoding=np.zeros(n, bool), greedy=np.ones(n, bool), temperature=np.ones(n, np.float32),
                  threshold=np.zeros(n, np.float32), accept_threshold=np.zeros(n, np.float32),
                  steps=np.ones(n, np.int32))
@@ -292,7 +304,8 @@ class Engine:
             s, q = self._slots[i], self._slots[i].handle.request
             f["decoding"][i], f["strategy"][i], f["k"][i], f["start"][i] = True, s.strategy, s.k, s.start(B)
             f["prompt_lens"][i], f["nfe"][i], f["seed"][i], f["rng_id"][i] = s.plen, s.nfe, q.seed, q.rng_id
-            f["greedy"][i], f["temperature"][i] = q.temperature == 0, q.temperature if q.temperature > 0 else 1.0
+            f["greedy"][i] = q.temperature == 0
+            f["temperature"][i] = q.temperature if q.temperature > 0 else 1.0
             f["threshold"][i], f["accept_threshold"][i] = q.threshold, q.accept_threshold
             f["steps"][i] = B if q.steps is None else q.steps
         ids = np.full(C, M, np.int32)
@@ -302,10 +315,11 @@ class Engine:
             c = s.cursor
             chunk = s.prompt[c:c + C]
             ids[:chunk.size] = chunk
-            pc = dict(active=True, slot=prefill, start=c, forward=c < s.s0, reset=c == 0, length=min(c + C, s.s0))
+            pc = dict(active=True, slot=prefill, start=c, forward=c < s.s0, reset=c == 0,
+                      length=min(c + C, s.s0))
             s.cursor = c + C
-        pc = prog.PrefillChunk(ids=ids, **{k: np.asarray(v, np.int32 if k in ("slot", "start", "length") else bool)
-                                           for k, v in pc.items()})
+        kind = {"slot": np.int32, "start": np.int32, "length": np.int32}
+        pc = prog.PrefillChunk(ids=ids, **{k: np.asarray(v, kind.get(k, bool)) for k, v in pc.items()})
         return prog.SlotRound(**f), pc
 
     def _run(self, r, pc):
@@ -342,8 +356,8 @@ class Engine:
             slot.nfe = int(out["nfe"][i])
             if h.request.provisional:
                 for s in np.flatnonzero(out["step_valid"][:, i]):
-                    h._emit(ProvisionalStep(h.id, slot.k, int(s), tuple(int(t) for t in
-                                                                       slot.generated(out["steps"][s, i], B))))
+                    snap = slot.generated(out["steps"][s, i], B)
+                    h._emit(ProvisionalStep(h.id, slot.k, int(s), tuple(int(t) for t in snap)))
             new, reason = slot.commit_block(out["blocks"][i], B, self.eos_id)
             h._emit(BlockCommitted(h.id, slot.k - 1, tuple(new), slot.nfe))
             self._counters["blocks"] += 1

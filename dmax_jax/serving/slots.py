@@ -51,7 +51,8 @@ def validate(req: EngineRequest, lim: Limits) -> tuple[np.ndarray, str]:
     strategy = lim.strategies[0] if req.strategy is None else req.strategy
     if strategy == "llada2":
         raise EngineRequestError("strategy", "'llada2' is not served by the engine (it recomputes the whole "
-                                 f"prefix every step, without a KV cache); served: {', '.join(lim.strategies)}")
+                                 "prefix every step, without a KV cache); served: "
+                                 + ", ".join(lim.strategies))
     if strategy not in lim.strategies:
         raise EngineRequestError("strategy", f"must be one of {', '.join(lim.strategies)}; got {strategy!r}")
     try:
@@ -62,8 +63,8 @@ def validate(req: EngineRequest, lim: Limits) -> tuple[np.ndarray, str]:
         raise EngineRequestError("prompt_ids", "must be a non-empty flat sequence of integer token ids")
     bad = np.flatnonzero((ids < 0) | (ids >= lim.vocab_size))
     if bad.size:
-        raise EngineRequestError("prompt_ids", f"token id {int(ids[bad[0]])} at index {int(bad[0])} is outside "
-                                 f"the vocabulary [0, {lim.vocab_size})")
+        raise EngineRequestError("prompt_ids", f"token id {int(ids[bad[0]])} at index {int(bad[0])} is "
+                                 f"outside the vocabulary [0, {lim.vocab_size})")
     hit = np.flatnonzero(ids == lim.mask_id)
     if hit.size:
         raise EngineRequestError("prompt_ids", f"holds the mask token {lim.mask_id} at index {int(hit[0])}; "
@@ -74,8 +75,9 @@ def validate(req: EngineRequest, lim: Limits) -> tuple[np.ndarray, str]:
     max_tokens = _int("max_tokens", req.max_tokens, 1)
     _, end, _ = row_geometry(ids.size, max_tokens, lim.block_length)
     if end > lim.capacity:
-        raise EngineRequestError("max_tokens", f"{ids.size} prompt tokens + max_tokens {max_tokens} (rounded up to "
-                                 f"the block: {end} positions) exceed the engine's capacity {lim.capacity}")
+        raise EngineRequestError("max_tokens", f"{ids.size} prompt tokens + max_tokens {max_tokens} (rounded "
+                                 f"up to the block: {end} positions) exceed the engine's capacity "
+                                 f"{lim.capacity}")
     _real("threshold", req.threshold, 0.0, 1.0)
     _real("accept_threshold", req.accept_threshold, 0.0, 1.0)
     _real("temperature", req.temperature, 0.0, math.inf)
@@ -83,8 +85,8 @@ def validate(req: EngineRequest, lim: Limits) -> tuple[np.ndarray, str]:
     _int("rng_id", req.rng_id, INT32_MIN)
     if req.steps is not None:
         if strategy != "spd":
-            raise EngineRequestError("steps", f"only spd takes steps (strategy {strategy!r} stops when the block "
-                                     "has no mask); leave it unset")
+            raise EngineRequestError("steps", f"only spd takes steps (strategy {strategy!r} stops when the "
+                                     "block has no mask); leave it unset")
         _int("steps", req.steps, 1, lim.block_length)
     if not isinstance(req.provisional, bool):
         raise EngineRequestError("provisional", f"must be true or false, got {req.provisional!r}")
@@ -142,5 +144,5 @@ class Slot:
         return new, reason
 
     def usage(self) -> Usage:
-        return Usage(prompt_tokens=self.plen, tokens=len(self.tokens), tokens_ref=self.tokens_ref, nfe=self.nfe,
-                     blocks=self.k)
+        return Usage(prompt_tokens=self.plen, tokens=len(self.tokens), tokens_ref=self.tokens_ref,
+                     nfe=self.nfe, blocks=self.k)
