@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dmax_jax.decoding.api import SOFT_IMPLS, _model_parts
+from dmax_jax.decoding.api import _model_parts
+from dmax_jax.decoding.config import SOFT_IMPLS, DecodeConfig, DecodeConfigError
 from dmax_jax.decoding.strategies import threshold_max_forwards
 from dmax_jax.serving import program as prog
 from dmax_jax.serving.requests import (
@@ -39,6 +40,7 @@ from dmax_jax.serving.requests import (
     Finished,
     ProvisionalStep,
     RequestHandle,
+    Usage,
 )
 from dmax_jax.serving.slots import Limits, Slot, validate
 
@@ -112,12 +114,19 @@ class Engine:
             max_unroll=max_unroll, expected_tpf=expected_tpf, soft_impl=soft_embedding_impl,
             dtype=jnp.dtype(dtype).name)
         self.max_batch = max_batch
-        self.limits = Limits(strategies, block_length, cap, cfg.vocab_size, mask_id)
+        try:
+            base = DecodeConfig(strategy=strategies[0], block_length=block_length, top_k=top_k,
+                                soft_impl=soft_embedding_impl, dtype=self.spec.dtype, max_unroll=max_unroll,
+                                expected_tpf=expected_tpf, mask_id=mask_id, eos_id=self.eos_id)
+        except DecodeConfigError as e:
+            raise ValueError(f"engine setting {e}") from None
+        self.limits = Limits(strategies, cap, cfg.vocab_size, base)
+        self._idle_row = base.row_params([1], [0])
         self._sharding = _state_sharding(self.params)
         self._state = None
         self._exe = None
         self._lock = threading.Condition()
-        self._queue: collections.deque = collections.deque()   # (handle, prompt, strategy index)
+        self._queue: collections.deque = collections.deque()   # (handle, prompt, DecodeConfig)
         self._slots: list[Slot | None] = [None] * max_batch
         self._next_id = 0
         self._closed = False
@@ -144,13 +153,13 @@ class Engine:
                listener: Callable[[Event], None] | None = None) -> RequestHandle:
         """Validate and queue a request; raises :class:`EngineRequestError` (field named) for a bad
         one and :class:`EngineClosedError` after :meth:`stop`. Returns its handle at once."""
-        prompt, strategy = validate(request, self.limits)
+        prompt, cfg = validate(request, self.limits)
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is stopped; it accepts no more requests")
             handle = RequestHandle(self._next_id, request, listener)
             self._next_id += 1
-            self._queue.append((handle, prompt, self.strategies.index(strategy)))
+            self._queue.append((handle, prompt, cfg))
             self._lock.notify_all()
         return handle
 
@@ -269,8 +278,8 @@ class Engine:
             raise
 
     def _finish_queued(self, handle: RequestHandle, reason: str, error: str | None = None) -> None:
-        usage = Slot.admit(handle, np.asarray(handle.request.prompt_ids), 0, self.block_length).usage()
-        handle._emit(Finished(handle.id, reason, (), usage.__class__(usage.prompt_tokens, 0, 0, 0, 0), error))
+        usage = Usage(prompt_tokens=len(handle.request.prompt_ids), tokens=0, tokens_ref=0, nfe=0, blocks=0)
+        handle._emit(Finished(handle.id, reason, (), usage, error))
         self._counters["finished"] += 1
 
     def _release(self, i: int, reason: str, error: str | None = None) -> None:
@@ -288,26 +297,21 @@ class Engine:
     def _admit(self) -> None:
         for i in range(self.max_batch):
             if self._slots[i] is None and self._queue:
-                handle, prompt, strategy = self._queue.popleft()
-                self._slots[i] = Slot.admit(handle, prompt, strategy, self.block_length)
+                handle, prompt, cfg = self._queue.popleft()
+                self._slots[i] = Slot.admit(handle, prompt, cfg, self.strategies.index(cfg.strategy))
 
     def _inputs(self, decoding: list[int], prefill: int | None):
         """Host arrays of one round: ``decoding`` slots advance a block, slot ``prefill`` gets its
         next prompt chunk (its cursor advances here)."""
         n, B, M, C = self.max_batch, self.block_length, self.spec.mask_id, self.spec.prefill_chunk
-        ints = ("strategy", "k", "start", "prompt_lens", "nfe", "seed", "rng_id")
-        f = {k: np.zeros(n, np.int32) for k in ints}
-        f.update(decoding=np.zeros(n, bool), greedy=np.ones(n, bool), temperature=np.ones(n, np.float32),
-                 threshold=np.zeros(n, np.float32), accept_threshold=np.zeros(n, np.float32),
-                 steps=np.ones(n, np.int32))
+        f = {k: np.zeros(n, np.int32) for k in ("strategy", "k", "start", "nfe")}
+        f.update(decoding=np.zeros(n, bool), greedy=np.ones(n, bool))
+        rows = [self._idle_row] * n
         for i in decoding:
-            s, q = self._slots[i], self._slots[i].handle.request
+            s = self._slots[i]
             f["decoding"][i], f["strategy"][i], f["k"][i], f["start"][i] = True, s.strategy, s.k, s.start(B)
-            f["prompt_lens"][i], f["nfe"][i], f["seed"][i], f["rng_id"][i] = s.plen, s.nfe, q.seed, q.rng_id
-            f["greedy"][i] = q.temperature == 0
-            f["temperature"][i] = q.temperature if q.temperature > 0 else 1.0
-            f["threshold"][i], f["accept_threshold"][i] = q.threshold, q.accept_threshold
-            f["steps"][i] = B if q.steps is None else q.steps
+            f["nfe"][i], f["greedy"][i] = s.nfe, s.handle.request.temperature == 0
+            rows[i] = s.row
         ids = np.full(C, M, np.int32)
         pc = dict(active=False, slot=0, start=0, forward=False, reset=False, length=0)
         if prefill is not None:
@@ -320,7 +324,7 @@ class Engine:
             s.cursor = c + C
         kind = {"slot": np.int32, "start": np.int32, "length": np.int32}
         pc = prog.PrefillChunk(ids=ids, **{k: np.asarray(v, kind.get(k, bool)) for k, v in pc.items()})
-        return prog.SlotRound(**f), pc
+        return prog.SlotRound(rows=jax.tree.map(lambda *a: np.concatenate(a), *rows), **f), pc
 
     def _run(self, r, pc):
         self._state, out = self._exe(self.params, self._state, r, pc)

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from dmax_jax.config import ModelConfig
-from dmax_jax.decoding import cache as kv
+from dmax_jax.decoding import forwards as fw
 from dmax_jax.decoding import strategies as st
+from dmax_jax.decoding.config import RowParams
 from dmax_jax.model.kv_cache import KVCache, init_cache
 from dmax_jax.model.llada2 import embedding_table, forward
 from dmax_jax.model.masks import MaskSpec
@@ -71,21 +72,16 @@ class SlotState:
 
 @flax.struct.dataclass
 class SlotRound:
-    """Per-slot traced inputs of one round (each ``[slots]``)."""
+    """Per-slot traced inputs of one round (each ``[slots]``): where the slot is, plus its request's
+    ``RowParams`` (the knobs ``generate`` traces; ``request_ids`` is the sampling stream)."""
 
-    decoding: jax.Array          # bool: advance this slot by one block
-    strategy: jax.Array          # int32: index into RoundSpec.strategies
-    k: jax.Array                 # int32: block index of the request (0 = first block)
-    start: jax.Array             # int32: first position of the block
-    prompt_lens: jax.Array       # int32
-    nfe: jax.Array               # int32: forwards so far (prefill = 1); the sampling key counter
-    seed: jax.Array              # int32
-    rng_id: jax.Array            # int32
-    greedy: jax.Array            # bool
-    temperature: jax.Array       # f32 (1.0 when greedy)
-    threshold: jax.Array         # f32
-    accept_threshold: jax.Array  # f32
-    steps: jax.Array             # int32: spd forward cap per block
+    decoding: jax.Array    # bool: advance this slot by one block
+    strategy: jax.Array    # int32: index into RoundSpec.strategies
+    k: jax.Array           # int32: block index of the request (0 = first block)
+    start: jax.Array       # int32: first position of the block
+    nfe: jax.Array         # int32: forwards so far (prefill = 1); the sampling key counter
+    greedy: jax.Array      # bool: temperature 0
+    rows: RowParams
 
 
 @flax.struct.dataclass
@@ -139,14 +135,14 @@ def _step0_logits(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r
 
     def do_cross(cache):
         start = jnp.where(cross, r.start, spec.capacity + B)  # idle slots: scratch at [capacity, +2B)
-        logits, new = kv.cross_forward(params, cfg, state.x, start, cache, B, dt)
+        logits, new = fw.cross_forward(params, cfg, state.x, start, cache, B, dt)
         return logits, new.replace(length=jnp.where(cross, new.length, cache.length))
 
     logits_c, cache = jax.lax.cond(cross.any(), do_cross, lambda c: (zeros, c), state.cache)
 
     def do_first():
-        emb = jnp.take(embedding_table(params), kv.row_slice(state.x, r.start, B), axis=0).astype(dt)
-        return kv.block_forward(params, cfg, emb, r.start, cache, B, dt)
+        emb = jnp.take(embedding_table(params), fw.row_slice(state.x, r.start, B), axis=0).astype(dt)
+        return fw.block_forward(params, cfg, emb, r.start, cache, B, dt)
 
     logits_f = jax.lax.cond(first.any(), do_first, lambda: zeros)
     return jnp.where(cross[:, None, None], logits_c, logits_f), cache
@@ -155,12 +151,13 @@ def _step0_logits(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r
 def _pick(spec: RoundSpec, r: SlotRound, logits, nfe, need_probs: bool):
     """Greedy rows take the argmax, sampling rows the Gumbel-max draw with their own key — the two
     rules of ``choose_tokens`` selected per row (the sampled one only runs if some row samples)."""
-    g = st.choose_tokens(logits, greedy=True, temperature=r.temperature, keys=None, tempered_confidence=False,
+    d = r.rows
+    g = st.choose_tokens(logits, greedy=True, temperature=d.temperature, keys=None, tempered_confidence=False,
                          need_probs=need_probs)
 
     def sampled():
-        keys = jax.vmap(lambda s, i, c: st.row_keys(s, i[None], c[None])[0])(r.seed, r.rng_id, nfe)
-        s = st.choose_tokens(logits, greedy=False, temperature=r.temperature[:, None, None], keys=keys,
+        keys = st.row_keys(d.seed, d.request_ids, nfe)
+        s = st.choose_tokens(logits, greedy=False, temperature=d.temperature, keys=keys,
                              tempered_confidence=False, need_probs=need_probs)
         def sel(a, c):
             return None if a is None else jnp.where(r.greedy.reshape((-1,) + (1,) * (a.ndim - 1)), a, c)
@@ -187,17 +184,17 @@ def _spd_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, ro
     def body(ic):
         step, xb, emb, done, nfe, rec = ic
         logits = jax.lax.cond(step == 0, lambda: logits0,
-                              lambda: kv.block_forward(params, cfg, emb, r.start, cache, B, dt))
+                              lambda: fw.block_forward(params, cfg, emb, r.start, cache, B, dt))
         run = ~done
         x0, conf, probs = _pick(spec, r, logits, nfe, spec.top_k > 1)
         nfe = nfe + run
-        u = st.spd_update(xb, active, x0, conf, r.threshold[:, None], r.accept_threshold[:, None], M)
+        u = st.spd_update(xb, active, x0, conf, r.rows.threshold, r.rows.accept_threshold, M)
         emb_next = st.soft_inputs(table, u.tokens, x0, conf, probs, u.soft, top_k=spec.top_k, mask_id=M,
                                   impl=spec.soft_impl, dtype=dt)
         rec = _record(rec, step, run, u.tokens)
         xb = jnp.where(run[:, None], u.tokens, xb)
         emb = jnp.where(run[:, None, None], emb_next, emb)
-        return step + 1, xb, emb, done | u.stop | (step + 1 >= r.steps), nfe, rec
+        return step + 1, xb, emb, done | u.stop | (step + 1 >= r.rows.steps), nfe, rec
 
     def cond(ic):
         return (ic[0] < spec.spd_max_steps) & jnp.any(~ic[3])
@@ -216,12 +213,12 @@ def _threshold_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRou
 
     def body(ic):
         step, xb, left, done, nfe, rec = ic
-        logits = jax.lax.cond(step == 0, lambda: logits0, lambda: kv.block_forward(
+        logits = jax.lax.cond(step == 0, lambda: logits0, lambda: fw.block_forward(
             params, cfg, jnp.take(table, xb, axis=0).astype(dt), r.start, cache, B, dt))
         run = ~done
         x0, conf, _ = _pick(spec, r, logits, nfe, False)
         nfe = nfe + run
-        tokens, transfer = st.threshold_update(xb, x0, conf, r.threshold[:, None], M)
+        tokens, transfer = st.threshold_update(xb, x0, conf, r.rows.threshold, M)
         n_mask = (tokens == M).sum(-1)
         left = left - 1
         stuck = ~transfer.any(-1) & (n_mask > 0) & r.greedy
@@ -252,7 +249,7 @@ def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r
     B, b = spec.block_length, r.start.shape[0]
     state = jax.lax.cond(pc.active, lambda s: _prefill(spec, cfg, params, s, pc), lambda s: s, state)
     logits0, cache = _step0_logits(spec, cfg, params, state, r)
-    xb0 = kv.row_slice(state.x, r.start, B)
+    xb0 = fw.row_slice(state.x, r.start, B)
     rec = {"tokens": jnp.zeros((spec.max_steps, b, B), jnp.int32),
            "valid": jnp.zeros((spec.max_steps, b), bool)}
     xb, nfe = xb0, r.nfe
@@ -260,6 +257,6 @@ def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r
         rows = r.decoding & (r.strategy == i)
         xb_s, nfe, rec = LOOPS[name](spec, cfg, params, cache, r, rows, xb0, logits0, nfe, rec)
         xb = jnp.where(rows[:, None], xb_s, xb)
-    x = jnp.where(r.decoding[:, None], kv.row_update(state.x, r.start, xb), state.x)
+    x = jnp.where(r.decoding[:, None], fw.row_update(state.x, r.start, xb), state.x)
     out = {"blocks": xb, "nfe": nfe, "steps": rec["tokens"], "step_valid": rec["valid"]}
     return SlotState(x=x, cache=cache), out

@@ -8,53 +8,34 @@ returned tokens are the generated positions ``[P, P + max_tokens)`` cut at the f
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
-from dmax_jax.decoding.layout import row_geometry
+from dmax_jax.decoding.buckets import row_geometry
+from dmax_jax.decoding.config import INT32_MAX, INT32_MIN, DecodeConfig, DecodeConfigError, RowParams
 from dmax_jax.serving.requests import EngineRequest, EngineRequestError, RequestHandle, Usage
 
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+FIELDS = {"gen_length": "max_tokens"}  # DecodeConfig field -> EngineRequest field
 
 
-def _int(field: str, v, lo: int, hi: int = INT32_MAX) -> int:
+def _int(field: str, v, lo: int, hi: int) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= int(v) <= hi:
         raise EngineRequestError(field, f"must be an integer in [{lo}, {hi}], got {v!r}")
     return int(v)
 
 
-def _real(field: str, v, lo: float, hi: float) -> float:
-    ok = not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
-    if not ok or not math.isfinite(float(v)) or not lo <= float(v) <= hi:
-        rng = f"in [{lo:g}, {hi:g}]" if math.isfinite(hi) else f"a finite number >= {lo:g}"
-        raise EngineRequestError(field, f"must be {rng}, got {v!r}")
-    return float(v)
-
-
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """What the engine can serve (for validation)."""
+    """What the engine serves: its strategies, capacity, vocabulary and the resolved decode
+    settings every request shares (``base``: block length, mask/EOS ids, top-k, dtype, ...)."""
 
     strategies: tuple[str, ...]
-    block_length: int
     capacity: int
     vocab_size: int
-    mask_id: int
+    base: DecodeConfig
 
 
-def validate(req: EngineRequest, lim: Limits) -> tuple[np.ndarray, str]:
-    """``(prompt ids as int32 array, strategy)`` of a servable request, else
-    :class:`EngineRequestError` naming the field."""
-    if not isinstance(req, EngineRequest):
-        raise TypeError(f"submit takes an EngineRequest, got {type(req).__name__}")
-    strategy = lim.strategies[0] if req.strategy is None else req.strategy
-    if strategy == "llada2":
-        raise EngineRequestError("strategy", "'llada2' is not served by the engine (it recomputes the whole "
-                                 "prefix every step, without a KV cache); served: "
-                                 + ", ".join(lim.strategies))
-    if strategy not in lim.strategies:
-        raise EngineRequestError("strategy", f"must be one of {', '.join(lim.strategies)}; got {strategy!r}")
+def _prompt(req: EngineRequest, lim: Limits) -> np.ndarray:
     try:
         ids = np.asarray(list(req.prompt_ids))
     except TypeError:
@@ -65,32 +46,52 @@ def validate(req: EngineRequest, lim: Limits) -> tuple[np.ndarray, str]:
     if bad.size:
         raise EngineRequestError("prompt_ids", f"token id {int(ids[bad[0]])} at index {int(bad[0])} is "
                                  f"outside the vocabulary [0, {lim.vocab_size})")
-    hit = np.flatnonzero(ids == lim.mask_id)
+    mask_id = lim.base.mask_id
+    hit = np.flatnonzero(ids == mask_id)
     if hit.size:
-        raise EngineRequestError("prompt_ids", f"holds the mask token {lim.mask_id} at index {int(hit[0])}; "
+        raise EngineRequestError("prompt_ids", f"holds the mask token {mask_id} at index {int(hit[0])}; "
                                  "a prompt must not contain [MASK] (it would be decoded as a hole)")
     if ids.size + 1 > lim.capacity:
         raise EngineRequestError("prompt_ids", f"{ids.size} prompt tokens leave no room in the engine's "
                                  f"{lim.capacity} positions per request")
-    max_tokens = _int("max_tokens", req.max_tokens, 1)
-    _, end, _ = row_geometry(ids.size, max_tokens, lim.block_length)
+    return ids.astype(np.int32)
+
+
+def validate(req: EngineRequest, lim: Limits) -> tuple[np.ndarray, DecodeConfig]:
+    """``(prompt ids int32, the request's DecodeConfig)`` of a servable request, else
+    :class:`EngineRequestError` naming the field (``DecodeConfig`` checks the knobs)."""
+    if not isinstance(req, EngineRequest):
+        raise TypeError(f"submit takes an EngineRequest, got {type(req).__name__}")
+    strategy = lim.strategies[0] if req.strategy is None else req.strategy
+    if strategy == "llada2":
+        raise EngineRequestError("strategy", "'llada2' is not served by the engine (it recomputes the whole "
+                                 "prefix every step, without a KV cache); served: "
+                                 + ", ".join(lim.strategies))
+    if strategy not in lim.strategies:
+        raise EngineRequestError("strategy", f"must be one of {', '.join(lim.strategies)}; got {strategy!r}")
+    B = lim.base.block_length
+    if req.block_length is not None and req.block_length != B:
+        raise EngineRequestError("block_length", f"this engine decodes blocks of {B} tokens; got "
+                                 f"{req.block_length!r}")
+    ids = _prompt(req, lim)
+    try:
+        cfg = lim.base.replace(strategy=strategy, gen_length=req.max_tokens, threshold=req.threshold,
+                               accept_threshold=req.accept_threshold, steps=req.steps,
+                               temperature=req.temperature, seed=req.seed,
+                               top_k=lim.base.top_k if strategy == "spd" else 1)
+    except DecodeConfigError as e:
+        raise EngineRequestError(FIELDS.get(e.field, e.field), e.reason) from None
+    _, end, _ = row_geometry(ids.size, cfg.gen_length, B)
     if end > lim.capacity:
-        raise EngineRequestError("max_tokens", f"{ids.size} prompt tokens + max_tokens {max_tokens} (rounded "
-                                 f"up to the block: {end} positions) exceed the engine's capacity "
+        raise EngineRequestError("max_tokens", f"{ids.size} prompt tokens + max_tokens {cfg.gen_length} "
+                                 f"(rounded up to the block: {end} positions) exceed the engine's capacity "
                                  f"{lim.capacity}")
-    _real("threshold", req.threshold, 0.0, 1.0)
-    _real("accept_threshold", req.accept_threshold, 0.0, 1.0)
-    _real("temperature", req.temperature, 0.0, math.inf)
-    _int("seed", req.seed, INT32_MIN)
-    _int("rng_id", req.rng_id, INT32_MIN)
     if req.steps is not None:
-        if strategy != "spd":
-            raise EngineRequestError("steps", f"only spd takes steps (strategy {strategy!r} stops when the "
-                                     "block has no mask); leave it unset")
-        _int("steps", req.steps, 1, lim.block_length)
+        _int("steps", req.steps, 1, B)  # the step loop's static bound is one forward per token
+    _int("rng_id", req.rng_id, INT32_MIN, INT32_MAX)
     if not isinstance(req.provisional, bool):
         raise EngineRequestError("provisional", f"must be true or false, got {req.provisional!r}")
-    return ids.astype(np.int32), strategy
+    return ids, cfg
 
 
 @dataclasses.dataclass
@@ -99,7 +100,8 @@ class Slot:
 
     handle: RequestHandle
     prompt: np.ndarray
-    strategy: int
+    strategy: int                   # index into the engine's strategies
+    row: RowParams                  # the request's traced knobs, one row (NumPy)
     s0: int
     n_blocks: int
     cursor: int = 0                 # next prompt position to prefill
@@ -109,9 +111,10 @@ class Slot:
     tokens_ref: int = 0
 
     @classmethod
-    def admit(cls, handle: RequestHandle, prompt: np.ndarray, strategy: int, block: int) -> Slot:
-        s0, _, n = row_geometry(prompt.size, handle.request.max_tokens, block)
-        return cls(handle=handle, prompt=prompt, strategy=strategy, s0=int(s0), n_blocks=int(n))
+    def admit(cls, handle: RequestHandle, prompt: np.ndarray, cfg: DecodeConfig, strategy: int) -> Slot:
+        s0, _, n = row_geometry(prompt.size, cfg.gen_length, cfg.block_length)
+        row = cfg.row_params([prompt.size], [handle.request.rng_id])
+        return cls(handle=handle, prompt=prompt, strategy=strategy, row=row, s0=int(s0), n_blocks=int(n))
 
     @property
     def plen(self) -> int:
