@@ -100,11 +100,11 @@ def test_requests_arriving_at_random_blocks_equal_generate_alone(params):
 @pytest.mark.slow
 def test_many_random_requests_equal_generate_alone(params):
     rng = np.random.default_rng(1)
-    reqs = random_requests(rng, 12, max_prompt=64)
+    reqs = random_requests(rng, 20, max_prompt=70, tokens=(1, 40))
     reqs += [EngineRequest([7] * 5, 20, steps=3, threshold=0.05, seed=4),                 # spd step cap
              EngineRequest(list(range(3, 67)), 17, threshold=0.05, rng_id=5, temperature=0.5)]
-    arrivals = sorted(int(a) for a in rng.integers(0, 20, len(reqs)))
-    eng = engine(params, max_batch=4)
+    arrivals = sorted(int(a) for a in rng.integers(0, 30, len(reqs)))
+    eng = Engine((params, CFG), max_batch=4, block_length=B, capacity=128, prefill_chunk=CHUNK)
     handles = serve_with_arrivals(eng, reqs, arrivals)
     for i, (r, h) in enumerate(zip(reqs, handles)):
         assert_same(h.result(0), alone(params, r), f"request {i}")
