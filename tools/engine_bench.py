@@ -1,7 +1,7 @@
 """Engine throughput on the shipped demo model (no HTTP): sequential ``generate`` per request vs the
 slot engine at concurrency 1 and with every request submitted at once; checks the tokens match.
 
-    python tools/engine_bench.py [--n 32] [--max-batch 16] [--strategy spd] [--threshold 0.5]
+    python tools/engine_bench.py [--n 32] [--max-batch 16] [--strategy spd] [--threshold 0.5] [--capacity 128]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def main() -> None:
     ap.add_argument("--strategy", default="spd", choices=("spd", "threshold"))
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--capacity", type=int, default=128)
     args = ap.parse_args()
 
     from dmax_jax.decoding import generate
@@ -41,7 +42,7 @@ def main() -> None:
     seq_s = time.perf_counter() - t
     n_tok = sum(r.tokens[0] for r in ref)
 
-    eng = Engine(model, max_batch=args.max_batch, block_length=32, capacity=256, prefill_chunk=64,
+    eng = Engine(model, max_batch=args.max_batch, block_length=32, capacity=args.capacity, prefill_chunk=64,
                  strategies=(args.strategy,))
     eng.start()
     t = time.perf_counter()
