@@ -87,8 +87,8 @@ class Engine:
     decoding; ``strategies`` the strategies served (``spd``, ``threshold``;
     ``llada2`` is not served); ``dtype`` the compute dtype (cache too); ``top_k``, ``max_unroll``,
     ``expected_tpf``, ``soft_embedding_impl`` as in ``generate`` (static); ``mask_id`` / ``eos_id``
-    default to the model config's. ``widths``: the batch widths compiled (default 1, 2, 4, ... up to
-    ``max_batch``): a round computes only the first ``width`` slots that cover every decoding slot.
+    default to the model config's. ``widths``: the batch widths compiled (default 1, max_batch // 4,
+    max_batch): a round computes only the first ``width`` slots that cover every decoding slot.
     """
 
     def __init__(self, model, *, max_batch: int = 8, block_length: int = 32, capacity: int | None = None,
@@ -138,7 +138,7 @@ class Engine:
         # compiled batch widths: a round computes only the first `width` slots (admission fills the
         # lowest free slot), so a lightly loaded engine does not pay for its idle slots
         if widths is None:
-            widths = {min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)}
+            widths = {1, max(1, max_batch // 4), max_batch}
         self.widths = tuple(sorted(set(widths)))
         if not self.widths or self.widths[-1] != max_batch or self.widths[0] < 1:
             raise ValueError(f"widths {widths} must be positive batch widths ending at max_batch {max_batch}")
@@ -330,12 +330,12 @@ class Engine:
         ``prefill`` slots get their next prompt chunk (their cursors advance here)."""
         n, B, M, C = width, self.block_length, self.spec.mask_id, self.spec.prefill_chunk
         f = {k: np.zeros(n, np.int32) for k in ("strategy", "k", "start", "nfe")}
-        f.update(decoding=np.zeros(n, bool), greedy=np.ones(n, bool))
+        f["decoding"] = np.zeros(n, bool)
         rows = [self._idle_row] * n
         for i in decoding:
             s = self._slots[i]
             f["decoding"][i], f["strategy"][i], f["k"][i], f["start"][i] = True, s.strategy, s.k, s.start(B)
-            f["nfe"][i], f["greedy"][i] = s.nfe, s.handle.request.temperature == 0
+            f["nfe"][i] = s.nfe
             rows[i] = s.row
         P = self.spec.prefill_batch
         pc = dict(slot=np.full(P, self.max_batch, np.int32), start=np.zeros(P, np.int32),
