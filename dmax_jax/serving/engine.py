@@ -65,7 +65,8 @@ _PROGRAMS: dict = {}  # (spec, model config, slots, sharding) -> jitted round pr
 def _jit_round(spec: prog.RoundSpec, cfg, shardings):
     """The jitted round program, the slot state donated (its buffers are updated in place)."""
     def traced(params, state, r, pc):
-        prog.TRACE_COUNT[spec, cfg, state.x.shape[0] - 1, r.start.shape[0]] += 1
+        slots = state.x.shape[0] - 1
+        prog.TRACE_COUNT[spec, cfg, slots, min(r.start.shape[0], slots)] += 1
         return prog.round_program(spec, cfg, params, state, r, pc)
 
     if shardings is None:
@@ -328,7 +329,8 @@ class Engine:
     def _inputs(self, decoding: list[int], prefill: list[int], width: int):
         """Host arrays of one round: ``decoding`` slots (all < ``width``) advance a block, the
         ``prefill`` slots get their next prompt chunk (their cursors advance here)."""
-        n, B, M, C = width, self.block_length, self.spec.mask_id, self.spec.prefill_chunk
+        B, M, C = self.block_length, self.spec.mask_id, self.spec.prefill_chunk
+        n = width + (width == self.max_batch)  # full width: the scratch row rides along, idle
         f = {k: np.zeros(n, np.int32) for k in ("strategy", "k", "start", "nfe")}
         f["decoding"] = np.zeros(n, bool)
         rows = [self._idle_row] * n
@@ -374,7 +376,7 @@ class Engine:
             self._counters["rounds"] += 1
             self._counters["busy_seconds"] += time.perf_counter() - t
             self._counters["prefill_chunks"] += len(prefill)
-            self._counters[f"rounds_width_{r.start.shape[0]}"] += 1
+            self._counters[f"rounds_width_{width}"] += 1
             self._process(plan, out)
 
     def _process(self, plan: dict, out: dict) -> None:

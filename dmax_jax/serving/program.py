@@ -237,10 +237,16 @@ LOOPS = {"spd": _spd_loop, "threshold": _threshold_loop}
 
 
 def _rows(state: SlotState, n: int) -> SlotState:
+    """The first ``n`` slots (all of them, scratch row included, without a copy at full width)."""
+    if n == state.x.shape[0]:
+        return state
     return jax.tree.map(lambda a: a[:, :n] if a.ndim > 2 else a[:n], state)
 
 
 def _put_rows(state: SlotState, part: SlotState) -> SlotState:
+    if part.x.shape[0] == state.x.shape[0]:
+        return part
+
     def put(a, u):
         return jax.lax.dynamic_update_slice(a, u, (0,) * a.ndim)
     return jax.tree.map(put, state, part)
@@ -252,7 +258,8 @@ def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r
 
     The prefill chunks work on the full state; the block step on its first ``n`` slots only, ``n`` =
     the length of ``r``'s arrays (the host picks the smallest compiled width covering every decoding
-    slot, so a lightly loaded engine does not compute its idle slots). Returns ``(state, out)``:
+    slot, so a lightly loaded engine does not compute its idle slots; at full width ``r`` also covers
+    the scratch row, as an idle slot, so no slot buffer is copied). Returns ``(state, out)``:
     ``out["blocks"] [n, B]`` the decoded blocks, ``out["nfe"] [n]`` the forward counters after the
     round, ``out["steps"] [S, n, B]`` / ``out["step_valid"] [S, n]`` the block after every forward
     (provisional snapshots)."""
