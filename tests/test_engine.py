@@ -249,3 +249,32 @@ def test_bad_engine_settings(params):
         Engine((params, CFG), block_length=8, prefill_chunk=12, capacity=CAP)
     with pytest.raises(ValueError, match="capacity"):
         Engine((params, CFG), block_length=8, capacity=CFG.max_position_embeddings + 8)
+
+
+def test_a_failing_round_ends_every_request_with_the_error(params):
+    eng = engine(params, max_batch=1)
+    eng.warmup()
+    hs = [eng.submit(EngineRequest([5, 6, 7], 17)) for _ in range(2)]
+
+    def broken(*a):
+        raise RuntimeError("device lost")
+
+    eng._exe = broken
+    eng.start()._thread.join(60)
+    assert isinstance(eng.error, RuntimeError)
+    assert all(h.result(10).reason == "error" and "device lost" in h.result(0).error for h in hs)
+    with pytest.raises(EngineClosedError):
+        eng.submit(EngineRequest([5, 6, 7], 17))
+
+
+def test_a_failing_listener_does_not_stop_the_engine(params):
+    eng = engine(params, max_batch=2)
+
+    def bad(event):
+        raise ValueError("client bug")
+
+    h1 = eng.submit(EngineRequest([5, 6, 7], 17), listener=bad)
+    h2 = eng.submit(EngineRequest(list(range(10, 29)), 20, threshold=0.05))
+    eng.run_until_idle()
+    assert h1.result(0).reason in ("eos", "length")
+    assert_same(h2.result(0), alone(params, h2.request))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from dmax_jax.serving.requests import (
 from dmax_jax.serving.slots import Limits, Slot, validate
 
 SERVED_STRATEGIES = ("spd", "threshold")
+log = logging.getLogger(__name__)
 
 
 def _state_sharding(params):
@@ -163,6 +165,7 @@ class Engine:
         self._stopping = False
         self._drain = True
         self._counters = collections.Counter()
+        self.error: Exception | None = None  # what ended the background thread, if a round failed
 
     # ---- properties --------------------------------------------------------------------------------
     @property
@@ -298,10 +301,11 @@ class Engine:
                         return
                 self._round()
         except Exception as e:  # a failed round ends every request with the error, and the engine
+            log.exception("engine round failed; every request ends with reason 'error'")
             with self._lock:
+                self.error = e
                 self._closed = True
                 self._abort_all("error", error=f"{type(e).__name__}: {e}")
-            raise
 
     def _finish_queued(self, handle: RequestHandle, reason: str, error: str | None = None) -> None:
         usage = Usage(prompt_tokens=len(handle.request.prompt_ids), tokens=0, tokens_ref=0, nfe=0, blocks=0)
