@@ -28,7 +28,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from dmax_jax.decoding.api import _model_parts
 from dmax_jax.decoding.config import SOFT_IMPLS, DecodeConfig, DecodeConfigError
@@ -50,30 +49,21 @@ SERVED_STRATEGIES = ("spd", "threshold")
 log = logging.getLogger(__name__)
 
 
-def _state_sharding(params):
-    """Where the engine's buffers live: replicated over the parameters' mesh (or their device)."""
-    leaf = jax.tree.leaves(params)[0]
-    sh = getattr(leaf, "sharding", None)
-    if isinstance(sh, NamedSharding):
-        return NamedSharding(sh.mesh, PartitionSpec())
-    if sh is not None and len(sh.device_set) == 1:
-        return jax.sharding.SingleDeviceSharding(next(iter(sh.device_set)))
-    return None
-
-
-_PROGRAMS: dict = {}  # (spec, model config, slots, sharding) -> jitted round program
-
-
-def _jit_round(spec: prog.RoundSpec, cfg, shardings):
-    """The jitted round program, the slot state donated (its buffers are updated in place)."""
-    def traced(params, state, r, pc):
-        slots = state.x.shape[0] - 1
-        prog.TRACE_COUNT[spec, cfg, slots, min(r.start.shape[0], slots)] += 1
-        return prog.round_program(spec, cfg, params, state, r, pc)
-
-    if shardings is None:
-        return jax.jit(traced, donate_argnums=(1,))
-    return jax.jit(traced, donate_argnums=(1,), out_shardings=shardings)
+def _check_settings(strategies: tuple[str, ...], **ints: int) -> None:
+    """Engine settings: served strategies, positive integers, chunks made of whole blocks."""
+    for s in strategies:
+        if s not in SERVED_STRATEGIES:
+            why = " (llada2 recomputes the whole prefix every step)" if s == "llada2" else ""
+            raise ValueError(f"strategy {s!r} is not served by the engine{why}; "
+                             f"served: {SERVED_STRATEGIES}")
+    if not strategies or len(set(strategies)) != len(strategies):
+        raise ValueError(f"strategies must be a non-empty tuple without repeats, got {strategies}")
+    for name, v in ints.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if ints["prefill_chunk"] % ints["block_length"]:
+        raise ValueError(f"prefill_chunk {ints['prefill_chunk']} must be a multiple of block_length "
+                         f"{ints['block_length']}")
 
 
 class Engine:
@@ -103,21 +93,9 @@ class Engine:
         self.params, self.config = _model_parts(model)
         cfg = self.config
         strategies = tuple(strategies)
-        for s in strategies:
-            if s not in SERVED_STRATEGIES:
-                why = " (llada2 recomputes the whole prefix every step)" if s == "llada2" else ""
-                raise ValueError(f"strategy {s!r} is not served by the engine{why}; "
-                                 f"served: {SERVED_STRATEGIES}")
-        if not strategies or len(set(strategies)) != len(strategies):
-            raise ValueError(f"strategies must be a non-empty tuple without repeats, got {strategies}")
-        for name, v in (("max_batch", max_batch), ("block_length", block_length),
-                        ("prefill_chunk", prefill_chunk), ("prefill_batch", prefill_batch), ("top_k", top_k),
-                        ("max_unroll", max_unroll), ("expected_tpf", expected_tpf)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if prefill_chunk % block_length:
-            raise ValueError(f"prefill_chunk {prefill_chunk} must be a multiple of block_length "
-                             f"{block_length}")
+        _check_settings(strategies, max_batch=max_batch, block_length=block_length,
+                        prefill_chunk=prefill_chunk, prefill_batch=prefill_batch, top_k=top_k,
+                        max_unroll=max_unroll, expected_tpf=expected_tpf)
         if soft_embedding_impl not in SOFT_IMPLS:
             raise ValueError(f"soft_embedding_impl {soft_embedding_impl!r} is not one of {SOFT_IMPLS}")
         cap = cfg.max_position_embeddings if capacity is None else int(capacity)
@@ -153,7 +131,7 @@ class Engine:
             raise ValueError(f"engine setting {e}") from None
         self.limits = Limits(strategies, cap, cfg.vocab_size, base)
         self._idle_row = base.row_params([1], [0])
-        self._sharding = _state_sharding(self.params)
+        self._sharding = prog.state_sharding(self.params)
         self._state = None
         self._exe = None
         self._lock = threading.Condition()
@@ -222,11 +200,11 @@ class Engine:
         make = functools.partial(prog.init_state, spec, cfg, self.max_batch)
         self._state = (jax.jit(make, out_shardings=self._sharding) if self._sharding else jax.jit(make))()
         key = (spec, cfg, self.max_batch, self._sharding)
-        if key not in _PROGRAMS:
+        if key not in prog.PROGRAMS:
             shard = None if self._sharding is None else (jax.tree.map(lambda a: a.sharding, self._state),
                                                           self._sharding)
-            _PROGRAMS[key] = _jit_round(spec, cfg, shard)
-        self._exe = _PROGRAMS[key]
+            prog.PROGRAMS[key] = prog.jit_round(spec, cfg, shard)
+        self._exe = prog.PROGRAMS[key]
         t = time.perf_counter()
         for w in self.widths:
             self._run(*self._inputs([], [], w))

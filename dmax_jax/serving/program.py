@@ -24,6 +24,7 @@ import dataclasses
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dmax_jax.config import ModelConfig
 from dmax_jax.decoding import forwards as fw
@@ -280,3 +281,29 @@ def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r
     x = jnp.where(r.decoding[:, None], fw.row_update(part.x, r.start, xb), part.x)
     out = {"blocks": xb, "nfe": nfe, "steps": rec["tokens"], "step_valid": rec["valid"]}
     return _put_rows(state, SlotState(x=x, cache=cache)), out
+
+
+def state_sharding(params):
+    """Where the engine's buffers live: replicated over the parameters' mesh (or their device)."""
+    leaf = jax.tree.leaves(params)[0]
+    sh = getattr(leaf, "sharding", None)
+    if isinstance(sh, NamedSharding):
+        return NamedSharding(sh.mesh, PartitionSpec())
+    if sh is not None and len(sh.device_set) == 1:
+        return jax.sharding.SingleDeviceSharding(next(iter(sh.device_set)))
+    return None
+
+
+PROGRAMS: dict = {}  # (spec, model config, slots, sharding) -> jitted round program
+
+
+def jit_round(spec: RoundSpec, cfg, shardings):
+    """The jitted round program, the slot state donated (its buffers are updated in place)."""
+    def traced(params, state, r, pc):
+        slots = state.x.shape[0] - 1
+        TRACE_COUNT[spec, cfg, slots, min(r.start.shape[0], slots)] += 1
+        return round_program(spec, cfg, params, state, r, pc)
+
+    if shardings is None:
+        return jax.jit(traced, donate_argnums=(1,))
+    return jax.jit(traced, donate_argnums=(1,), out_shardings=shardings)
