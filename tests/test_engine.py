@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 
+import jax
 import numpy as np
 import pytest
 from test_decoding_oracle import random_params
@@ -90,7 +91,9 @@ def test_requests_arriving_at_random_blocks_equal_generate_alone(params):
     eng = engine(params, widths=(1, 2, 3))
     eng.warmup()
     assert eng.compile_count() == 3
+    before = jax.tree.leaves(eng._state)
     handles = serve_with_arrivals(eng, reqs, arrivals=[0, 0, 1, 3, 4])
+    assert all(a.is_deleted() for a in before)          # the slot buffers were donated, not copied
     for i, (r, h) in enumerate(zip(reqs, handles)):
         assert_same(h.result(0), alone(params, r), f"request {i}")
     assert eng.stats()["prefill_chunks"] > len(reqs)  # some prompts took several chunks
