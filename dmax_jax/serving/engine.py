@@ -203,7 +203,7 @@ class Engine:
         if key not in prog.PROGRAMS:
             shard = None if self._sharding is None else (jax.tree.map(lambda a: a.sharding, self._state),
                                                           self._sharding)
-            prog.PROGRAMS[key] = prog.jit_round(spec, cfg, shard)
+            prog.PROGRAMS[key] = prog.jit_round(key, shard)
         self._exe = prog.PROGRAMS[key]
         t = time.perf_counter()
         for w in self.widths:
@@ -213,7 +213,8 @@ class Engine:
     def compile_count(self) -> int:
         """Times the round programs of this engine's configuration were traced in this process
         (engines of one configuration share them): one per width after warm-up, and it stays so."""
-        return sum(prog.TRACE_COUNT[self.spec, self.config, self.max_batch, w] for w in self.widths)
+        key = (self.spec, self.config, self.max_batch, self._sharding)
+        return sum(prog.TRACE_COUNT[(*key, w)] for w in self.widths)
 
     def start(self) -> Engine:
         """Compile (if not yet) and run the round loop in a background thread; returns self."""

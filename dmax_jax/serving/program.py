@@ -34,7 +34,7 @@ from dmax_jax.model.kv_cache import KVCache, init_cache
 from dmax_jax.model.llada2 import embedding_table, forward
 from dmax_jax.model.masks import MaskSpec
 
-TRACE_COUNT: collections.Counter = collections.Counter()  # traces, per (spec, model config, slots)
+TRACE_COUNT: collections.Counter = collections.Counter()  # traces, per (spec, config, slots, sharding, width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,11 +297,13 @@ def state_sharding(params):
 PROGRAMS: dict = {}  # (spec, model config, slots, sharding) -> jitted round program
 
 
-def jit_round(spec: RoundSpec, cfg, shardings):
-    """The jitted round program, the slot state donated (its buffers are updated in place)."""
+def jit_round(key: tuple, shardings):
+    """The jitted round program of ``key = (spec, model config, slots, sharding)``, the slot state
+    donated (its buffers are updated in place); traces count in ``TRACE_COUNT[key + (width,)]``."""
+    spec, cfg, slots = key[:3]
+
     def traced(params, state, r, pc):
-        slots = state.x.shape[0] - 1
-        TRACE_COUNT[spec, cfg, slots, min(r.start.shape[0], slots)] += 1
+        TRACE_COUNT[(*key, min(r.start.shape[0], slots))] += 1
         return round_program(spec, cfg, params, state, r, pc)
 
     if shardings is None:
