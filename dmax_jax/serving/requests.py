@@ -94,7 +94,9 @@ class Usage:
 @dataclasses.dataclass(frozen=True)
 class ProvisionalStep:
     """The current block after forward ``step`` of block ``block``: ``tokens`` covers the block's
-    generated positions (prompt tail excluded), [MASK] where still undecided; may be revised."""
+    generated positions (prompt tail excluded, cut at ``max_tokens``) as they are: [MASK] where still
+    undecided, EOS not cut; SPD may still revise any of them. The last step equals the block's
+    :class:`BlockCommitted` tokens before the EOS cut."""
 
     request_id: int
     block: int
