@@ -281,3 +281,13 @@ def test_a_failing_listener_does_not_stop_the_engine(params):
     eng.run_until_idle()
     assert h1.result(0).reason in ("eos", "length")
     assert_same(h2.result(0), alone(params, h2.request))
+
+
+def test_soft_top_k_mixing_matches_generate(params):
+    eng = engine(params, max_batch=1, top_k=2, strategies=("spd",))
+    req = EngineRequest(list(range(10, 29)), 20, threshold=0.3, temperature=0.7, seed=5)
+    h = eng.submit(req)
+    eng.run_until_idle()
+    ref = generate((params, CFG), [list(req.prompt_ids)], block_length=B, gen_length=20, threshold=0.3,
+                   temperature=0.7, seed=5, top_k=2, prompt_bucket=BUCKET)
+    assert_same(h.result(0), ref)
