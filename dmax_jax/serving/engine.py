@@ -1,0 +1,380 @@
+"""A block-level continuous-batching engine for SPD / threshold decoding.
+
+``Engine(model, max_batch=8, block_length=32, capacity=...)`` owns ``max_batch`` slots; slot i is
+row i of one fixed-capacity KV cache and token buffer. Every engine *round* is one call of one
+compiled program that (1) prefills one chunk of ``prefill_chunk`` prompt tokens for each of up to
+``prefill_batch`` admitted requests and (2) advances every decoding slot by one block — the step
+loop stays inside ``lax.while_loop``. Between rounds the host admits queued requests into free
+slots, retires finished ones and emits events. Requests are batch-invariant: their tokens equal
+``dmax_jax.generate`` on the prompt alone.
+
+Usage::
+
+    eng = Engine(model, max_batch=8, block_length=32).start()
+    h = eng.submit(EngineRequest(prompt_ids, max_tokens=256, temperature=0.0))
+    for ev in h: ...           # ProvisionalStep* / BlockCommitted* / Finished
+    eng.stop(drain=True)
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmax_jax.decoding.api import _model_parts
+from dmax_jax.decoding.config import SOFT_IMPLS, DecodeConfig, DecodeConfigError
+from dmax_jax.decoding.strategies import threshold_max_forwards
+from dmax_jax.serving import program as prog
+from dmax_jax.serving.requests import (
+    BlockCommitted,
+    EngineClosedError,
+    EngineRequest,
+    Event,
+    Finished,
+    ProvisionalStep,
+    RequestHandle,
+    Usage,
+)
+from dmax_jax.serving.slots import Limits, Slot, validate
+
+SERVED_STRATEGIES = ("spd", "threshold")
+log = logging.getLogger(__name__)
+
+
+def _check_settings(strategies: tuple[str, ...], **ints: int) -> None:
+    """Engine settings: served strategies, positive integers, chunks made of whole blocks."""
+    for s in strategies:
+        if s not in SERVED_STRATEGIES:
+            why = " (llada2 recomputes the whole prefix every step)" if s == "llada2" else ""
+            raise ValueError(f"strategy {s!r} is not served by the engine{why}; "
+                             f"served: {SERVED_STRATEGIES}")
+    if not strategies or len(set(strategies)) != len(strategies):
+        raise ValueError(f"strategies must be a non-empty tuple without repeats, got {strategies}")
+    for name, v in ints.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if ints["prefill_chunk"] % ints["block_length"]:
+        raise ValueError(f"prefill_chunk {ints['prefill_chunk']} must be a multiple of block_length "
+                         f"{ints['block_length']}")
+
+
+class Engine:
+    """Slot engine. Construction validates the configuration; :meth:`start` runs the round loop in
+    a background thread (or drive it synchronously with :meth:`step` / :meth:`run_until_idle`).
+
+    ``model``: a ``Pretrained`` (``.params``, ``.config``) or ``(params, config)``; parameters may
+    be sharded over a mesh exactly as for ``generate`` (the engine's own buffers are then
+    replicated over the same devices). ``max_batch`` slots; ``block_length`` B (static);
+    ``capacity`` positions per slot (default: the model's ``max_position_embeddings``; a request
+    needs ``B * ceil((len(prompt) + max_tokens) / B)``); each round prefills one chunk of
+    ``prefill_chunk`` prompt tokens (a multiple of B) for each of up to ``prefill_batch`` admitted
+    requests, so at most ``prefill_chunk * prefill_batch`` prompt tokens delay the slots already
+    decoding; ``strategies`` the strategies served (``spd``, ``threshold``;
+    ``llada2`` is not served); ``dtype`` the compute dtype (cache too); ``top_k``, ``max_unroll``,
+    ``expected_tpf``, ``soft_embedding_impl`` as in ``generate`` (static); ``mask_id`` / ``eos_id``
+    default to the model config's. ``widths``: the batch widths compiled (default 1, max_batch // 4,
+    max_batch): a round computes only the first ``width`` slots that cover every decoding slot.
+    """
+
+    def __init__(self, model, *, max_batch: int = 8, block_length: int = 32, capacity: int | None = None,
+                 prefill_chunk: int = 128, prefill_batch: int = 8,
+                 strategies: tuple[str, ...] = SERVED_STRATEGIES, dtype=None,
+                 top_k: int = 1, max_unroll: int = 4, expected_tpf: int = 4,
+                 soft_embedding_impl: str = "auto", mask_id: int | None = None, eos_id: int | None = None,
+                 widths: tuple[int, ...] | None = None):
+        self.params, self.config = _model_parts(model)
+        cfg = self.config
+        strategies = tuple(strategies)
+        _check_settings(strategies, max_batch=max_batch, block_length=block_length,
+                        prefill_chunk=prefill_chunk, prefill_batch=prefill_batch, top_k=top_k,
+                        max_unroll=max_unroll, expected_tpf=expected_tpf)
+        if soft_embedding_impl not in SOFT_IMPLS:
+            raise ValueError(f"soft_embedding_impl {soft_embedding_impl!r} is not one of {SOFT_IMPLS}")
+        cap = cfg.max_position_embeddings if capacity is None else int(capacity)
+        if cap < block_length or cap > cfg.max_position_embeddings:
+            raise ValueError(f"capacity {cap} must be in [block_length {block_length}, "
+                             f"max_position_embeddings {cfg.max_position_embeddings}]")
+        cap -= cap % block_length
+        self.eos_id = cfg.eos_token_id if eos_id is None else int(eos_id)
+        if self.eos_id is None:
+            raise ValueError("eos_id is not set and the model config has no eos_token_id")
+        mask_id = cfg.resolved_mask_token_id if mask_id is None else int(mask_id)
+        dtype = getattr(model, "compute_dtype", jnp.float32) if dtype is None else dtype
+        self.spec = prog.RoundSpec(
+            strategies=strategies, block_length=block_length, capacity=cap, prefill_chunk=prefill_chunk,
+            prefill_batch=min(prefill_batch, max_batch),
+            mask_id=mask_id, spd_max_steps=block_length,
+            threshold_max_steps=threshold_max_forwards(block_length, expected_tpf, max_unroll), top_k=top_k,
+            max_unroll=max_unroll, expected_tpf=expected_tpf, soft_impl=soft_embedding_impl,
+            dtype=jnp.dtype(dtype).name)
+        self.max_batch = max_batch
+        # compiled batch widths: a round computes only the first `width` slots (admission fills the
+        # lowest free slot), so a lightly loaded engine does not pay for its idle slots
+        if widths is None:
+            widths = {1, max(1, max_batch // 4), max_batch}
+        self.widths = tuple(sorted(set(widths)))
+        if not self.widths or self.widths[-1] != max_batch or self.widths[0] < 1:
+            raise ValueError(f"widths {widths} must be positive batch widths ending at max_batch {max_batch}")
+        try:
+            base = DecodeConfig(strategy=strategies[0], block_length=block_length, top_k=top_k,
+                                soft_impl=soft_embedding_impl, dtype=self.spec.dtype, max_unroll=max_unroll,
+                                expected_tpf=expected_tpf, mask_id=mask_id, eos_id=self.eos_id)
+        except DecodeConfigError as e:
+            raise ValueError(f"engine setting {e}") from None
+        self.limits = Limits(strategies, cap, cfg.vocab_size, base)
+        self._idle_row = base.row_params([1], [0])
+        self._sharding = prog.state_sharding(self.params)
+        self._state = None
+        self._exe = None
+        self._lock = threading.Condition()
+        self._queue: collections.deque = collections.deque()   # (handle, prompt, DecodeConfig)
+        self._slots: list[Slot | None] = [None] * max_batch
+        self._next_id = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._drain = True
+        self._counters = collections.Counter()
+        self.error: Exception | None = None  # what ended the background thread, if a round failed
+
+    # ---- properties --------------------------------------------------------------------------------
+    @property
+    def block_length(self) -> int:
+        return self.spec.block_length
+
+    @property
+    def capacity(self) -> int:
+        return self.spec.capacity
+
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        return self.spec.strategies
+
+    # ---- client API (thread-safe) ----------------------------------------------------------------
+    def submit(self, request: EngineRequest,
+               listener: Callable[[Event], None] | None = None) -> RequestHandle:
+        """Validate and queue a request; raises :class:`EngineRequestError` (field named) for a bad
+        one and :class:`EngineClosedError` after :meth:`stop`. Returns its handle at once."""
+        prompt, cfg = validate(request, self.limits)
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is stopped; it accepts no more requests")
+            handle = RequestHandle(self._next_id, request, listener)
+            self._next_id += 1
+            self._queue.append((handle, prompt, cfg))
+            self._lock.notify_all()
+        return handle
+
+    def abort(self, request_id: int, reason: str = "abort") -> bool:
+        """End a request at whatever stage it is (queued, prefilling, decoding) and free its slot
+        before the next round; its handle gets ``Finished(reason)`` with the tokens committed so
+        far. ``reason="stop"`` is the server's stop-string hook. False if it already finished."""
+        if reason not in ("abort", "stop"):
+            raise ValueError(f"abort reason must be 'abort' or 'stop', got {reason!r}")
+        with self._lock:
+            for item in self._queue:
+                if item[0].id == request_id:
+                    self._queue.remove(item)
+                    self._finish_queued(item[0], reason)
+                    return True
+            for i, slot in enumerate(self._slots):
+                if slot is not None and slot.handle.id == request_id:
+                    self._release(i, reason)
+                    return True
+        return False
+
+    # ---- running ---------------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """Compile the round program now (``start`` and ``step`` do it too) by running one idle round."""
+        if self._state is not None:
+            return
+        spec, cfg = self.spec, self.config
+        make = functools.partial(prog.init_state, spec, cfg, self.max_batch)
+        self._state = (jax.jit(make, out_shardings=self._sharding) if self._sharding else jax.jit(make))()
+        key = (spec, cfg, self.max_batch, self._sharding)
+        if key not in prog.PROGRAMS:
+            shard = None if self._sharding is None else (jax.tree.map(lambda a: a.sharding, self._state),
+                                                          self._sharding)
+            prog.PROGRAMS[key] = prog.jit_round(key, shard)
+        self._exe = prog.PROGRAMS[key]
+        t = time.perf_counter()
+        for w in self.widths:
+            self._run(*self._inputs([], [], w))
+        self._counters["compile_seconds"] = time.perf_counter() - t
+
+    def compile_count(self) -> int:
+        """Times the round programs of this engine's configuration were traced in this process
+        (engines of one configuration share them): one per width after warm-up, and it stays so."""
+        key = (self.spec, self.config, self.max_batch, self._sharding)
+        return sum(prog.TRACE_COUNT[(*key, w)] for w in self.widths)
+
+    def start(self) -> Engine:
+        """Compile (if not yet) and run the round loop in a background thread; returns self."""
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine was stopped; create a new one")
+            if self._thread is not None:
+                return self
+        self.warmup()
+        self._thread = threading.Thread(target=self._loop, name="dmax-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting requests; ``drain`` finishes every queued / running request first,
+        otherwise they end with ``reason="abort"``. Joins the background thread."""
+        with self._lock:
+            self._closed, self._stopping, self._drain = True, True, drain
+            if not drain:
+                self._abort_all("abort")
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def step(self) -> bool:
+        """One round in the caller's thread (not while started): admit, run the program once,
+        emit events. Returns whether any request is still queued or running."""
+        if self._thread is not None:
+            raise RuntimeError("the engine runs in its background thread; step() is for synchronous use")
+        self.warmup()
+        self._round()
+        with self._lock:
+            return self._has_work()
+
+    def run_until_idle(self, max_rounds: int | None = None) -> int:
+        """Call :meth:`step` until nothing is queued or running; returns the rounds run."""
+        n, more = 0, True
+        while more and (max_rounds is None or n < max_rounds):
+            more = self.step()
+            n += 1
+        return n
+
+    def stats(self) -> dict:
+        """Counters: rounds, busy seconds, queued / prefilling / decoding / free slots, finished."""
+        with self._lock:
+            live = [s for s in self._slots if s is not None]
+            return {**self._counters, "queued": len(self._queue),
+                    "prefilling": sum(s.prefilling for s in live),
+                    "decoding": sum(not s.prefilling for s in live),
+                    "free_slots": self.max_batch - len(live), "compile_count": self.compile_count()}
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _has_work(self) -> bool:
+        return bool(self._queue) or any(s is not None for s in self._slots)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._has_work():
+                        self._lock.wait()
+                    if self._stopping and (not self._drain or not self._has_work()):
+                        return
+                self._round()
+        except Exception as e:  # a failed round ends every request with the error, and the engine
+            log.exception("engine round failed; every request ends with reason 'error'")
+            with self._lock:
+                self.error = e
+                self._closed = True
+                self._abort_all("error", error=f"{type(e).__name__}: {e}")
+
+    def _finish_queued(self, handle: RequestHandle, reason: str, error: str | None = None) -> None:
+        usage = Usage(prompt_tokens=len(handle.request.prompt_ids), tokens=0, tokens_ref=0, nfe=0, blocks=0)
+        handle._emit(Finished(handle.id, reason, (), usage, error))
+        self._counters["finished"] += 1
+
+    def _release(self, i: int, reason: str, error: str | None = None) -> None:
+        slot, self._slots[i] = self._slots[i], None
+        slot.handle._emit(Finished(slot.handle.id, reason, tuple(slot.tokens), slot.usage(), error))
+        self._counters["finished"] += 1
+
+    def _abort_all(self, reason: str, error: str | None = None) -> None:
+        while self._queue:
+            self._finish_queued(self._queue.popleft()[0], reason, error)
+        for i, s in enumerate(self._slots):
+            if s is not None:
+                self._release(i, reason, error)
+
+    def _admit(self) -> None:
+        for i in range(self.max_batch):
+            if self._slots[i] is None and self._queue:
+                handle, prompt, cfg = self._queue.popleft()
+                self._slots[i] = Slot.admit(handle, prompt, cfg, self.strategies.index(cfg.strategy))
+
+    def _inputs(self, decoding: list[int], prefill: list[int], width: int):
+        """Host arrays of one round: ``decoding`` slots (all < ``width``) advance a block, the
+        ``prefill`` slots get their next prompt chunk (their cursors advance here)."""
+        B, M, C = self.block_length, self.spec.mask_id, self.spec.prefill_chunk
+        n = width + (width == self.max_batch)  # full width: the scratch row rides along, idle
+        f = {k: np.zeros(n, np.int32) for k in ("strategy", "k", "start", "nfe")}
+        f["decoding"] = np.zeros(n, bool)
+        rows = [self._idle_row] * n
+        for i in decoding:
+            s = self._slots[i]
+            f["decoding"][i], f["strategy"][i], f["k"][i], f["start"][i] = True, s.strategy, s.k, s.start(B)
+            f["nfe"][i] = s.nfe
+            rows[i] = s.row
+        P = self.spec.prefill_batch
+        pc = dict(slot=np.full(P, self.max_batch, np.int32), start=np.zeros(P, np.int32),
+                  ids=np.full((P, C), M, np.int32), forward=np.zeros(P, bool), reset=np.zeros(P, bool),
+                  length=np.zeros(P, np.int32))
+        for p, i in enumerate(prefill):
+            s = self._slots[i]
+            c = s.cursor
+            chunk = s.prompt[c:c + C]
+            pc["ids"][p, :chunk.size] = chunk
+            pc["slot"][p], pc["start"][p], pc["forward"][p], pc["reset"][p] = i, c, c < s.s0, c == 0
+            pc["length"][p] = min(c + C, s.s0)
+            s.cursor = c + C
+        pc = prog.PrefillChunk(**pc)
+        return prog.SlotRound(rows=jax.tree.map(lambda *a: np.concatenate(a), *rows), **f), pc
+
+    def _run(self, r, pc):
+        self._state, out = self._exe(self.params, self._state, r, pc)
+        return jax.device_get(out)
+
+    def _round(self) -> None:
+        with self._lock:
+            self._admit()
+            waiting = [i for i, s in enumerate(self._slots) if s is not None and s.prefilling]
+            prefill = sorted(waiting, key=lambda i: self._slots[i].handle.id)[:self.spec.prefill_batch]
+            pc = self._inputs([], prefill, 1)[1]  # advances the cursors: a slot may decode this round
+            decoding = [i for i, s in enumerate(self._slots) if s is not None and not s.prefilling]
+            if not prefill and not decoding:
+                return
+            width = next(w for w in self.widths if w > max(decoding, default=-1))
+            r = self._inputs(decoding, [], width)[0]
+            plan = {i: self._slots[i] for i in decoding}
+        t = time.perf_counter()
+        out = self._run(r, pc)
+        with self._lock:
+            self._counters["rounds"] += 1
+            self._counters["busy_seconds"] += time.perf_counter() - t
+            self._counters["prefill_chunks"] += len(prefill)
+            self._counters[f"rounds_width_{width}"] += 1
+            self._process(plan, out)
+
+    def _process(self, plan: dict, out: dict) -> None:
+        B = self.block_length
+        for i, slot in plan.items():
+            if self._slots[i] is not slot:  # aborted while the round ran
+                continue
+            h = slot.handle
+            slot.nfe = int(out["nfe"][i])
+            if h.request.provisional:
+                for s in np.flatnonzero(out["step_valid"][:, i]):
+                    snap = slot.generated(out["steps"][s, i], B)
+                    h._emit(ProvisionalStep(h.id, slot.k, int(s), tuple(int(t) for t in snap)))
+            new, reason = slot.commit_block(out["blocks"][i], B, self.eos_id)
+            h._emit(BlockCommitted(h.id, slot.k - 1, tuple(new), slot.nfe))
+            self._counters["blocks"] += 1
+            if reason is not None:
+                self._release(i, reason)

@@ -1,0 +1,311 @@
+"""The engine's one compiled program: a prefill chunk for one slot, then one block for every decoding slot.
+
+Device state (donated every round): ``x [slots + 1, W]`` token rows and the KV cache
+``[.., slots + 1, W, ..]`` with ``W = capacity + scratch`` (the extra row is scratch too). One round::
+
+    prefill (cond): write up to ``prefill_batch`` prompt chunks into their slots' rows and, if any
+                    lies before its slot's first block ``s0``, forward them against the slots' cache rows
+    step-0 logits:  cross-block forward for slots at block k > 0 (commits block k-1), the plain block
+                    forward for slots at their first block (k = 0) — each only if some slot needs it
+    per strategy:   its step loop (``lax.while_loop``) over the slots decoding with it
+    write back:     the block's tokens into ``x``; outputs the blocks, forwards per slot, step snapshots
+
+Every slot carries its own block start, block index, knobs and forward counter, so slots at different
+blocks share the batch and each row's arithmetic matches ``generate`` decoding it alone. Slots that
+take no part in the cross forward write their (unused) K/V into the scratch slots past ``capacity``
+and keep their cache length: nothing they hold is touched.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dmax_jax.config import ModelConfig
+from dmax_jax.decoding import forwards as fw
+from dmax_jax.decoding import strategies as st
+from dmax_jax.decoding.config import RowParams
+from dmax_jax.model.kv_cache import KVCache, init_cache
+from dmax_jax.model.llada2 import embedding_table, forward
+from dmax_jax.model.masks import MaskSpec
+
+TRACE_COUNT: collections.Counter = collections.Counter()  # traces, per (spec, config, slots, sharding, width)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundSpec:
+    """Everything static about the round program (hashable)."""
+
+    strategies: tuple[str, ...]
+    block_length: int
+    capacity: int          # positions per slot (a multiple of block_length)
+    prefill_chunk: int     # a multiple of block_length
+    prefill_batch: int     # prompt chunks (of different slots) per round
+    mask_id: int
+    spd_max_steps: int
+    threshold_max_steps: int
+    top_k: int
+    max_unroll: int
+    expected_tpf: int
+    soft_impl: str
+    dtype: str
+
+    @property
+    def width(self) -> int:
+        """Row width: capacity + scratch (cross-forward writes of idle slots, an overhanging chunk)."""
+        return self.capacity + max(2 * self.block_length, self.prefill_chunk)
+
+    @property
+    def max_steps(self) -> int:
+        n = {"spd": self.spd_max_steps, "threshold": self.threshold_max_steps}
+        return max(n[s] for s in self.strategies)
+
+
+@flax.struct.dataclass
+class SlotState:
+    x: jax.Array       # [slots, W] int32
+    cache: KVCache
+
+
+@flax.struct.dataclass
+class SlotRound:
+    """Per-slot traced inputs of one round (each ``[slots]``): where the slot is, plus its request's
+    ``RowParams`` (the knobs ``generate`` traces; ``request_ids`` is the sampling stream)."""
+
+    decoding: jax.Array    # bool: advance this slot by one block
+    strategy: jax.Array    # int32: index into RoundSpec.strategies
+    k: jax.Array           # int32: block index of the request (0 = first block)
+    start: jax.Array       # int32: first position of the block
+    nfe: jax.Array         # int32: forwards so far (prefill = 1); the sampling key counter
+    rows: RowParams        # temperature 0 = greedy row
+
+
+@flax.struct.dataclass
+class PrefillChunk:
+    """Up to ``prefill_batch`` prompt chunks, one per prefilling slot (each ``[P]``; ``ids [P, chunk]``):
+    entry p writes ``ids[p]`` to positions ``[start[p], start[p] + chunk)`` of slot ``slot[p]``.
+    Unused entries point at the scratch slot (index = number of slots), so every entry can be
+    computed and written without touching a live slot."""
+
+    slot: jax.Array        # int32
+    start: jax.Array       # int32
+    ids: jax.Array         # [P, chunk] int32 (MASK past the prompt)
+    forward: jax.Array     # bool: some of the chunk lies before s0, so its K/V are needed
+    reset: jax.Array       # bool: first chunk of the request: clear the row to MASK first
+    length: jax.Array      # int32: the slot's valid cache length after this chunk
+
+
+def init_state(spec: RoundSpec, cfg: ModelConfig, slots: int) -> SlotState:
+    """``slots`` rows plus the scratch row of unused prefill entries."""
+    x = jnp.full((slots + 1, spec.width), spec.mask_id, jnp.int32)
+    return SlotState(x=x, cache=init_cache(cfg, slots + 1, spec.width, jnp.dtype(spec.dtype)))
+
+
+def _prefill(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, pc: PrefillChunk) -> SlotState:
+    """Write the chunks' tokens and, if any chunk lies before its slot's ``s0``, forward all chunks
+    as one ``[P, chunk]`` batch against their slots' cache rows (block-causal, committed). K/V past
+    a slot's ``s0`` land beyond its valid ``length`` and stay invisible, as in ``generate``'s prefill."""
+    M, dt = spec.mask_id, jnp.dtype(spec.dtype)
+    rows = jnp.where(pc.reset[:, None], M, state.x[pc.slot])
+    x = state.x.at[pc.slot].set(fw.row_update(rows, pc.start, pc.ids))
+
+    def chunk_forward(cache: KVCache) -> KVCache:
+        part = KVCache({n: a[:, pc.slot] for n, a in cache.k.items()},
+                       {n: a[:, pc.slot] for n, a in cache.v.items()}, pc.start)
+        mask = MaskSpec("block_causal", spec.block_length)
+        pos = fw.positions(pc.start, spec.prefill_chunk)
+        _, part = forward(params, cfg, pc.ids, positions=pos, mask=mask, cache=part, commit=True, dtype=dt)
+        return cache.replace(k={n: a.at[:, pc.slot].set(part.k[n]) for n, a in cache.k.items()},
+                             v={n: a.at[:, pc.slot].set(part.v[n]) for n, a in cache.v.items()})
+
+    cache = jax.lax.cond(pc.forward.any(), chunk_forward, lambda c: c, state.cache)
+    cache = cache.replace(length=cache.length.at[pc.slot].set(pc.length))
+    return SlotState(x=x, cache=cache)
+
+
+def _cross(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotRound):
+    """The cross-block forward of the slots at block k > 0 (commits their block k-1): ``(their
+    block logits, the cache, the mask of those slots)``."""
+    B, dt, b = spec.block_length, jnp.dtype(spec.dtype), r.start.shape[0]
+    cross = r.decoding & (r.k > 0)
+
+    def do_cross(cache):
+        start = jnp.where(cross, r.start, spec.capacity + B)  # idle slots: scratch at [capacity, +2B)
+        logits, new = fw.cross_forward(params, cfg, state.x, start, cache, B, dt)
+        return logits, new.replace(length=jnp.where(cross, new.length, cache.length))
+
+    zeros = jnp.zeros((b, B, cfg.vocab_size), jnp.float32)
+    logits, cache = jax.lax.cond(cross.any(), do_cross, lambda c: (zeros, c), state.cache)
+    return logits, cache, cross
+
+
+def _logits_at(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, rows, c0, step, emb):
+    """Logits of forward ``step`` of the block for ``rows``: at step 0 a slot at k > 0 uses the
+    cross-block forward's (``c0 = (logits, mask)``), every other forward is the block forward on
+    ``emb`` — skipped at step 0 when every row has the cross logits."""
+    logits_c, cross = c0
+
+    def block():
+        lg = fw.block_forward(params, cfg, emb, r.start, cache, spec.block_length, jnp.dtype(spec.dtype))
+        return jnp.where(((step == 0) & cross)[:, None, None], logits_c, lg)
+
+    return jax.lax.cond((step == 0) & ~(rows & ~cross).any(), lambda: logits_c, block)
+
+
+def _pick(spec: RoundSpec, r: SlotRound, logits, nfe, need_probs: bool):
+    """``choose_tokens`` per row: rows at temperature 0 take the argmax, the others the Gumbel-max
+    draw with their own key; the sampling program only runs if some decoding row samples."""
+    d = r.rows
+
+    def pick(greedy: bool):
+        keys = None if greedy else st.row_keys(d.seed, d.request_ids, nfe)
+        return st.choose_tokens(logits, greedy=greedy, temperature=d.temperature, keys=keys,
+                                tempered_confidence=False, need_probs=need_probs)
+
+    return jax.lax.cond(((d.temperature == 0) | ~r.decoding).all(), lambda: pick(True), lambda: pick(False))
+
+
+def _record(rec, step, run, tokens):
+    return {"tokens": rec["tokens"].at[step].set(jnp.where(run[:, None], tokens, rec["tokens"][step])),
+            "valid": rec["valid"].at[step].set(rec["valid"][step] | run)}
+
+
+def _spd_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, rows, xb0, c0, nfe, rec):
+    """SPD step loop (spec §5.2) over ``rows``, the rules of ``decoding.strategies``."""
+    M, dt = spec.mask_id, jnp.dtype(spec.dtype)
+    table = embedding_table(params)
+    active = xb0 == M
+
+    def body(ic):
+        step, xb, emb, done, nfe, rec = ic
+        logits = _logits_at(spec, cfg, params, cache, r, rows, c0, step, emb)
+        run = ~done
+        x0, conf, probs = _pick(spec, r, logits, nfe, spec.top_k > 1)
+        nfe = nfe + run
+        u = st.spd_update(xb, active, x0, conf, r.rows.threshold, r.rows.accept_threshold, M)
+        emb_next = st.soft_inputs(table, u.tokens, x0, conf, probs, u.soft, top_k=spec.top_k, mask_id=M,
+                                  impl=spec.soft_impl, dtype=dt)
+        rec = _record(rec, step, run, u.tokens)
+        xb = jnp.where(run[:, None], u.tokens, xb)
+        emb = jnp.where(run[:, None, None], emb_next, emb)
+        return step + 1, xb, emb, done | u.stop | (step + 1 >= r.rows.steps), nfe, rec
+
+    def cond(ic):
+        return (ic[0] < spec.spd_max_steps) & jnp.any(~ic[3])
+
+    emb0 = jnp.take(table, xb0, axis=0).astype(dt)
+    _, xb, _, _, nfe, rec = jax.lax.while_loop(cond, body, (jnp.int32(0), xb0, emb0, ~rows, nfe, rec))
+    return xb, nfe, rec
+
+
+def _threshold_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, rows, xb0, c0, nfe, rec):
+    """dInfer threshold step loop (spec §5.5a) over ``rows``; as ``generate``, a greedy row whose
+    forward transfers nothing while masks remain ends its block."""
+    M, dt = spec.mask_id, jnp.dtype(spec.dtype)
+    table = embedding_table(params)
+
+    def body(ic):
+        step, xb, left, done, nfe, rec = ic
+        emb = jnp.take(table, xb, axis=0).astype(dt)
+        logits = _logits_at(spec, cfg, params, cache, r, rows, c0, step, emb)
+        run = ~done
+        x0, conf, _ = _pick(spec, r, logits, nfe, False)
+        nfe = nfe + run
+        tokens, transfer = st.threshold_update(xb, x0, conf, r.rows.threshold, M)
+        n_mask = (tokens == M).sum(-1)
+        left = left - 1
+        stuck = ~transfer.any(-1) & (n_mask > 0) & (r.rows.temperature == 0)
+        finished = ((left == 0) & (n_mask == 0)) | stuck
+        left = jnp.where(left == 0, st.unroll_count(n_mask, spec.expected_tpf, spec.max_unroll), left)
+        rec = _record(rec, step, run, tokens)
+        xb = jnp.where(run[:, None], tokens, xb)
+        return step + 1, xb, left, done | (run & finished), nfe, rec
+
+    def cond(ic):
+        return (ic[0] < spec.threshold_max_steps) & jnp.any(~ic[3])
+
+    left0 = st.unroll_count((xb0 == M).sum(-1), spec.expected_tpf, spec.max_unroll)
+    _, xb, _, _, nfe, rec = jax.lax.while_loop(cond, body, (jnp.int32(0), xb0, left0, ~rows, nfe, rec))
+    return xb, nfe, rec
+
+
+LOOPS = {"spd": _spd_loop, "threshold": _threshold_loop}
+
+
+def _rows(state: SlotState, n: int) -> SlotState:
+    """The first ``n`` slots (all of them, scratch row included, without a copy at full width)."""
+    if n == state.x.shape[0]:
+        return state
+    return jax.tree.map(lambda a: a[:, :n] if a.ndim > 2 else a[:n], state)
+
+
+def _put_rows(state: SlotState, part: SlotState) -> SlotState:
+    if part.x.shape[0] == state.x.shape[0]:
+        return part
+
+    def put(a, u):
+        return jax.lax.dynamic_update_slice(a, u, (0,) * a.ndim)
+    return jax.tree.map(put, state, part)
+
+
+def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotRound,
+                  pc: PrefillChunk):
+    """One engine round (wrap in ``jax.jit`` with ``spec``/``config`` bound, ``state`` donated).
+
+    The prefill chunks work on the full state; the block step on its first ``n`` slots only, ``n`` =
+    the length of ``r``'s arrays (the host picks the smallest compiled width covering every decoding
+    slot, so a lightly loaded engine does not compute its idle slots; at full width ``r`` also covers
+    the scratch row, as an idle slot, so no slot buffer is copied). Returns ``(state, out)``:
+    ``out["blocks"] [n, B]`` the decoded blocks, ``out["nfe"] [n]`` the forward counters after the
+    round, ``out["steps"] [S, n, B]`` / ``out["step_valid"] [S, n]`` the block after every forward
+    (provisional snapshots)."""
+    B, n = spec.block_length, r.start.shape[0]
+    scratch = state.x.shape[0] - 1
+    state = jax.lax.cond((pc.slot < scratch).any(), lambda s: _prefill(spec, cfg, params, s, pc), lambda s: s,
+                         state)
+    part = _rows(state, n)
+    logits_c, cache, cross = _cross(spec, cfg, params, part, r)
+    xb0 = fw.row_slice(part.x, r.start, B)
+    rec = {"tokens": jnp.zeros((spec.max_steps, n, B), jnp.int32),
+           "valid": jnp.zeros((spec.max_steps, n), bool)}
+    xb, nfe = xb0, r.nfe
+    for i, name in enumerate(spec.strategies):
+        rows = r.decoding & (r.strategy == i)
+        xb_s, nfe, rec = LOOPS[name](spec, cfg, params, cache, r, rows, xb0, (logits_c, cross), nfe, rec)
+        xb = jnp.where(rows[:, None], xb_s, xb)
+    x = jnp.where(r.decoding[:, None], fw.row_update(part.x, r.start, xb), part.x)
+    out = {"blocks": xb, "nfe": nfe, "steps": rec["tokens"], "step_valid": rec["valid"]}
+    return _put_rows(state, SlotState(x=x, cache=cache)), out
+
+
+def state_sharding(params):
+    """Where the engine's buffers live: replicated over the parameters' mesh (or their device)."""
+    leaf = jax.tree.leaves(params)[0]
+    sh = getattr(leaf, "sharding", None)
+    if isinstance(sh, NamedSharding):
+        return NamedSharding(sh.mesh, PartitionSpec())
+    if sh is not None and len(sh.device_set) == 1:
+        return jax.sharding.SingleDeviceSharding(next(iter(sh.device_set)))
+    return None
+
+
+PROGRAMS: dict = {}  # (spec, model config, slots, sharding) -> jitted round program
+
+
+def jit_round(key: tuple, shardings):
+    """The jitted round program of ``key = (spec, model config, slots, sharding)``, the slot state
+    donated (its buffers are updated in place); traces count in ``TRACE_COUNT[key + (width,)]``."""
+    spec, cfg, slots = key[:3]
+
+    def traced(params, state, r, pc):
+        TRACE_COUNT[(*key, min(r.start.shape[0], slots))] += 1
+        return round_program(spec, cfg, params, state, r, pc)
+
+    if shardings is None:
+        return jax.jit(traced, donate_argnums=(1,))
+    return jax.jit(traced, donate_argnums=(1,), out_shardings=shardings)
