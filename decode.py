@@ -23,8 +23,10 @@ from collections.abc import Sequence
 # transformers serves tokenizers and configs here (no torch models): keep its torch advisory quiet
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-STRATEGIES = ("spd", "threshold", "llada2")
-DEFAULT_THRESHOLD = 0.5
+from dmax_jax.decoding.cli_args import add_decode_args, decode_config_from_args  # noqa: E402
+from dmax_jax.decoding.config import DecodeConfig  # noqa: E402
+
+CLI_DEFAULTS = DecodeConfig(dtype="bfloat16")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -33,17 +35,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     src.add_argument("--prompts", help="JSONL file: one {\"prompt\": ...} object (or JSON string) per line")
-    ap.add_argument("--strategy", choices=STRATEGIES, default="spd")
-    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                    help="τ_dec (spd) / τ (threshold, llada2)")
-    ap.add_argument("--accept-threshold", type=float, default=0.9, help="τ_acc (spd)")
-    ap.add_argument("--block-length", type=int, default=32)
-    ap.add_argument("--gen-length", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=None, help="llada2 steps per block / spd forward cap")
     ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype")
+    add_decode_args(ap, CLI_DEFAULTS)
     ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                     help="wrap each prompt in the tokenizer's chat template (default on)")
     ap.add_argument("--out", help="write JSONL here instead of stdout")
@@ -51,6 +44,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    args.config = decode_config_from_args(args, CLI_DEFAULTS, prog="decode.py")
     return args
 
 
@@ -101,11 +95,11 @@ def run_demo(args: argparse.Namespace) -> int:
     (the demo's own block/generation geometry) and print answers with NFE and TPF."""
     from dmax_jax.demo import decode_examples, default_model_dir, format_examples
 
-    threshold = None if args.threshold == DEFAULT_THRESHOLD else args.threshold
+    strategy = args.strategy or "spd"
     print(f"decode.py: no --model given: decoding 4 held-out problems with the embedded demo model "
-          f"{default_model_dir('dmax')} ({args.strategy}); pass --model DIR for a real checkpoint",
+          f"{default_model_dir('dmax')} ({strategy}); pass --model DIR for a real checkpoint",
           file=sys.stderr)
-    print(format_examples(decode_examples("dmax", n=4, strategy=args.strategy, threshold=threshold)))
+    print(format_examples(decode_examples("dmax", n=4, strategy=strategy, threshold=args.threshold)))
     return 0
 
 
@@ -114,21 +108,19 @@ def run(args: argparse.Namespace, texts: list[str]) -> int:
 
     import dmax_jax
     from dmax_jax.data.chat import resolve_special_ids
-    from dmax_jax.decoding import generate, layout
+    from dmax_jax.decoding import buckets, generate
 
-    model = dmax_jax.load_pretrained(args.model, dtype=args.dtype)
+    cfg = args.config
+    model = dmax_jax.load_pretrained(args.model, dtype=cfg.dtype)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; decode.py needs one to encode prompts")
     ids = resolve_special_ids(model.config, model.tokenizer, strict=False)
     prompts = encode_prompts(texts, model.tokenizer, args.chat)
     # validate everything before decoding anything: errors name the prompt number
-    layout.validate_prompts(prompts, vocab_size=model.config.vocab_size, mask_id=ids.mask_id,
-                            gen_length=args.gen_length, block=args.block_length,
-                            max_positions=model.config.max_position_embeddings)
-    kw = dict(strategy=args.strategy, block_length=args.block_length, gen_length=args.gen_length,
-              threshold=args.threshold, steps=args.steps, accept_threshold=args.accept_threshold,
-              temperature=args.temperature, seed=args.seed, mask_id=ids.mask_id, eos_id=ids.eos_id,
-              trace=args.html is not None)
+    buckets.validate_prompts(prompts, vocab_size=model.config.vocab_size, mask_id=ids.mask_id,
+                             gen_length=cfg.gen_length, block=cfg.block_length,
+                             max_positions=model.config.max_position_embeddings)
+    cfg = cfg.replace(mask_id=ids.mask_id, eos_id=ids.eos_id, trace=args.html is not None)
     out_f, tmp = sys.stdout, None
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -137,11 +129,11 @@ def run(args: argparse.Namespace, texts: list[str]) -> int:
         out_f = os.fdopen(fd, "w", encoding="utf-8")
     traces = []
     try:
-        bar = tqdm(total=len(prompts), desc=f"decode ({args.strategy})", unit="prompt", file=sys.stderr)
+        bar = tqdm(total=len(prompts), desc=f"decode ({cfg.strategy})", unit="prompt", file=sys.stderr)
         for lo in range(0, len(prompts), args.batch_size):
             batch = prompts[lo:lo + args.batch_size]
-            res = generate(model, batch, batch_size=args.batch_size,
-                           request_ids=list(range(lo, lo + len(batch))), **kw)
+            res = generate(model, batch, cfg, batch_size=args.batch_size,
+                           request_ids=list(range(lo, lo + len(batch))))
             for j, toks in enumerate(res.token_ids):
                 row = {"index": lo + j, "prompt": texts[lo + j],
                        "text": model.tokenizer.decode(toks, skip_special_tokens=True), "token_ids": toks,
@@ -156,7 +148,7 @@ def run(args: argparse.Namespace, texts: list[str]) -> int:
             from dmax_jax.viz.html import write_trace_html
 
             write_trace_html(args.html, traces, model.tokenizer, prompt_text=texts,
-                             title=f"DMax decoding trace ({args.strategy})")
+                             title=f"DMax decoding trace ({cfg.strategy})")
         if tmp is not None:
             out_f.close()
             os.replace(tmp, args.out)

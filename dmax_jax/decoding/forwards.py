@@ -1,4 +1,4 @@
-"""The model calls of block decoding against the fixed-capacity KV cache (spec §5.1-5.3).
+"""The model forwards of block decoding, against the fixed-capacity KV cache (spec §5.1-5.3).
 
 Cache invariant (per row): slots ``[0, length)`` hold the K/V of *final hard tokens* of every
 position before the current block, computed under the block-causal mask. Three forwards keep it:
@@ -13,7 +13,7 @@ position before the current block, computed under the block-causal mask. Three f
                 current-block logits are used.
 * ``block``     the current block alone (hard or soft input embeddings), nothing committed.
 
-``full`` is the cache-free recompute of the whole sequence (LLaDA2 HF ``generate``).
+``window_logits`` is the cache-free block-causal recompute of the LLaDA2 HF ``generate``.
 """
 
 from __future__ import annotations
@@ -72,8 +72,10 @@ def block_forward(params, config: ModelConfig, embeds: jax.Array, start: jax.Arr
     return logits
 
 
-def full_forward(params, config: ModelConfig, x: jax.Array, block: int, dtype) -> jax.Array:
-    """Cache-free block-causal forward of the whole sequence ``[b, C]``. Positions past a row's
-    current window cannot influence it (block-causal), so this equals recomputing ``[0, window)``."""
+def window_logits(params, config: ModelConfig, x: jax.Array, start: jax.Array, block: int,
+                  dtype) -> jax.Array:
+    """Logits ``[b, B, V]`` of the current block ``x[:, start:start+B]`` from a cache-free
+    block-causal forward of the whole sequence ``[b, C]``. Positions past a row's current window
+    cannot influence it (block-causal), so this equals recomputing ``[0, window)``."""
     logits, _ = forward(params, config, x, mask=MaskSpec("block_causal", block), dtype=dtype)
-    return logits
+    return row_slice(logits, start, block)
