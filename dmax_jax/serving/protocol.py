@@ -18,7 +18,7 @@ from typing import Any
 CHAT, COMPLETION = "chat", "completion"
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4                      # OpenAI's limit on stop sequences
-SEED_RANGE = (0, 2**31 - 1)       # the seed feeds jax.random.key as an int32
+SEED_RANGE = (-(2**31), 2**31 - 1)  # the seed feeds jax.random.key as an int32
 TEMPERATURE_RANGE = (0.0, 2.0)    # OpenAI's range; 0 = greedy
 
 
@@ -59,6 +59,7 @@ class ParsedRequest:
     threshold: float | None = None
     accept_threshold: float | None = None
     block_length: int | None = None
+    steps: int | None = None
 
     @property
     def prompt_param(self) -> str:
@@ -135,8 +136,8 @@ _CHAT_ONLY = {"messages", "max_completion_tokens", "top_logprobs", "response_for
               "functions", "function_call", "parallel_tool_calls"}
 _COMPLETION_ONLY = {"prompt", "best_of", "echo", "suffix"}
 _COMMON = {"model", "max_tokens", "temperature", "seed", "stop", "stream", "stream_options", "user", "dmax",
-           "strategy", "threshold", "accept_threshold", "block_length", "n", "logprobs", "logit_bias",
-           "presence_penalty", "frequency_penalty", "top_p"}
+           "strategy", "threshold", "accept_threshold", "block_length", "steps", "n", "logprobs",
+           "logit_bias", "presence_penalty", "frequency_penalty", "top_p"}
 
 
 def _check_fields(body: dict, kind: str) -> None:
@@ -191,8 +192,9 @@ def parse_request(body: Any, kind: str, *, strategies: tuple[str, ...]) -> Parse
     for name in ("threshold", "accept_threshold"):
         if get(name) is not None:
             fields[name] = _number(body[name], name, 0.0, 1.0)
-    if get("block_length") is not None:
-        fields["block_length"] = _int(body["block_length"], "block_length", 1)
+    for name in ("block_length", "steps"):
+        if get(name) is not None:
+            fields[name] = _int(body[name], name, 1)
     return ParsedRequest(**fields)
 
 

@@ -1,0 +1,150 @@
+"""``python -m dmax_jax.serve``: an OpenAI-compatible DMax server on one engine.
+
+    python -m dmax_jax.serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--max-batch N]
+
+Without ``--model`` it serves the shipped demo ``dmax`` model (dmax_jax/assets/demo/dmax) with the
+demo's decoding geometry (block 32, 128-position slots, 64 new tokens by default). Flags are checked
+before anything loads: a bad value prints one line naming it and exits with status 2. SIGTERM (or
+Ctrl-C) stops accepting connections, lets in-flight requests finish for up to ``--drain-timeout``
+seconds (then cancels them, which aborts their engine requests), stops the engine and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+PROG = "python -m dmax_jax.serve"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, status 2 (argparse would print the usage too)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _int_at_least(lo: int, hi: int | None = None):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {v}")
+        return v
+    return parse
+
+
+# DecodeConfig fields the server takes as flags: the engine's static geometry (block_length, top_k,
+# soft_impl, max_unroll, expected_tpf, dtype) and the defaults of requests that leave a knob out
+# (gen_length = default max_tokens).
+SERVE_FIELDS = ("strategy", "block_length", "gen_length", "threshold", "accept_threshold", "steps",
+                "temperature", "seed", "top_k", "soft_impl", "dtype", "max_unroll", "expected_tpf")
+
+
+def demo_defaults():
+    """The shipped demo's decoding geometry (block 32, 64 new tokens, SPD at τ = 0.5 / τ_acc = 0.9)."""
+    from dmax_jax.decoding import DecodeConfig
+    from dmax_jax.demo import DEMO_DECODE as D
+
+    return DecodeConfig(strategy="spd", block_length=D.block_length, gen_length=D.gen_length,
+                        threshold=D.spd_threshold, accept_threshold=D.accept_threshold)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from dmax_jax.decoding import DecodeConfig
+    from dmax_jax.decoding.cli_args import add_decode_args, decode_config_from_args
+
+    ap = _Parser(prog=PROG, description="Serve a DMax / LLaDA2-MoE model behind the OpenAI API. Decoding "
+                 "flags set the defaults of requests that leave a knob out (gen-length: max_tokens).")
+    ap.add_argument("--model", help="HF model directory (default: the shipped demo 'dmax' model)")
+    ap.add_argument("--served-model-name", help="model id clients send (default: the directory's name)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=_int_at_least(0, 65535), default=8000, help="0 = any free port")
+    ap.add_argument("--max-batch", type=_int_at_least(1), default=16, help="engine slots (default 16)")
+    ap.add_argument("--capacity", type=_int_at_least(1), help="positions per slot (default: the model's "
+                    "max_position_embeddings; demo: 128)")
+    ap.add_argument("--prefill-chunk", type=_int_at_least(1), default=128, help="prompt tokens per round")
+    ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to drain at shutdown")
+    ap.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_decode_args(ap, defaults=demo_defaults(), fields=SERVE_FIELDS, group_title="decoding (demo defaults "
+                    "shown; with --model the DecodeConfig defaults)")
+    args = ap.parse_args(argv)
+    if args.model is not None:
+        p = Path(args.model)
+        if not p.is_dir():
+            ap.error(f"--model {args.model}: no such directory")
+        if not (p / "config.json").is_file():
+            ap.error(f"--model {args.model}: no config.json in it (not an HF model directory)")
+    if args.drain_timeout < 0:
+        ap.error(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    if args.strategy == "llada2":
+        ap.error("--strategy: the engine serves spd and threshold, not llada2")
+    base = demo_defaults() if args.model is None else DecodeConfig()
+    args.decode = decode_config_from_args(args, base, prog=PROG)
+    return args
+
+
+def build(args: argparse.Namespace):
+    """Load the model and build ``(engine, app, served name)`` (no socket yet)."""
+    import dmax_jax
+    from dmax_jax.config import parse_dtype
+    from dmax_jax.data.chat import resolve_special_ids
+    from dmax_jax.demo import DEMO_DECODE, default_model_dir
+    from dmax_jax.serving.engine import SERVED_STRATEGIES, Engine
+    from dmax_jax.serving.server import ServeConfig, create_app
+
+    demo = args.model is None
+    path = default_model_dir("dmax") if demo else Path(args.model)
+    dc = args.decode
+    dtype = parse_dtype(dc.dtype or "float32", what="--dtype")
+    model = dmax_jax.load_pretrained(path, dtype=dtype.name)
+    if model.tokenizer is None:
+        raise ValueError(f"--model {path}: holds no tokenizer files; the server needs one")
+    ids = resolve_special_ids(model.config, model.tokenizer, strict=False)
+    capacity = args.capacity or (DEMO_DECODE.prompt_bucket + DEMO_DECODE.gen_length if demo else None)
+    strategies = (dc.strategy, *[s for s in SERVED_STRATEGIES if s != dc.strategy])
+    engine = Engine(model, max_batch=args.max_batch, block_length=dc.block_length, capacity=capacity,
+                    prefill_chunk=args.prefill_chunk, strategies=strategies, dtype=dtype, top_k=dc.top_k,
+                    max_unroll=dc.max_unroll, expected_tpf=dc.expected_tpf, soft_embedding_impl=dc.soft_impl,
+                    mask_id=ids.mask_id, eos_id=ids.eos_id)
+    name = args.served_model_name or path.resolve().name
+    cfg = ServeConfig(model_name=name, decode=dc, drain_timeout=args.drain_timeout)
+    app = create_app(engine, model.tokenizer, cfg, mask_id=ids.mask_id, vocab_size=model.config.vocab_size)
+    return engine, app, name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    import uvicorn
+
+    try:
+        engine, app, name = build(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: compiling the engine for '{name}' ({args.max_batch} slots)...", file=sys.stderr,
+          flush=True)
+    engine.start()
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.drain_timeout, lifespan="on")
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    finally:
+        engine.stop(drain=False)
+    if not server.started:
+        print(f"{PROG}: error: could not listen on {args.host}:{args.port}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: shut down cleanly", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
