@@ -122,8 +122,13 @@ def build(args: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    import uvicorn
-
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        print(f"{PROG}: error: {e.name} is not installed; install the serve extra: pip install "
+              "'dmax-jax[serve]'", file=sys.stderr)
+        return 2
     try:
         engine, app, name = build(args)
     except (ValueError, FileNotFoundError) as e:
