@@ -17,11 +17,45 @@ Usage::
 
 from __future__ import annotations
 
+import collections
+import functools
+import threading
+import time
 from collections.abc import Callable
 
-from dmax_jax.serving.requests import EngineRequest, Event, RequestHandle
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dmax_jax.decoding.api import _model_parts
+from dmax_jax.decoding.config import SOFT_IMPLS, DecodeConfig, DecodeConfigError
+from dmax_jax.decoding.strategies import threshold_max_forwards
+from dmax_jax.serving import program as prog
+from dmax_jax.serving.requests import (
+    BlockCommitted,
+    EngineClosedError,
+    EngineRequest,
+    Event,
+    Finished,
+    ProvisionalStep,
+    RequestHandle,
+    Usage,
+)
+from dmax_jax.serving.slots import Limits, Slot, validate
 
 SERVED_STRATEGIES = ("spd", "threshold")
+
+
+def _state_sharding(params):
+    """Where the engine's buffers live: replicated over the parameters' mesh (or their device)."""
+    leaf = jax.tree.leaves(params)[0]
+    sh = getattr(leaf, "sharding", None)
+    if isinstance(sh, NamedSharding):
+        return NamedSharding(sh.mesh, PartitionSpec())
+    if sh is not None and len(sh.device_set) == 1:
+        return jax.sharding.SingleDeviceSharding(next(iter(sh.device_set)))
+    return None
 
 
 class Engine:
@@ -43,48 +77,293 @@ class Engine:
                  prefill_chunk: int = 128, strategies: tuple[str, ...] = SERVED_STRATEGIES, dtype=None,
                  top_k: int = 1, max_unroll: int = 4, expected_tpf: int = 4,
                  soft_embedding_impl: str = "auto", mask_id: int | None = None, eos_id: int | None = None):
-        raise NotImplementedError("engine implementation in progress")
+        self.params, self.config = _model_parts(model)
+        cfg = self.config
+        strategies = tuple(strategies)
+        for s in strategies:
+            if s not in SERVED_STRATEGIES:
+                why = " (llada2 recomputes the whole prefix every step)" if s == "llada2" else ""
+                raise ValueError(f"strategy {s!r} is not served by the engine{why}; "
+                                 f"served: {SERVED_STRATEGIES}")
+        if not strategies or len(set(strategies)) != len(strategies):
+            raise ValueError(f"strategies must be a non-empty tuple without repeats, got {strategies}")
+        for name, v in (("max_batch", max_batch), ("block_length", block_length),
+                        ("prefill_chunk", prefill_chunk), ("top_k", top_k), ("max_unroll", max_unroll),
+                        ("expected_tpf", expected_tpf)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if prefill_chunk % block_length:
+            raise ValueError(f"prefill_chunk {prefill_chunk} must be a multiple of block_length "
+                             f"{block_length}")
+        if soft_embedding_impl not in SOFT_IMPLS:
+            raise ValueError(f"soft_embedding_impl {soft_embedding_impl!r} is not one of {SOFT_IMPLS}")
+        cap = cfg.max_position_embeddings if capacity is None else int(capacity)
+        if cap < block_length or cap > cfg.max_position_embeddings:
+            raise ValueError(f"capacity {cap} must be in [block_length {block_length}, "
+                             f"max_position_embeddings {cfg.max_position_embeddings}]")
+        cap -= cap % block_length
+        self.eos_id = cfg.eos_token_id if eos_id is None else int(eos_id)
+        if self.eos_id is None:
+            raise ValueError("eos_id is not set and the model config has no eos_token_id")
+        mask_id = cfg.resolved_mask_token_id if mask_id is None else int(mask_id)
+        dtype = getattr(model, "compute_dtype", jnp.float32) if dtype is None else dtype
+        self.spec = prog.RoundSpec(
+            strategies=strategies, block_length=block_length, capacity=cap, prefill_chunk=prefill_chunk,
+            mask_id=mask_id, spd_max_steps=block_length,
+            threshold_max_steps=threshold_max_forwards(block_length, expected_tpf, max_unroll), top_k=top_k,
+            max_unroll=max_unroll, expected_tpf=expected_tpf, soft_impl=soft_embedding_impl,
+            dtype=jnp.dtype(dtype).name)
+        self.max_batch = max_batch
+        try:
+            base = DecodeConfig(strategy=strategies[0], block_length=block_length, top_k=top_k,
+                                soft_impl=soft_embedding_impl, dtype=self.spec.dtype, max_unroll=max_unroll,
+                                expected_tpf=expected_tpf, mask_id=mask_id, eos_id=self.eos_id)
+        except DecodeConfigError as e:
+            raise ValueError(f"engine setting {e}") from None
+        self.limits = Limits(strategies, cap, cfg.vocab_size, base)
+        self._idle_row = base.row_params([1], [0])
+        self._sharding = _state_sharding(self.params)
+        self._state = None
+        self._exe = None
+        self._lock = threading.Condition()
+        self._queue: collections.deque = collections.deque()   # (handle, prompt, DecodeConfig)
+        self._slots: list[Slot | None] = [None] * max_batch
+        self._next_id = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._drain = True
+        self._counters = collections.Counter()
+
+    # ---- properties --------------------------------------------------------------------------------
+    @property
+    def block_length(self) -> int:
+        return self.spec.block_length
+
+    @property
+    def capacity(self) -> int:
+        return self.spec.capacity
+
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        return self.spec.strategies
 
     # ---- client API (thread-safe) ----------------------------------------------------------------
     def submit(self, request: EngineRequest,
                listener: Callable[[Event], None] | None = None) -> RequestHandle:
         """Validate and queue a request; raises :class:`EngineRequestError` (field named) for a bad
         one and :class:`EngineClosedError` after :meth:`stop`. Returns its handle at once."""
-        raise NotImplementedError
+        prompt, cfg = validate(request, self.limits)
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is stopped; it accepts no more requests")
+            handle = RequestHandle(self._next_id, request, listener)
+            self._next_id += 1
+            self._queue.append((handle, prompt, cfg))
+            self._lock.notify_all()
+        return handle
 
     def abort(self, request_id: int, reason: str = "abort") -> bool:
         """End a request at whatever stage it is (queued, prefilling, decoding) and free its slot
         before the next round; its handle gets ``Finished(reason)`` with the tokens committed so
         far. ``reason="stop"`` is the server's stop-string hook. False if it already finished."""
-        raise NotImplementedError
+        if reason not in ("abort", "stop"):
+            raise ValueError(f"abort reason must be 'abort' or 'stop', got {reason!r}")
+        with self._lock:
+            for item in self._queue:
+                if item[0].id == request_id:
+                    self._queue.remove(item)
+                    self._finish_queued(item[0], reason)
+                    return True
+            for i, slot in enumerate(self._slots):
+                if slot is not None and slot.handle.id == request_id:
+                    self._release(i, reason)
+                    return True
+        return False
 
     # ---- running ---------------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """Compile the round program now (``start`` and ``step`` do it too) by running one idle round."""
+        if self._state is not None:
+            return
+        spec, cfg = self.spec, self.config
+        make = functools.partial(prog.init_state, spec, cfg, self.max_batch)
+        self._state = (jax.jit(make, out_shardings=self._sharding) if self._sharding else jax.jit(make))()
+        self._traces = 0
+
+        def traced(params, state, r, pc):
+            self._traces += 1
+            return prog.round_program(spec, cfg, params, state, r, pc)
+
+        if self._sharding is not None:
+            shard = jax.tree.map(lambda a: a.sharding, self._state)
+            self._exe = jax.jit(traced, donate_argnums=(1,), out_shardings=(shard, self._sharding))
+        else:
+            self._exe = jax.jit(traced, donate_argnums=(1,))
+        t = time.perf_counter()
+        self._run(*self._inputs([], None))
+        self._counters["compile_seconds"] = time.perf_counter() - t
+
+    def compile_count(self) -> int:
+        """Times this engine's round program was traced (1 after warm-up, and it stays 1)."""
+        return getattr(self, "_traces", 0)
+
     def start(self) -> Engine:
         """Compile (if not yet) and run the round loop in a background thread; returns self."""
-        raise NotImplementedError
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine was stopped; create a new one")
+            if self._thread is not None:
+                return self
+        self.warmup()
+        self._thread = threading.Thread(target=self._loop, name="dmax-engine", daemon=True)
+        self._thread.start()
+        return self
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop accepting requests; ``drain`` finishes every queued / running request first,
         otherwise they end with ``reason="abort"``. Joins the background thread."""
-        raise NotImplementedError
+        with self._lock:
+            self._closed, self._stopping, self._drain = True, True, drain
+            if not drain:
+                self._abort_all("abort")
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def step(self) -> bool:
         """One round in the caller's thread (not while started): admit, run the program once,
         emit events. Returns whether any request is still queued or running."""
-        raise NotImplementedError
+        if self._thread is not None:
+            raise RuntimeError("the engine runs in its background thread; step() is for synchronous use")
+        self.warmup()
+        self._round()
+        with self._lock:
+            return self._has_work()
 
     def run_until_idle(self, max_rounds: int | None = None) -> int:
         """Call :meth:`step` until nothing is queued or running; returns the rounds run."""
-        raise NotImplementedError
-
-    def warmup(self) -> None:
-        """Compile the round program now (``start`` does it too)."""
-        raise NotImplementedError
-
-    def compile_count(self) -> int:
-        """Times this engine's round program was traced (1 after warm-up, and it stays 1)."""
-        raise NotImplementedError
+        n, more = 0, True
+        while more and (max_rounds is None or n < max_rounds):
+            more = self.step()
+            n += 1
+        return n
 
     def stats(self) -> dict:
-        """Counters: rounds, queued, prefilling, decoding, free slots, finished requests."""
-        raise NotImplementedError
+        """Counters: rounds, busy seconds, queued / prefilling / decoding / free slots, finished."""
+        with self._lock:
+            live = [s for s in self._slots if s is not None]
+            return {**self._counters, "queued": len(self._queue),
+                    "prefilling": sum(s.prefilling for s in live),
+                    "decoding": sum(not s.prefilling for s in live),
+                    "free_slots": self.max_batch - len(live), "compile_count": self.compile_count()}
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _has_work(self) -> bool:
+        return bool(self._queue) or any(s is not None for s in self._slots)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._has_work():
+                        self._lock.wait()
+                    if self._stopping and (not self._drain or not self._has_work()):
+                        return
+                self._round()
+        except Exception as e:  # a failed round ends every request with the error, and the engine
+            with self._lock:
+                self._closed = True
+                self._abort_all("error", error=f"{type(e).__name__}: {e}")
+            raise
+
+    def _finish_queued(self, handle: RequestHandle, reason: str, error: str | None = None) -> None:
+        usage = Usage(prompt_tokens=len(handle.request.prompt_ids), tokens=0, tokens_ref=0, nfe=0, blocks=0)
+        handle._emit(Finished(handle.id, reason, (), usage, error))
+        self._counters["finished"] += 1
+
+    def _release(self, i: int, reason: str, error: str | None = None) -> None:
+        slot, self._slots[i] = self._slots[i], None
+        slot.handle._emit(Finished(slot.handle.id, reason, tuple(slot.tokens), slot.usage(), error))
+        self._counters["finished"] += 1
+
+    def _abort_all(self, reason: str, error: str | None = None) -> None:
+        while self._queue:
+            self._finish_queued(self._queue.popleft()[0], reason, error)
+        for i, s in enumerate(self._slots):
+            if s is not None:
+                self._release(i, reason, error)
+
+    def _admit(self) -> None:
+        for i in range(self.max_batch):
+            if self._slots[i] is None and self._queue:
+                handle, prompt, cfg = self._queue.popleft()
+                self._slots[i] = Slot.admit(handle, prompt, cfg, self.strategies.index(cfg.strategy))
+
+    def _inputs(self, decoding: list[int], prefill: int | None):
+        """Host arrays of one round: ``decoding`` slots advance a block, slot ``prefill`` gets its
+        next prompt chunk (its cursor advances here)."""
+        n, B, M, C = self.max_batch, self.block_length, self.spec.mask_id, self.spec.prefill_chunk
+        f = {k: np.zeros(n, np.int32) for k in ("strategy", "k", "start", "nfe")}
+        f.update(decoding=np.zeros(n, bool), greedy=np.ones(n, bool))
+        rows = [self._idle_row] * n
+        for i in decoding:
+            s = self._slots[i]
+            f["decoding"][i], f["strategy"][i], f["k"][i], f["start"][i] = True, s.strategy, s.k, s.start(B)
+            f["nfe"][i], f["greedy"][i] = s.nfe, s.handle.request.temperature == 0
+            rows[i] = s.row
+        ids = np.full(C, M, np.int32)
+        pc = dict(active=False, slot=0, start=0, forward=False, reset=False, length=0)
+        if prefill is not None:
+            s = self._slots[prefill]
+            c = s.cursor
+            chunk = s.prompt[c:c + C]
+            ids[:chunk.size] = chunk
+            pc = dict(active=True, slot=prefill, start=c, forward=c < s.s0, reset=c == 0,
+                      length=min(c + C, s.s0))
+            s.cursor = c + C
+        kind = {"slot": np.int32, "start": np.int32, "length": np.int32}
+        pc = prog.PrefillChunk(ids=ids, **{k: np.asarray(v, kind.get(k, bool)) for k, v in pc.items()})
+        return prog.SlotRound(rows=jax.tree.map(lambda *a: np.concatenate(a), *rows), **f), pc
+
+    def _run(self, r, pc):
+        self._state, out = self._exe(self.params, self._state, r, pc)
+        return jax.device_get(out)
+
+    def _round(self) -> None:
+        with self._lock:
+            self._admit()
+            waiting = [i for i, s in enumerate(self._slots) if s is not None and s.prefilling]
+            prefill = min(waiting, key=lambda i: self._slots[i].handle.id) if waiting else None
+            r, pc = None, None
+            if prefill is not None:
+                r, pc = self._inputs([], prefill)  # advances the cursor: the slot may decode this round
+            decoding = [i for i, s in enumerate(self._slots) if s is not None and not s.prefilling]
+            if prefill is None and not decoding:
+                return
+            r = self._inputs(decoding, None)[0]
+            plan = {i: self._slots[i] for i in decoding}
+        t = time.perf_counter()
+        out = self._run(r, pc if pc is not None else self._inputs([], None)[1])
+        with self._lock:
+            self._counters["rounds"] += 1
+            self._counters["busy_seconds"] += time.perf_counter() - t
+            self._counters["prefill_chunks"] += prefill is not None
+            self._process(plan, out)
+
+    def _process(self, plan: dict, out: dict) -> None:
+        B = self.block_length
+        for i, slot in plan.items():
+            if self._slots[i] is not slot:  # aborted while the round ran
+                continue
+            h = slot.handle
+            slot.nfe = int(out["nfe"][i])
+            if h.request.provisional:
+                for s in np.flatnonzero(out["step_valid"][:, i]):
+                    snap = slot.generated(out["steps"][s, i], B)
+                    h._emit(ProvisionalStep(h.id, slot.k, int(s), tuple(int(t) for t in snap)))
+            new, reason = slot.commit_block(out["blocks"][i], B, self.eos_id)
+            h._emit(BlockCommitted(h.id, slot.k - 1, tuple(new), slot.nfe))
+            self._counters["blocks"] += 1
+            if reason is not None:
+                self._release(i, reason)

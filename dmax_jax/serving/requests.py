@@ -43,7 +43,8 @@ class EngineRequest:
     ``threshold`` τ_dec / τ, ``accept_threshold`` τ_acc (spd), ``steps`` spd forwards per block
     (None: ``block_length``); ``temperature`` 0 = greedy; ``seed`` and ``rng_id`` pick the sampling
     keys ``fold_in(fold_in(key(seed), rng_id), forward_index)`` — ``rng_id`` 0 is what ``generate``
-    uses for a lone prompt; ``provisional``: also emit :class:`ProvisionalStep` events.
+    uses for a lone prompt; ``provisional``: also emit :class:`ProvisionalStep` events;
+    ``block_length``: None, or the engine's (anything else is an error, not a silent change).
     """
 
     prompt_ids: Sequence[int]
@@ -56,6 +57,18 @@ class EngineRequest:
     seed: int = 0
     rng_id: int = 0
     provisional: bool = False
+    block_length: int | None = None
+
+    @classmethod
+    def from_config(cls, prompt_ids: Sequence[int], config, *, rng_id: int = 0,
+                    provisional: bool = False) -> EngineRequest:
+        """The request ``generate(model, prompt_ids, config)`` decodes (``gen_length`` → ``max_tokens``).
+        The engine's own static settings (top-k, unrolling, dtype) apply; a different block length is
+        rejected."""
+        return cls(prompt_ids=prompt_ids, max_tokens=config.gen_length, strategy=config.strategy,
+                   threshold=config.threshold, accept_threshold=config.accept_threshold, steps=config.steps,
+                   temperature=config.temperature, seed=config.seed, rng_id=rng_id, provisional=provisional,
+                   block_length=config.block_length)
 
 
 @dataclasses.dataclass(frozen=True)

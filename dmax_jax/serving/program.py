@@ -1,0 +1,262 @@
+"""The engine's one compiled program: a prefill chunk for one slot, then one block for every decoding slot.
+
+Device state (donated every round): ``x [slots, W]`` token rows and the KV cache ``[.., slots, W, ..]``
+with ``W = capacity + scratch``. One round::
+
+    prefill (cond): write ``chunk`` prompt tokens into one slot's row and, if any of them lie
+                    before the slot's first block ``s0``, forward them against the slot's cache row
+    step-0 logits:  cross-block forward for slots at block k > 0 (commits block k-1), the plain block
+                    forward for slots at their first block (k = 0) — each only if some slot needs it
+    per strategy:   its step loop (``lax.while_loop``) over the slots decoding with it
+    write back:     the block's tokens into ``x``; outputs the blocks, forwards per slot, step snapshots
+
+Every slot carries its own block start, block index, knobs and forward counter, so slots at different
+blocks share the batch and each row's arithmetic matches ``generate`` decoding it alone. Slots that
+take no part in the cross forward write their (unused) K/V into the scratch slots past ``capacity``
+and keep their cache length: nothing they hold is touched.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dmax_jax.config import ModelConfig
+from dmax_jax.decoding import forwards as fw
+from dmax_jax.decoding import strategies as st
+from dmax_jax.decoding.config import RowParams
+from dmax_jax.model.kv_cache import KVCache, init_cache
+from dmax_jax.model.llada2 import embedding_table, forward
+from dmax_jax.model.masks import MaskSpec
+
+TRACE_COUNT: collections.Counter = collections.Counter()  # traces of the round program, per spec
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundSpec:
+    """Everything static about the round program (hashable)."""
+
+    strategies: tuple[str, ...]
+    block_length: int
+    capacity: int          # positions per slot (a multiple of block_length)
+    prefill_chunk: int     # a multiple of block_length
+    mask_id: int
+    spd_max_steps: int
+    threshold_max_steps: int
+    top_k: int
+    max_unroll: int
+    expected_tpf: int
+    soft_impl: str
+    dtype: str
+
+    @property
+    def width(self) -> int:
+        """Row width: capacity + scratch (cross-forward writes of idle slots, an overhanging chunk)."""
+        return self.capacity + max(2 * self.block_length, self.prefill_chunk)
+
+    @property
+    def max_steps(self) -> int:
+        n = {"spd": self.spd_max_steps, "threshold": self.threshold_max_steps}
+        return max(n[s] for s in self.strategies)
+
+
+@flax.struct.dataclass
+class SlotState:
+    x: jax.Array       # [slots, W] int32
+    cache: KVCache
+
+
+@flax.struct.dataclass
+class SlotRound:
+    """Per-slot traced inputs of one round (each ``[slots]``): where the slot is, plus its request's
+    ``RowParams`` (the knobs ``generate`` traces; ``request_ids`` is the sampling stream)."""
+
+    decoding: jax.Array    # bool: advance this slot by one block
+    strategy: jax.Array    # int32: index into RoundSpec.strategies
+    k: jax.Array           # int32: block index of the request (0 = first block)
+    start: jax.Array       # int32: first position of the block
+    nfe: jax.Array         # int32: forwards so far (prefill = 1); the sampling key counter
+    greedy: jax.Array      # bool: temperature 0
+    rows: RowParams
+
+
+@flax.struct.dataclass
+class PrefillChunk:
+    """One slot's prompt chunk: tokens ``ids`` go to positions ``[start, start + chunk)``."""
+
+    active: jax.Array      # bool
+    slot: jax.Array        # int32
+    start: jax.Array       # int32
+    ids: jax.Array         # [chunk] int32 (MASK past the prompt)
+    forward: jax.Array     # bool: some of the chunk lies before s0, so its K/V are needed
+    reset: jax.Array       # bool: first chunk of the request: clear the row to MASK
+    length: jax.Array      # int32: the slot's valid cache length after this chunk
+
+
+def init_state(spec: RoundSpec, cfg: ModelConfig, slots: int) -> SlotState:
+    x = jnp.full((slots, spec.width), spec.mask_id, jnp.int32)
+    return SlotState(x=x, cache=init_cache(cfg, slots, spec.width, jnp.dtype(spec.dtype)))
+
+
+def _prefill(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, pc: PrefillChunk) -> SlotState:
+    M, dt = spec.mask_id, jnp.dtype(spec.dtype)
+    row = jax.lax.dynamic_index_in_dim(state.x, pc.slot, 0, keepdims=False)
+    row = jax.lax.dynamic_update_slice_in_dim(jnp.where(pc.reset, M, row), pc.ids, pc.start, 0)
+    x = jax.lax.dynamic_update_index_in_dim(state.x, row, pc.slot, 0)
+
+    def chunk_forward(cache: KVCache) -> KVCache:
+        take = lambda a: jax.lax.dynamic_index_in_dim(a, pc.slot, 1)  # noqa: E731  [layers, 1, W, ..]
+        one = KVCache({n: take(a) for n, a in cache.k.items()}, {n: take(a) for n, a in cache.v.items()},
+                      pc.start[None])
+        pos = (pc.start + jnp.arange(spec.prefill_chunk, dtype=jnp.int32))[None]
+        mask = MaskSpec("block_causal", spec.block_length)
+        _, one = forward(params, cfg, pc.ids[None], positions=pos, mask=mask, cache=one, commit=True,
+                         dtype=dt)
+        put = lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u[:, 0], pc.slot, 1)  # noqa: E731
+        return cache.replace(k={n: put(a, one.k[n]) for n, a in cache.k.items()},
+                             v={n: put(a, one.v[n]) for n, a in cache.v.items()})
+
+    cache = jax.lax.cond(pc.forward, chunk_forward, lambda c: c, state.cache)
+    cache = cache.replace(length=cache.length.at[pc.slot].set(pc.length))
+    return SlotState(x=x, cache=cache)
+
+
+def _step0_logits(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotRound):
+    """Logits of every decoding slot's first forward of this block, and the cache after the cross
+    forward committed the previous block of the slots at k > 0."""
+    B, dt, b = spec.block_length, jnp.dtype(spec.dtype), r.start.shape[0]
+    cross = r.decoding & (r.k > 0)
+    first = r.decoding & (r.k == 0)
+    zeros = jnp.zeros((b, B, cfg.vocab_size), jnp.float32)
+
+    def do_cross(cache):
+        start = jnp.where(cross, r.start, spec.capacity + B)  # idle slots: scratch at [capacity, +2B)
+        logits, new = fw.cross_forward(params, cfg, state.x, start, cache, B, dt)
+        return logits, new.replace(length=jnp.where(cross, new.length, cache.length))
+
+    logits_c, cache = jax.lax.cond(cross.any(), do_cross, lambda c: (zeros, c), state.cache)
+
+    def do_first():
+        emb = jnp.take(embedding_table(params), fw.row_slice(state.x, r.start, B), axis=0).astype(dt)
+        return fw.block_forward(params, cfg, emb, r.start, cache, B, dt)
+
+    logits_f = jax.lax.cond(first.any(), do_first, lambda: zeros)
+    return jnp.where(cross[:, None, None], logits_c, logits_f), cache
+
+
+def _pick(spec: RoundSpec, r: SlotRound, logits, nfe, need_probs: bool):
+    """Greedy rows take the argmax, sampling rows the Gumbel-max draw with their own key — the two
+    rules of ``choose_tokens`` selected per row (the sampled one only runs if some row samples)."""
+    d = r.rows
+    g = st.choose_tokens(logits, greedy=True, temperature=d.temperature, keys=None, tempered_confidence=False,
+                         need_probs=need_probs)
+
+    def sampled():
+        keys = st.row_keys(d.seed, d.request_ids, nfe)
+        s = st.choose_tokens(logits, greedy=False, temperature=d.temperature, keys=keys,
+                             tempered_confidence=False, need_probs=need_probs)
+        def sel(a, c):
+            return None if a is None else jnp.where(r.greedy.reshape((-1,) + (1,) * (a.ndim - 1)), a, c)
+
+        return tuple(sel(a, c) for a, c in zip(g, s))
+
+    if need_probs:
+        return jax.lax.cond(r.greedy.all(), lambda: g, sampled)
+    x0, conf = jax.lax.cond(r.greedy.all(), lambda: g[:2], lambda: sampled()[:2])
+    return x0, conf, None
+
+
+def _record(rec, step, run, tokens):
+    return {"tokens": rec["tokens"].at[step].set(jnp.where(run[:, None], tokens, rec["tokens"][step])),
+            "valid": rec["valid"].at[step].set(rec["valid"][step] | run)}
+
+
+def _spd_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, rows, xb0, logits0, nfe, rec):
+    """SPD step loop (spec §5.2) over ``rows``, the rules of ``decoding.strategies``."""
+    B, M, dt = spec.block_length, spec.mask_id, jnp.dtype(spec.dtype)
+    table = embedding_table(params)
+    active = xb0 == M
+
+    def body(ic):
+        step, xb, emb, done, nfe, rec = ic
+        logits = jax.lax.cond(step == 0, lambda: logits0,
+                              lambda: fw.block_forward(params, cfg, emb, r.start, cache, B, dt))
+        run = ~done
+        x0, conf, probs = _pick(spec, r, logits, nfe, spec.top_k > 1)
+        nfe = nfe + run
+        u = st.spd_update(xb, active, x0, conf, r.rows.threshold, r.rows.accept_threshold, M)
+        emb_next = st.soft_inputs(table, u.tokens, x0, conf, probs, u.soft, top_k=spec.top_k, mask_id=M,
+                                  impl=spec.soft_impl, dtype=dt)
+        rec = _record(rec, step, run, u.tokens)
+        xb = jnp.where(run[:, None], u.tokens, xb)
+        emb = jnp.where(run[:, None, None], emb_next, emb)
+        return step + 1, xb, emb, done | u.stop | (step + 1 >= r.rows.steps), nfe, rec
+
+    def cond(ic):
+        return (ic[0] < spec.spd_max_steps) & jnp.any(~ic[3])
+
+    emb0 = jnp.take(table, xb0, axis=0).astype(dt)
+    _, xb, _, _, nfe, rec = jax.lax.while_loop(cond, body, (jnp.int32(0), xb0, emb0, ~rows, nfe, rec))
+    return xb, nfe, rec
+
+
+def _threshold_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, rows, xb0, logits0, nfe,
+                    rec):
+    """dInfer threshold step loop (spec §5.5a) over ``rows``; as ``generate``, a greedy row whose
+    forward transfers nothing while masks remain ends its block."""
+    B, M, dt = spec.block_length, spec.mask_id, jnp.dtype(spec.dtype)
+    table = embedding_table(params)
+
+    def body(ic):
+        step, xb, left, done, nfe, rec = ic
+        logits = jax.lax.cond(step == 0, lambda: logits0, lambda: fw.block_forward(
+            params, cfg, jnp.take(table, xb, axis=0).astype(dt), r.start, cache, B, dt))
+        run = ~done
+        x0, conf, _ = _pick(spec, r, logits, nfe, False)
+        nfe = nfe + run
+        tokens, transfer = st.threshold_update(xb, x0, conf, r.rows.threshold, M)
+        n_mask = (tokens == M).sum(-1)
+        left = left - 1
+        stuck = ~transfer.any(-1) & (n_mask > 0) & r.greedy
+        finished = ((left == 0) & (n_mask == 0)) | stuck
+        left = jnp.where(left == 0, st.unroll_count(n_mask, spec.expected_tpf, spec.max_unroll), left)
+        rec = _record(rec, step, run, tokens)
+        xb = jnp.where(run[:, None], tokens, xb)
+        return step + 1, xb, left, done | (run & finished), nfe, rec
+
+    def cond(ic):
+        return (ic[0] < spec.threshold_max_steps) & jnp.any(~ic[3])
+
+    left0 = st.unroll_count((xb0 == M).sum(-1), spec.expected_tpf, spec.max_unroll)
+    _, xb, _, _, nfe, rec = jax.lax.while_loop(cond, body, (jnp.int32(0), xb0, left0, ~rows, nfe, rec))
+    return xb, nfe, rec
+
+
+LOOPS = {"spd": _spd_loop, "threshold": _threshold_loop}
+
+
+def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotRound,
+                  pc: PrefillChunk):
+    """One engine round (wrap in ``jax.jit`` with ``spec``/``config`` bound, ``state`` donated).
+    Returns ``(state, out)``: ``out["blocks"] [slots, B]`` the decoded blocks, ``out["nfe"]`` the
+    forward counters after the round, ``out["steps"] [S, slots, B]`` / ``out["step_valid"] [S, slots]``
+    the block after every forward (provisional snapshots)."""
+    TRACE_COUNT[spec] += 1
+    B, b = spec.block_length, r.start.shape[0]
+    state = jax.lax.cond(pc.active, lambda s: _prefill(spec, cfg, params, s, pc), lambda s: s, state)
+    logits0, cache = _step0_logits(spec, cfg, params, state, r)
+    xb0 = fw.row_slice(state.x, r.start, B)
+    rec = {"tokens": jnp.zeros((spec.max_steps, b, B), jnp.int32),
+           "valid": jnp.zeros((spec.max_steps, b), bool)}
+    xb, nfe = xb0, r.nfe
+    for i, name in enumerate(spec.strategies):
+        rows = r.decoding & (r.strategy == i)
+        xb_s, nfe, rec = LOOPS[name](spec, cfg, params, cache, r, rows, xb0, logits0, nfe, rec)
+        xb = jnp.where(rows[:, None], xb_s, xb)
+    x = jnp.where(r.decoding[:, None], fw.row_update(state.x, r.start, xb), state.x)
+    out = {"blocks": xb, "nfe": nfe, "steps": rec["tokens"], "step_valid": rec["valid"]}
+    return SlotState(x=x, cache=cache), out
