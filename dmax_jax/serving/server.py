@@ -83,8 +83,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServeConfig, *, mask_id: 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not getattr(engine, "running", False):
-            await asyncio.to_thread(engine.start)
+        await asyncio.to_thread(engine.start)       # compiles on first start; idempotent
         yield
         await asyncio.to_thread(engine.stop, drain=True, timeout=config.drain_timeout)
 
