@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,7 +95,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def build(args: argparse.Namespace):
     """Load the model and build ``(engine, app, served name)`` (no socket yet)."""
     import dmax_jax
-    from dmax_jax.config import parse_dtype
     from dmax_jax.data.chat import resolve_special_ids
     from dmax_jax.demo import DEMO_DECODE, default_model_dir
     from dmax_jax.serving.engine import SERVED_STRATEGIES, Engine
@@ -103,8 +103,8 @@ def build(args: argparse.Namespace):
     demo = args.model is None
     path = default_model_dir("dmax") if demo else Path(args.model)
     dc = args.decode
-    dtype = parse_dtype(dc.dtype or "float32", what="--dtype")
-    model = dmax_jax.load_pretrained(path, dtype=dtype.name)
+    dtype = dc.dtype or "float32"       # validated by DecodeConfig (--dtype)
+    model = dmax_jax.load_pretrained(path, dtype=dtype)
     if model.tokenizer is None:
         raise ValueError(f"--model {path}: holds no tokenizer files; the server needs one")
     ids = resolve_special_ids(model.config, model.tokenizer, strict=False)
@@ -140,6 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_timeout, lifespan="on")
     server = uvicorn.Server(config)
+    # uvicorn handles SIGTERM / SIGINT (graceful shutdown), then restores the previous handlers and
+    # re-raises the signal; with these no-op handlers restored, the re-raise does not kill the process
+    # before the engine is stopped, and a requested shutdown exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
         server.run()
     finally:
