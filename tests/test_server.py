@@ -146,10 +146,9 @@ def test_provisional_snapshots_only_when_asked(served, client):
 
 def test_stop_string_cuts_text_and_frees_the_slot(served, client):
     msg = [{"role": "user", "content": "Say something long"}]
-    full = client.chat.completions.create(model=NAME, messages=msg, max_tokens=LONG).choices[0].message.content
-    visible = full.strip()
-    if len(visible) < 6:
-        pytest.skip(f"random model produced too little text to place a stop string: {full!r}")
+    full = client.chat.completions.create(model=NAME, messages=msg, max_tokens=LONG)
+    full = full.choices[0].message.content
+    assert len(full) >= 6, f"the fixed random model should say enough to place a stop string: {full!r}"
     stop = full[len(full) // 2: len(full) // 2 + 2]
     want = full[: full.find(stop)]
     r = client.chat.completions.create(model=NAME, messages=msg, max_tokens=LONG, stop=[stop])
@@ -160,7 +159,20 @@ def test_stop_string_cuts_text_and_frees_the_slot(served, client):
     wait_idle(served.url)
 
 
-def test_abort_mid_stream_frees_slots_and_server_keeps_serving(served, client):
+@pytest.fixture
+def abort_spy(served, monkeypatch):
+    """Records the server's calls of the real engine's ``abort`` (the call still goes through)."""
+    calls, real = [], served.engine.abort
+
+    def spy(rid, reason="abort"):
+        calls.append((rid, reason))
+        return real(rid, reason)
+
+    monkeypatch.setattr(served.engine, "abort", spy)
+    return calls
+
+
+def test_abort_mid_stream_frees_slots_and_server_keeps_serving(served, client, abort_spy):
     body = {"model": NAME, "messages": [{"role": "user", "content": "go on"}], "max_tokens": LONG,
             "stream": True, "dmax": {"provisional": True}}
     for _ in range(SLOTS + 1):          # more aborts than slots: a leaked slot would block the last one
@@ -170,11 +182,29 @@ def test_abort_mid_stream_frees_slots_and_server_keeps_serving(served, client):
                 if line.startswith("data: ") and "provisional" in line:
                     break                  # the request is decoding: hang up now
     stats = wait_idle(served.url)
-    assert stats["decoding"] == 0
+    assert stats["decoding"] == 0 and [r for _, r in abort_spy].count("abort") >= 1
     want, _ = reference(served.model, chat_ids(served.model, "after abort"))
     r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "after abort"}],
                                        max_tokens=MAX_TOKENS)
     assert r.choices[0].message.content == want
+
+
+def test_disconnect_of_a_non_streamed_request_aborts_it(served, abort_spy):
+    body = {"model": NAME, "messages": [{"role": "user", "content": "slow one"}], "max_tokens": LONG}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(served.v1 + "/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.02))
+    wait_idle(served.url)
+    assert [r for _, r in abort_spy] == ["abort"]
+
+
+def test_chat_roles_render_through_the_template(served, client):
+    msgs = [{"role": "system", "content": "be terse"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "developer", "content": "again"}]
+    ids = apply_chat_template(served.model.tokenizer, [{**m, "role": m["role"].replace("developer", "system")}
+                                                       for m in msgs], add_generation_prompt=True)
+    want, _ = reference(served.model, ids)
+    r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=MAX_TOKENS)
+    assert r.choices[0].message.content == want and r.usage.prompt_tokens == len(ids)
 
 
 def test_32_concurrent_requests_all_answered_correctly(served, client):

@@ -232,6 +232,7 @@ class _Generation:
         self.created = int(time.time())
         self.finished: Finished | None = None
         self.handle = None
+        self._aborted = False
         self._queue: asyncio.Queue = asyncio.Queue()
 
     def submit(self) -> None:
@@ -253,7 +254,9 @@ class _Generation:
         return {"prompt_ids": self.parsed.prompt_param, "max_tokens": self.max_tokens_param}.get(field, field)
 
     def abort(self, reason: str = "abort") -> None:
-        if self.handle is not None and self.finished is None:
+        """End the engine request (once) unless it already finished."""
+        if self.handle is not None and self.finished is None and not self._aborted:
+            self._aborted = True
             self.ctx.engine.abort(self.handle.id, reason=reason)
 
     async def pieces(self) -> AsyncIterator[tuple[str, Any]]:
@@ -272,7 +275,7 @@ class _Generation:
                     if delta:
                         yield "text", delta
                     if self.text.stopped:
-                        self.ctx.engine.abort(self.handle.id, reason="stop")
+                        self.abort(reason="stop")
                 elif isinstance(ev, Finished):
                     self.finished = ev
                     self._check_final(ev)
