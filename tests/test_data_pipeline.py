@@ -14,7 +14,7 @@ from dmax_jax.data.chat import load_tokenizer
 from dmax_jax.data.pipeline import DataConfig, DataError, make_dataset
 from dmax_jax.data.tokenizer_build import build_tokenizer
 
-GSM8K = "/work/shared/data/gsm8k/train.jsonl"
+GSM8K = os.path.join(os.path.dirname(__file__), "data", "gsm8k", "train.jsonl")  # 6 rows, MIT
 KEYS = ("input_ids", "noisy_input_ids", "labels", "flag", "example_index")
 
 

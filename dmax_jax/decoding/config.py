@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmax_jax.config import DTYPE_NAMES
+
 STRATEGIES = ("spd", "threshold", "llada2")
 SOFT_IMPLS = ("auto", "pallas", "xla")
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # Old keyword of ``generate`` → field name (kept so existing callers keep working).
 ALIASES = {"soft_embedding_impl": "soft_impl"}

@@ -13,7 +13,12 @@ position before the current block, computed under the block-causal mask. Three f
                 current-block logits are used.
 * ``block``     the current block alone (hard or soft input embeddings), nothing committed.
 
-``window_logits`` is the cache-free block-causal recompute of the LLaDA2 HF ``generate``.
+``first_block``  the LLaDA2 HF ``generate``'s first forward (prompt bucket + one block): the first
+                block's logits and the prompt's K/V. That schedule recomputes ``[0, end)`` every
+                step (spec §5.5b); under block-causal attention the K/V of a finished block never
+                change, so its later steps are ``cross`` (first step of a block) and ``block``
+                forwards against the cache — the same logits for a fraction of the work.
+``window_logits`` is the cache-free recompute itself (kept as the reference for tests and benches).
 """
 
 from __future__ import annotations
@@ -50,6 +55,20 @@ def prefill(params, config: ModelConfig, prompt_ids: jax.Array, s0: jax.Array, c
     _, cache = forward(params, config, prompt_ids, positions=pos, mask=MaskSpec("block_causal", block),
                        cache=cache, commit=True, dtype=dtype)
     return cache.replace(length=s0.astype(jnp.int32))
+
+
+def first_block(params, config: ModelConfig, x: jax.Array, s0: jax.Array, padded_len: int, capacity: int,
+                block: int, dtype) -> tuple[jax.Array, KVCache]:
+    """Forward of ``x[:, :padded_len + B]`` (prompt bucket + MASKs; holds every row's first block
+    ``[s0, s0 + B)``) → ``(first-block logits [b, B, V], cache valid on [0, s0))``. Positions past a
+    row's first block cannot influence it (block-causal), so the logits are the reference's first
+    step's; the K/V written past ``s0`` stay invisible (``length = s0``)."""
+    b, length = x.shape[0], padded_len + block
+    cache = init_cache(config, b, capacity, dtype)
+    pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    logits, cache = forward(params, config, x[:, :length], positions=pos,
+                            mask=MaskSpec("block_causal", block), cache=cache, commit=True, dtype=dtype)
+    return row_slice(logits, s0, block), cache.replace(length=s0.astype(jnp.int32))
 
 
 def cross_forward(params, config: ModelConfig, x: jax.Array, start: jax.Array, cache: KVCache, block: int,

@@ -26,7 +26,8 @@ Where this departs from the references (spec §5, §7), on purpose:
   K/V and logits, so the same tokens. A forward that transfers nothing while masks remain (every
   masked argmax is MASK) ends the block at temperature 0, where the reference would loop forever;
   the per-block forward count is capped at the worst case of one token per check;
-* llada2: temperature 0 is argmax (the HF copy samples multinomially even then, spec §7.12);
+* llada2: temperature 0 is argmax (the HF copy samples multinomially even then, spec §7.12), and
+  finished blocks' K/V are cached instead of recomputed every step (same logits, block-causal);
 * the result is cut to ``gen_length`` (``gen_end <= P + gen_length``; ``config`` module doc).
 """
 
@@ -149,16 +150,22 @@ def _pick(spec: DecodeSpec, d: RowParams, logits, nfe, *, tempered: bool = False
                             tempered_confidence=tempered, need_probs=spec.top_k > 1)
 
 
-def _cached_logits(spec: DecodeSpec, cfg: ModelConfig, params, blk: Block):
+def _cached_logits(spec: DecodeSpec, cfg: ModelConfig, params, blk: Block, first_logits=None):
     """``(logits_at(step, embeds), cache)``: the cross-block forward runs once per block, outside the
-    step loop, so the step loop only reads the cache (no per-step cache copies in the carry)."""
+    step loop, so the step loop only reads the cache (no per-step cache copies in the carry).
+
+    ``first_logits``: the first block's step-0 logits when they come with the prefill (llada2);
+    otherwise block 0 starts with a block forward (spd / threshold: the prefill is a forward of its own).
+    """
     B, b, dt = spec.block_length, blk.x.shape[0], jnp.dtype(spec.dtype)
+    first = jnp.zeros((b, B, cfg.vocab_size), jnp.float32) if first_logits is None else first_logits
     logits0, cache = jax.lax.cond(
         blk.k > 0, lambda c: fw.cross_forward(params, cfg, blk.x, blk.start, c, B, dt),
-        lambda c: (jnp.zeros((b, B, cfg.vocab_size), jnp.float32), c), blk.cache)
+        lambda c: (first, c), blk.cache)
+    use0 = (lambda step: step == 0) if first_logits is not None else (lambda step: (step == 0) & (blk.k > 0))
 
     def logits_at(step, emb):
-        return jax.lax.cond((step == 0) & (blk.k > 0), lambda: logits0,
+        return jax.lax.cond(use0(step), lambda: logits0,
                             lambda: fw.block_forward(params, cfg, emb, blk.start, cache, B, dt))
 
     return logits_at, cache
@@ -226,15 +233,18 @@ def _threshold_block(spec: DecodeSpec, cfg: ModelConfig, params, d: RowParams, b
     return xb, cache, nfe, tr
 
 
-def _llada2_block(spec: DecodeSpec, cfg: ModelConfig, params, d: RowParams, blk: Block):
-    """The LLaDA2 HF ``generate`` step loop (spec §5.5b): no cache, block-causal recompute of the
-    prefix every step, per-step transfer counts with a threshold override."""
+def _llada2_block(spec: DecodeSpec, cfg: ModelConfig, params, d: RowParams, blk: Block, first_logits):
+    """The LLaDA2 HF ``generate`` step loop (spec §5.5b): per-step transfer counts with a threshold
+    override. The reference recomputes ``[0, end)`` every step; here the finished blocks' K/V come
+    from the cache (``forwards`` module doc) — the same logits under block-causal attention."""
     B, M, dt = spec.block_length, spec.mask_id, jnp.dtype(spec.dtype)
+    table = embedding_table(params)
+    logits_at, cache = _cached_logits(spec, cfg, params, blk, first_logits)
 
     def body(ic):
         step, xb, done, nfe, tr = ic
         run = ~done & (xb == M).any(-1) & (step < d.steps)  # a row past its own step count is done
-        logits = fw.window_logits(params, cfg, fw.row_update(blk.x, blk.start, xb), blk.start, B, dt)
+        logits = logits_at(step, jnp.take(table, xb, axis=0).astype(dt))
         x0, conf, _ = _pick(spec, d, logits, nfe, tempered=True)
         nfe = nfe + run
         tokens, _ = st.llada2_update(xb, x0, conf, d.threshold, st.transfer_count(B, d.steps, step), M)
@@ -248,26 +258,24 @@ def _llada2_block(spec: DecodeSpec, cfg: ModelConfig, params, d: RowParams, blk:
 
     _, xb, _, nfe, tr = jax.lax.while_loop(cond, body,
                                            (jnp.int32(0), blk.xb, ~blk.live, blk.nfe, blk.trace))
-    return xb, blk.cache, nfe, tr
+    return xb, cache, nfe, tr
 
 
 def decode_program(spec: DecodeSpec, config: ModelConfig, params, prompt_ids, d: RowParams):
     """The traced program (wrap in ``jax.jit`` with ``spec``/``config`` bound)."""
     TRACE_COUNT[spec.strategy] += 1
-    bodies = {"spd": _spd_block, "threshold": _threshold_block, "llada2": _llada2_block}
-    if spec.strategy not in bodies:
+    if spec.strategy not in ("spd", "threshold", "llada2"):
         raise ValueError(f"strategy {spec.strategy!r} is not one of {st.STRATEGIES}")
-    body = bodies[spec.strategy]
-
-    def step_loop(blk: Block):
-        return body(spec, config, params, d, blk)
-
-    b = prompt_ids.shape[0]
-    if spec.strategy == "llada2":
-        return _block_loop(spec, d, prompt_ids, None, jnp.zeros((b,), jnp.int32), step_loop,
+    b, B, dt = prompt_ids.shape[0], spec.block_length, jnp.dtype(spec.dtype)
+    s0, _, _ = row_geometry(d.prompt_lens, d.gen_length, B)
+    if spec.strategy == "llada2":  # the first forward is block 0's first step: no NFE of its own
+        x = jnp.full((b, spec.prompt_len + B), spec.mask_id, jnp.int32)
+        x = x.at[:, :spec.prompt_len].set(prompt_ids)
+        first, cache = fw.first_block(params, config, x, s0, spec.prompt_len, spec.capacity, B, dt)
+        return _block_loop(spec, d, prompt_ids, cache, jnp.zeros((b,), jnp.int32),
+                           lambda blk: _llada2_block(spec, config, params, d, blk, first),
                            eos_in_prompt_tail=False)
-    s0, _, _ = row_geometry(d.prompt_lens, d.gen_length, spec.block_length)
-    dt = jnp.dtype(spec.dtype)
-    cache = fw.prefill(params, config, prompt_ids, s0, spec.capacity, spec.block_length, dt)
-    return _block_loop(spec, d, prompt_ids, cache, jnp.ones((b,), jnp.int32), step_loop,  # prefill: 1 NFE
-                       eos_in_prompt_tail=True)
+    body = _spd_block if spec.strategy == "spd" else _threshold_block
+    cache = fw.prefill(params, config, prompt_ids, s0, spec.capacity, B, dt)
+    return _block_loop(spec, d, prompt_ids, cache, jnp.ones((b,), jnp.int32),  # the prefill: 1 NFE (spec §6)
+                       lambda blk: body(spec, config, params, d, blk), eos_in_prompt_tail=True)

@@ -19,7 +19,7 @@ import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from dmax_jax.decoding.trace_schema import STATE_NAMES, STEP_KEYS, TRACE_KEYS
+from dmax_jax.decoding.trace_schema import RESULT_KEYS, STATE_NAMES, STEP_KEYS, TRACE_KEYS
 from dmax_jax.viz._static import CSS, JS
 
 _HI_CONFIDENCE = 0.55  # above this the shaded chip background is dark enough for white text
@@ -242,9 +242,16 @@ def _render_trace(tr: Mapping[str, Any], blocks: list[list[dict[str, Any]]], row
             generated += len(kept)
             eos_seen = len(kept) < len(gen)
     stats = [f"prompt <b>{int(tr['prompt_len'])}</b> tokens", f"block length <b>{blen}</b>",
-             f"<b>{len(blocks)}</b> blocks", f"<b>{total}</b> block steps (forwards, no prefill)",
-             f"<b>{generated}</b> tokens before EOS", f"<b>{generated / total:.2f}</b> tokens / step",
-             f"<b>{revisions}</b> revisions"]
+             f"<b>{len(blocks)}</b> blocks", f"<b>{generated}</b> tokens before EOS"]
+    if all(k in tr for k in RESULT_KEYS):  # the decoder's own accounting: the same TPF as its result
+        nfe, ref = int(tr["nfe"]), int(tr["tokens_ref"])
+        stats += [f"<b>{total}</b> block steps + <b>{int(tr['prefill_forwards'])}</b> prefill = "
+                  f"<b>{nfe}</b> forwards (NFE)",
+                  f"TPF <b>{ref / nfe if nfe else 0.0:.2f}</b> ({ref} tokens / {nfe} forwards)"]
+    else:
+        stats += [f"<b>{total}</b> block steps (forwards, no prefill)",
+                  f"<b>{generated / total:.2f}</b> tokens / step"]
+    stats.append(f"<b>{revisions}</b> revisions")
     has_prompt = prompt_text is not None
     ptxt = f'<span class="ptxt">{_esc(prompt_text)}</span>' if has_prompt else ""
     return (f'<section class="trace" data-row="{row}" data-steps="{total}" data-blocks="{len(blocks)}" '
