@@ -58,6 +58,20 @@ def _state_sharding(params):
     return None
 
 
+_PROGRAMS: dict = {}  # (spec, model config, slots, sharding) -> jitted round program
+
+
+def _jit_round(spec: prog.RoundSpec, cfg, shardings):
+    """The jitted round program, the slot state donated (its buffers are updated in place)."""
+    def traced(params, state, r, pc):
+        prog.TRACE_COUNT[spec, cfg, r.start.shape[0]] += 1
+        return prog.round_program(spec, cfg, params, state, r, pc)
+
+    if shardings is None:
+        return jax.jit(traced, donate_argnums=(1,))
+    return jax.jit(traced, donate_argnums=(1,), out_shardings=shardings)
+
+
 class Engine:
     """Slot engine. Construction validates the configuration; :meth:`start` runs the round loop in
     a background thread (or drive it synchronously with :meth:`step` / :meth:`run_until_idle`).
@@ -189,24 +203,20 @@ class Engine:
         spec, cfg = self.spec, self.config
         make = functools.partial(prog.init_state, spec, cfg, self.max_batch)
         self._state = (jax.jit(make, out_shardings=self._sharding) if self._sharding else jax.jit(make))()
-        self._traces = 0
-
-        def traced(params, state, r, pc):
-            self._traces += 1
-            return prog.round_program(spec, cfg, params, state, r, pc)
-
-        if self._sharding is not None:
-            shard = jax.tree.map(lambda a: a.sharding, self._state)
-            self._exe = jax.jit(traced, donate_argnums=(1,), out_shardings=(shard, self._sharding))
-        else:
-            self._exe = jax.jit(traced, donate_argnums=(1,))
+        key = (spec, cfg, self.max_batch, self._sharding)
+        if key not in _PROGRAMS:
+            shard = None if self._sharding is None else (jax.tree.map(lambda a: a.sharding, self._state),
+                                                          self._sharding)
+            _PROGRAMS[key] = _jit_round(spec, cfg, shard)
+        self._exe = _PROGRAMS[key]
         t = time.perf_counter()
         self._run(*self._inputs([], None))
         self._counters["compile_seconds"] = time.perf_counter() - t
 
     def compile_count(self) -> int:
-        """Times this engine's round program was traced (1 after warm-up, and it stays 1)."""
-        return getattr(self, "_traces", 0)
+        """Times the round program of this engine's configuration was traced in this process
+        (engines of one configuration share it): 1 after warm-up, and it stays 1."""
+        return prog.TRACE_COUNT[self.spec, self.config, self.max_batch]
 
     def start(self) -> Engine:
         """Compile (if not yet) and run the round loop in a background thread; returns self."""

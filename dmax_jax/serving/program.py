@@ -33,7 +33,7 @@ from dmax_jax.model.kv_cache import KVCache, init_cache
 from dmax_jax.model.llada2 import embedding_table, forward
 from dmax_jax.model.masks import MaskSpec
 
-TRACE_COUNT: collections.Counter = collections.Counter()  # traces of the round program, per spec
+TRACE_COUNT: collections.Counter = collections.Counter()  # traces, per (spec, model config, slots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,7 +245,6 @@ def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r
     Returns ``(state, out)``: ``out["blocks"] [slots, B]`` the decoded blocks, ``out["nfe"]`` the
     forward counters after the round, ``out["steps"] [S, slots, B]`` / ``out["step_valid"] [S, slots]``
     the block after every forward (provisional snapshots)."""
-    TRACE_COUNT[spec] += 1
     B, b = spec.block_length, r.start.shape[0]
     state = jax.lax.cond(pc.active, lambda s: _prefill(spec, cfg, params, s, pc), lambda s: s, state)
     logits0, cache = _step0_logits(spec, cfg, params, state, r)
