@@ -84,32 +84,34 @@ def random_model_dir(out: Path, args) -> Path:
 
     params = jax.tree_util.tree_map_with_path(leaf, param_shapes(cfg, np.float32))
     save_hf_params(params, cfg, out)
-    for f in demo.iterdir():
-        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+    for f in demo.iterdir():  # the demo tokenizer, chat template and prompt format / decode defaults
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja") or f.name == "dmax_decode.json":
             (out / f.name).write_bytes(f.read_bytes())
     return out
 
 
 def questions(n: int) -> list[str]:
+    """Held-out demo questions, sent as they are: the server wraps them in the model's prompt format."""
     from dmax_jax.demo import test_problems
-    from dmax_jax.tasks.arith import gsm8k_prompt
 
-    return [gsm8k_prompt(p["question"]) for p in test_problems(n)]
+    return [p["question"] for p in test_problems(n)]
 
 
 # ---- server -------------------------------------------------------------------------------------------
-def start_server(model, decode, max_batch: int, name: str):
+def start_server(model, defaults: dict, template: str, max_batch: int, name: str):
+    """The server exactly as ``python -m dmax_jax.serve`` builds it, in a uvicorn thread."""
     import uvicorn
 
-    from dmax_jax.demo import DEMO_DECODE
+    from dmax_jax.serve import DEMO_CAPACITY
     from dmax_jax.serving import Engine
     from dmax_jax.serving.server import ServeConfig, create_app
 
-    ids = model.config
-    engine = Engine(model, max_batch=max_batch, block_length=decode.block_length,
-                    capacity=DEMO_DECODE.prompt_bucket + decode.gen_length)
-    app = create_app(engine, model.tokenizer, ServeConfig(model_name=name, decode=decode),
-                     mask_id=ids.resolved_mask_token_id, vocab_size=ids.vocab_size)
+    ids, decode = model.config, next(iter(defaults.values()))
+    engine = Engine(model, max_batch=max_batch, block_length=decode.block_length, capacity=DEMO_CAPACITY,
+                    strategies=tuple(defaults))
+    cfg = ServeConfig(model_name=name, decode=decode, per_strategy=defaults, prompt_template=template)
+    app = create_app(engine, model.tokenizer, cfg, mask_id=ids.resolved_mask_token_id,
+                     vocab_size=ids.vocab_size)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -219,16 +221,18 @@ def bench_model(which: str, args, tmp: Path) -> list[dict]:
     from dmax_jax.data.chat import apply_chat_template
     from dmax_jax.decoding import compile_count
     from dmax_jax.demo import default_model_dir
-    from dmax_jax.serve import demo_defaults
+    from dmax_jax.serve import serve_defaults
 
     path = default_model_dir("dmax") if which == "demo" else random_model_dir(tmp / "random", args)
     model = dmax_jax.load_pretrained(path)
     n_params = sum(int(np.prod(a.shape)) for a in __import__("jax").tree.leaves(model.params))
     label = f"{which} ({n_params / 1e6:.2f} M)"
-    decode = demo_defaults().replace(gen_length=args.max_tokens)
+    defaults, template = serve_defaults(path, {"gen_length": args.max_tokens})
+    decode = next(iter(defaults.values()))
     qs = questions(args.requests)
-    ids = [apply_chat_template(model.tokenizer, [{"role": "user", "content": q}], add_generation_prompt=True)
-           for q in qs]
+    wrapped = [template.replace("{prompt}", q) for q in qs]
+    ids = [apply_chat_template(model.tokenizer, [{"role": "user", "content": w}], add_generation_prompt=True)
+           for w in wrapped]
 
     generate_warm = sequential_generate(model, ids[:1], decode)  # compile
     del generate_warm
@@ -237,7 +241,7 @@ def bench_model(which: str, args, tmp: Path) -> list[dict]:
     want = [r["text"] for r in recs]
     rows = [row(label, "generate x1 (sequential)", recs, wall, f"{c0}->{compile_count()}", want)]
 
-    engine, server, thread, url = start_server(model, decode, args.max_batch, which)
+    engine, server, thread, url = start_server(model, defaults, template, args.max_batch, which)
     try:
         closed_loop(url, which, qs[: args.max_batch], args.max_batch, args.max_tokens, args.timeout)  # warm
         for conc in [int(c) for c in args.concurrency.split(",")]:

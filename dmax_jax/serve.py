@@ -47,35 +47,55 @@ def _int_at_least(lo: int, hi: int | None = None):
 # (gen_length = default max_tokens).
 SERVE_FIELDS = ("strategy", "block_length", "gen_length", "threshold", "accept_threshold", "steps",
                 "temperature", "seed", "top_k", "soft_impl", "dtype", "max_unroll", "expected_tpf")
+DEMO_CAPACITY = 128   # the demo's prompt bucket 64 + 64 generated positions per slot
 
 
-def demo_defaults():
-    """The shipped demo's decoding geometry (block 32, 64 new tokens, SPD at τ = 0.5 / τ_acc = 0.9)."""
+def model_path(args: argparse.Namespace) -> Path:
+    from dmax_jax.demo import default_model_dir
+
+    return default_model_dir("dmax") if args.model is None else Path(args.model)
+
+
+def serve_defaults(path: Path, flags: dict) -> tuple[dict, str]:
+    """``({strategy: DecodeConfig}, prompt_template)`` for the served strategies: DecodeConfig defaults
+    < the model's ``dmax_decode.json`` (``decode``, then ``strategies[s]``) < the flags given. The first
+    key is the default strategy. Raises DecodeConfigError / ModelDefaultsError on bad values."""
     from dmax_jax.decoding import DecodeConfig
-    from dmax_jax.demo import DEMO_DECODE as D
+    from dmax_jax.decoding.model_defaults import PLACEHOLDER, load_model_defaults
+    from dmax_jax.serving.engine import SERVED_STRATEGIES
 
-    return DecodeConfig(strategy="spd", block_length=D.block_length, gen_length=D.gen_length,
-                        threshold=D.spd_threshold, accept_threshold=D.accept_threshold)
+    md = load_model_defaults(path)
+    first = flags.get("strategy") or (md.decode.get("strategy") if md else None) or "spd"
+    if first not in SERVED_STRATEGIES:
+        raise ValueError(f"--strategy: the engine serves {', '.join(SERVED_STRATEGIES)}, not {first}")
+    out = {}
+    for s in (first, *[t for t in SERVED_STRATEGIES if t != first]):
+        given = {**flags, "strategy": s}
+        if s == "threshold" and s != first:
+            given.pop("steps", None)        # --steps is the default strategy's; threshold takes none
+        out[s] = md.config(DecodeConfig(), given) if md else DecodeConfig().replace(**given)
+    return out, (md.prompt_template if md else PLACEHOLDER)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from dmax_jax.decoding import DecodeConfig
-    from dmax_jax.decoding.cli_args import add_decode_args, decode_config_from_args
+    from dmax_jax.decoding import DecodeConfigError
+    from dmax_jax.decoding.cli_args import add_decode_args, config_error_line, given_fields
 
     ap = _Parser(prog=PROG, description="Serve a DMax / LLaDA2-MoE model behind the OpenAI API. Decoding "
-                 "flags set the defaults of requests that leave a knob out (gen-length: max_tokens).")
+                 "flags set the defaults of requests that leave a knob out (gen-length: max_tokens); "
+                 "unset flags come from the model's dmax_decode.json, then the DecodeConfig defaults.")
     ap.add_argument("--model", help="HF model directory (default: the shipped demo 'dmax' model)")
     ap.add_argument("--served-model-name", help="model id clients send (default: the directory's name)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=_int_at_least(0, 65535), default=8000, help="0 = any free port")
     ap.add_argument("--max-batch", type=_int_at_least(1), default=16, help="engine slots (default 16)")
     ap.add_argument("--capacity", type=_int_at_least(1), help="positions per slot (default: the model's "
-                    "max_position_embeddings; demo: 128)")
+                    f"max_position_embeddings; demo: {DEMO_CAPACITY})")
     ap.add_argument("--prefill-chunk", type=_int_at_least(1), default=128, help="prompt tokens per round")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to drain at shutdown")
     ap.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    add_decode_args(ap, defaults=demo_defaults(), fields=SERVE_FIELDS, group_title="decoding (demo defaults "
-                    "shown; with --model the DecodeConfig defaults)")
+    add_decode_args(ap, fields=SERVE_FIELDS, group_title="decoding (defaults: DecodeConfig's, overridden "
+                    "by the model's dmax_decode.json)")
     args = ap.parse_args(argv)
     if args.model is not None:
         p = Path(args.model)
@@ -85,10 +105,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             ap.error(f"--model {args.model}: no config.json in it (not an HF model directory)")
     if args.drain_timeout < 0:
         ap.error(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
-    if args.strategy == "llada2":
-        ap.error("--strategy: the engine serves spd and threshold, not llada2")
-    base = demo_defaults() if args.model is None else DecodeConfig()
-    args.decode = decode_config_from_args(args, base, prog=PROG)
+    try:
+        args.decode, args.prompt_template = serve_defaults(model_path(args), given_fields(args, SERVE_FIELDS))
+    except DecodeConfigError as e:
+        print(config_error_line(e, PROG), file=sys.stderr)
+        raise SystemExit(2) from None
+    except (ValueError, FileNotFoundError) as e:
+        ap.error(str(e))
     return args
 
 
@@ -96,26 +119,25 @@ def build(args: argparse.Namespace):
     """Load the model and build ``(engine, app, served name)`` (no socket yet)."""
     import dmax_jax
     from dmax_jax.data.chat import resolve_special_ids
-    from dmax_jax.demo import DEMO_DECODE, default_model_dir
-    from dmax_jax.serving.engine import SERVED_STRATEGIES, Engine
+    from dmax_jax.serving.engine import Engine
     from dmax_jax.serving.server import ServeConfig, create_app
 
-    demo = args.model is None
-    path = default_model_dir("dmax") if demo else Path(args.model)
-    dc = args.decode
+    path = model_path(args)
+    strategies = tuple(args.decode)
+    dc = args.decode[strategies[0]]
     dtype = dc.dtype or "float32"       # validated by DecodeConfig (--dtype)
     model = dmax_jax.load_pretrained(path, dtype=dtype)
     if model.tokenizer is None:
         raise ValueError(f"--model {path}: holds no tokenizer files; the server needs one")
     ids = resolve_special_ids(model.config, model.tokenizer, strict=False)
-    capacity = args.capacity or (DEMO_DECODE.prompt_bucket + DEMO_DECODE.gen_length if demo else None)
-    strategies = (dc.strategy, *[s for s in SERVED_STRATEGIES if s != dc.strategy])
+    capacity = args.capacity or (DEMO_CAPACITY if args.model is None else None)
     engine = Engine(model, max_batch=args.max_batch, block_length=dc.block_length, capacity=capacity,
                     prefill_chunk=args.prefill_chunk, strategies=strategies, dtype=dtype, top_k=dc.top_k,
                     max_unroll=dc.max_unroll, expected_tpf=dc.expected_tpf, soft_embedding_impl=dc.soft_impl,
                     mask_id=ids.mask_id, eos_id=ids.eos_id)
     name = args.served_model_name or path.resolve().name
-    cfg = ServeConfig(model_name=name, decode=dc, drain_timeout=args.drain_timeout)
+    cfg = ServeConfig(model_name=name, decode=dc, per_strategy=dict(args.decode),
+                      prompt_template=args.prompt_template, drain_timeout=args.drain_timeout)
     app = create_app(engine, model.tokenizer, cfg, mask_id=ids.mask_id, vocab_size=model.config.vocab_size)
     return engine, app, name
 

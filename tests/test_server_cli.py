@@ -44,8 +44,8 @@ def test_demo_model_served_streams_generate_text_and_sigterm_exits_cleanly():
     from dmax_jax.data.chat import apply_chat_template
     from dmax_jax.decoding import generate
     from dmax_jax.demo import DEMO_DECODE, load_demo_model, test_problems
+    from dmax_jax.demo.task import gsm8k_prompt
     from dmax_jax.serving.detok import detokenize
-    from dmax_jax.tasks.arith import gsm8k_prompt
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -60,13 +60,13 @@ def test_demo_model_served_streams_generate_text_and_sigterm_exits_cleanly():
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
                                timeout=120)
         assert [m.id for m in client.models.list()] == ["dmax"]
-        question = gsm8k_prompt(test_problems(1)[0]["question"])     # the demo task's prompt format
+        question = test_problems(1)[0]["question"]    # the server wraps it in the model's prompt format
         stream = client.chat.completions.create(model="dmax", stream=True,
                                                 messages=[{"role": "user", "content": question}])
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
         model = load_demo_model("dmax")
-        ids = apply_chat_template(model.tokenizer, [{"role": "user", "content": question}],
+        ids = apply_chat_template(model.tokenizer, [{"role": "user", "content": gsm8k_prompt(question)}],
                                   add_generation_prompt=True)
         res = generate(model, [ids], **DEMO_DECODE.generate_kwargs("spd", DEMO_DECODE.spd_threshold))
         assert text == detokenize(model.tokenizer, res.token_ids[0]) and "####" in text

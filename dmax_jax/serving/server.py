@@ -57,12 +57,28 @@ _TEMPLATE_ROLE = {"developer": "system"}   # the LLaDA2 template knows system / 
 @dataclasses.dataclass
 class ServeConfig:
     """What the server answers with when a request leaves a field out: ``decode`` holds the default
-    strategy, thresholds, temperature, seed, steps and (as ``gen_length``) the default ``max_tokens``
-    — absent ``max_tokens`` = ``decode.gen_length``, or what fits the slot if less."""
+    strategy's thresholds, temperature, seed, steps and (as ``gen_length``) the default ``max_tokens``
+    — absent ``max_tokens`` = ``decode.gen_length``, or what fits the slot if less; ``per_strategy``
+    the defaults of the other served strategies (a model's ``dmax_decode.json`` may set e.g. τ 0.95
+    for threshold). ``prompt_template`` (``{prompt}`` once; from ``dmax_decode.json``) wraps the content
+    of every chat *user* message, the prompt format the model was trained on; completions are raw."""
 
     model_name: str
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+    per_strategy: dict[str, DecodeConfig] = dataclasses.field(default_factory=dict)
+    prompt_template: str = "{prompt}"
     drain_timeout: float = 30.0        # seconds engine.stop waits for in-flight requests at shutdown
+
+    def defaults(self, strategy: str | None) -> DecodeConfig:
+        """The DecodeConfig a request with ``strategy`` (None: the default one) starts from."""
+        if strategy is None or strategy == self.decode.strategy:
+            return self.decode
+        if strategy in self.per_strategy:
+            return self.per_strategy[strategy]
+        return self.decode.replace(strategy=strategy, steps=None)
+
+    def wrap(self, content: str) -> str:
+        return self.prompt_template.replace("{prompt}", content)
 
 
 @dataclasses.dataclass
@@ -120,7 +136,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServeConfig, *, mask_id: 
 def _model_card(ctx: ServeContext) -> dict:
     return {"id": ctx.config.model_name, "object": "model", "created": ctx.created, "owned_by": "dmax-jax",
             "max_model_len": ctx.engine.capacity, "block_length": ctx.engine.block_length,
-            "strategies": list(ctx.engine.strategies)}
+            "strategies": list(ctx.engine.strategies), "prompt_template": ctx.config.prompt_template}
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -169,7 +185,9 @@ def _max_tokens_param(body: dict) -> str:
 def _prompt_ids(ctx: ServeContext, parsed: ParsedRequest) -> list[int]:
     param = parsed.prompt_param
     if parsed.kind == CHAT:
-        messages = [{"role": _TEMPLATE_ROLE.get(r, r), "content": c} for r, c in parsed.messages]
+        wrap = ctx.config.wrap
+        messages = [{"role": _TEMPLATE_ROLE.get(r, r), "content": wrap(c) if r == "user" else c}
+                    for r, c in parsed.messages]
         try:
             ids = apply_chat_template(ctx.tokenizer, messages, add_generation_prompt=True)
         except Exception as e:  # a template's raise_exception (e.g. role order) is the client's error
@@ -197,7 +215,7 @@ _DECODE_FIELD = {"max_tokens": "gen_length"}
 def _engine_request(ctx: ServeContext, parsed: ParsedRequest, prompt_ids: list[int]) -> EngineRequest:
     """The server's DecodeConfig with the request's overrides (validated by DecodeConfig: its error
     names the field) turned into an :class:`EngineRequest`."""
-    eng, base = ctx.engine, ctx.config.decode
+    eng, base = ctx.engine, ctx.config.defaults(parsed.strategy)
     if parsed.block_length is not None and parsed.block_length != eng.block_length:
         raise RequestError(f"'block_length' must be {eng.block_length} on this server (the compiled block "
                            f"size), got {parsed.block_length}", "block_length")
@@ -206,8 +224,8 @@ def _engine_request(ctx: ServeContext, parsed: ParsedRequest, prompt_ids: list[i
         raise RequestError(f"'{parsed.prompt_param}' is {len(prompt_ids)} tokens; with the block rounding "
                            f"it leaves no room to generate in the {eng.capacity} positions of a slot",
                            parsed.prompt_param, "context_length_exceeded")
-    given = {k: getattr(parsed, k) for k in ("max_tokens", "strategy", "threshold", "accept_threshold",
-                                              "steps", "temperature", "seed")
+    given = {k: getattr(parsed, k) for k in ("max_tokens", "threshold", "accept_threshold", "steps",
+                                              "temperature", "seed")
              if getattr(parsed, k) is not None}
     if "max_tokens" not in given:
         given["max_tokens"] = min(base.gen_length, fits)
