@@ -64,7 +64,7 @@ _PROGRAMS: dict = {}  # (spec, model config, slots, sharding) -> jitted round pr
 def _jit_round(spec: prog.RoundSpec, cfg, shardings):
     """The jitted round program, the slot state donated (its buffers are updated in place)."""
     def traced(params, state, r, pc):
-        prog.TRACE_COUNT[spec, cfg, r.start.shape[0]] += 1
+        prog.TRACE_COUNT[spec, cfg, state.x.shape[0], r.start.shape[0]] += 1
         return prog.round_program(spec, cfg, params, state, r, pc)
 
     if shardings is None:
@@ -84,13 +84,15 @@ class Engine:
     per round (a multiple of B); ``strategies`` the strategies served (``spd``, ``threshold``;
     ``llada2`` is not served); ``dtype`` the compute dtype (cache too); ``top_k``, ``max_unroll``,
     ``expected_tpf``, ``soft_embedding_impl`` as in ``generate`` (static); ``mask_id`` / ``eos_id``
-    default to the model config's.
+    default to the model config's. ``widths``: the batch widths compiled (default 1, 2, 4, ... up to
+    ``max_batch``): a round computes only the first ``width`` slots that cover every decoding slot.
     """
 
     def __init__(self, model, *, max_batch: int = 8, block_length: int = 32, capacity: int | None = None,
                  prefill_chunk: int = 128, strategies: tuple[str, ...] = SERVED_STRATEGIES, dtype=None,
                  top_k: int = 1, max_unroll: int = 4, expected_tpf: int = 4,
-                 soft_embedding_impl: str = "auto", mask_id: int | None = None, eos_id: int | None = None):
+                 soft_embedding_impl: str = "auto", mask_id: int | None = None, eos_id: int | None = None,
+                 widths: tuple[int, ...] | None = None):
         self.params, self.config = _model_parts(model)
         cfg = self.config
         strategies = tuple(strategies)
@@ -128,6 +130,13 @@ class Engine:
             max_unroll=max_unroll, expected_tpf=expected_tpf, soft_impl=soft_embedding_impl,
             dtype=jnp.dtype(dtype).name)
         self.max_batch = max_batch
+        # compiled batch widths: a round computes only the first `width` slots (admission fills the
+        # lowest free slot), so a lightly loaded engine does not pay for its idle slots
+        if widths is None:
+            widths = {min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)}
+        self.widths = tuple(sorted(set(widths)))
+        if not self.widths or self.widths[-1] != max_batch or self.widths[0] < 1:
+            raise ValueError(f"widths {widths} must be positive batch widths ending at max_batch {max_batch}")
         try:
             base = DecodeConfig(strategy=strategies[0], block_length=block_length, top_k=top_k,
                                 soft_impl=soft_embedding_impl, dtype=self.spec.dtype, max_unroll=max_unroll,
@@ -210,13 +219,14 @@ class Engine:
             _PROGRAMS[key] = _jit_round(spec, cfg, shard)
         self._exe = _PROGRAMS[key]
         t = time.perf_counter()
-        self._run(*self._inputs([], None))
+        for w in self.widths:
+            self._run(*self._inputs([], None, w))
         self._counters["compile_seconds"] = time.perf_counter() - t
 
     def compile_count(self) -> int:
-        """Times the round program of this engine's configuration was traced in this process
-        (engines of one configuration share it): 1 after warm-up, and it stays 1."""
-        return prog.TRACE_COUNT[self.spec, self.config, self.max_batch]
+        """Times the round programs of this engine's configuration were traced in this process
+        (engines of one configuration share them): one per width after warm-up, and it stays so."""
+        return sum(prog.TRACE_COUNT[self.spec, self.config, self.max_batch, w] for w in self.widths)
 
     def start(self) -> Engine:
         """Compile (if not yet) and run the round loop in a background thread; returns self."""
@@ -310,10 +320,10 @@ class Engine:
                 handle, prompt, cfg = self._queue.popleft()
                 self._slots[i] = Slot.admit(handle, prompt, cfg, self.strategies.index(cfg.strategy))
 
-    def _inputs(self, decoding: list[int], prefill: int | None):
-        """Host arrays of one round: ``decoding`` slots advance a block, slot ``prefill`` gets its
-        next prompt chunk (its cursor advances here)."""
-        n, B, M, C = self.max_batch, self.block_length, self.spec.mask_id, self.spec.prefill_chunk
+    def _inputs(self, decoding: list[int], prefill: int | None, width: int):
+        """Host arrays of one round: ``decoding`` slots (all < ``width``) advance a block, slot
+        ``prefill`` gets its next prompt chunk (its cursor advances here)."""
+        n, B, M, C = width, self.block_length, self.spec.mask_id, self.spec.prefill_chunk
         f = {k: np.zeros(n, np.int32) for k in ("strategy", "k", "start", "nfe")}
         f.update(decoding=np.zeros(n, bool), greedy=np.ones(n, bool))
         rows = [self._idle_row] * n
@@ -345,20 +355,20 @@ class Engine:
             self._admit()
             waiting = [i for i, s in enumerate(self._slots) if s is not None and s.prefilling]
             prefill = min(waiting, key=lambda i: self._slots[i].handle.id) if waiting else None
-            r, pc = None, None
-            if prefill is not None:
-                r, pc = self._inputs([], prefill)  # advances the cursor: the slot may decode this round
+            pc = self._inputs([], prefill, 1)[1]  # advances the cursor: the slot may decode this round
             decoding = [i for i, s in enumerate(self._slots) if s is not None and not s.prefilling]
             if prefill is None and not decoding:
                 return
-            r = self._inputs(decoding, None)[0]
+            width = next(w for w in self.widths if w > max(decoding, default=-1))
+            r = self._inputs(decoding, None, width)[0]
             plan = {i: self._slots[i] for i in decoding}
         t = time.perf_counter()
-        out = self._run(r, pc if pc is not None else self._inputs([], None)[1])
+        out = self._run(r, pc)
         with self._lock:
             self._counters["rounds"] += 1
             self._counters["busy_seconds"] += time.perf_counter() - t
             self._counters["prefill_chunks"] += prefill is not None
+            self._counters[f"rounds_width_{r.start.shape[0]}"] += 1
             self._process(plan, out)
 
     def _process(self, plan: dict, out: dict) -> None:

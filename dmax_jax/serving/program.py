@@ -239,23 +239,38 @@ def _threshold_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRou
 LOOPS = {"spd": _spd_loop, "threshold": _threshold_loop}
 
 
+def _rows(state: SlotState, n: int) -> SlotState:
+    return jax.tree.map(lambda a: a[:, :n] if a.ndim > 2 else a[:n], state)
+
+
+def _put_rows(state: SlotState, part: SlotState) -> SlotState:
+    def put(a, u):
+        return jax.lax.dynamic_update_slice(a, u, (0,) * a.ndim)
+    return jax.tree.map(put, state, part)
+
+
 def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotRound,
                   pc: PrefillChunk):
     """One engine round (wrap in ``jax.jit`` with ``spec``/``config`` bound, ``state`` donated).
-    Returns ``(state, out)``: ``out["blocks"] [slots, B]`` the decoded blocks, ``out["nfe"]`` the
-    forward counters after the round, ``out["steps"] [S, slots, B]`` / ``out["step_valid"] [S, slots]``
-    the block after every forward (provisional snapshots)."""
-    B, b = spec.block_length, r.start.shape[0]
+
+    The prefill chunk works on the full state; the block step on its first ``n`` slots only, ``n`` =
+    the length of ``r``'s arrays (the host picks the smallest compiled width covering every decoding
+    slot, so a lightly loaded engine does not compute its idle slots). Returns ``(state, out)``:
+    ``out["blocks"] [n, B]`` the decoded blocks, ``out["nfe"] [n]`` the forward counters after the
+    round, ``out["steps"] [S, n, B]`` / ``out["step_valid"] [S, n]`` the block after every forward
+    (provisional snapshots)."""
+    B, n = spec.block_length, r.start.shape[0]
     state = jax.lax.cond(pc.active, lambda s: _prefill(spec, cfg, params, s, pc), lambda s: s, state)
-    logits0, cache = _step0_logits(spec, cfg, params, state, r)
-    xb0 = fw.row_slice(state.x, r.start, B)
-    rec = {"tokens": jnp.zeros((spec.max_steps, b, B), jnp.int32),
-           "valid": jnp.zeros((spec.max_steps, b), bool)}
+    part = _rows(state, n)
+    logits0, cache = _step0_logits(spec, cfg, params, part, r)
+    xb0 = fw.row_slice(part.x, r.start, B)
+    rec = {"tokens": jnp.zeros((spec.max_steps, n, B), jnp.int32),
+           "valid": jnp.zeros((spec.max_steps, n), bool)}
     xb, nfe = xb0, r.nfe
     for i, name in enumerate(spec.strategies):
         rows = r.decoding & (r.strategy == i)
         xb_s, nfe, rec = LOOPS[name](spec, cfg, params, cache, r, rows, xb0, logits0, nfe, rec)
         xb = jnp.where(rows[:, None], xb_s, xb)
-    x = jnp.where(r.decoding[:, None], fw.row_update(state.x, r.start, xb), state.x)
+    x = jnp.where(r.decoding[:, None], fw.row_update(part.x, r.start, xb), part.x)
     out = {"blocks": xb, "nfe": nfe, "steps": rec["tokens"], "step_valid": rec["valid"]}
-    return SlotState(x=x, cache=cache), out
+    return _put_rows(state, SlotState(x=x, cache=cache)), out
