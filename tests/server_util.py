@@ -37,6 +37,7 @@ class Served:
     model: Any
     server: Any
     thread: threading.Thread
+    warm_compiles: int = 0     # the engine's compile count once serving (after warm-up)
 
     @property
     def v1(self) -> str:
