@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -190,7 +191,7 @@ def _prompt_ids(ctx: ServeContext, parsed: ParsedRequest) -> list[int]:
                     for r, c in parsed.messages]
         try:
             ids = apply_chat_template(ctx.tokenizer, messages, add_generation_prompt=True)
-        except Exception as e:  # a template's raise_exception (e.g. role order) is the client's error
+        except (jinja2.TemplateError, ValueError) as e:  # raise_exception (e.g. role order), no template
             raise RequestError(f"the chat template rejected 'messages': {e}", param) from None
     elif isinstance(parsed.prompt, str):
         ids = encode(ctx.tokenizer, parsed.prompt)
