@@ -2,10 +2,11 @@
 
 ``Engine(model, max_batch=8, block_length=32, capacity=...)`` owns ``max_batch`` slots; slot i is
 row i of one fixed-capacity KV cache and token buffer. Every engine *round* is one call of one
-compiled program that (1) prefills up to ``prefill_chunk`` prompt tokens of one admitted request
-and (2) advances every decoding slot by one block — the step loop stays inside ``lax.while_loop``.
-Between rounds the host admits queued requests into free slots, retires finished ones and emits
-events. Requests are batch-invariant: their tokens equal ``dmax_jax.generate`` on the prompt alone.
+compiled program that (1) prefills one chunk of ``prefill_chunk`` prompt tokens for each of up to
+``prefill_batch`` admitted requests and (2) advances every decoding slot by one block — the step
+loop stays inside ``lax.while_loop``. Between rounds the host admits queued requests into free
+slots, retires finished ones and emits events. Requests are batch-invariant: their tokens equal
+``dmax_jax.generate`` on the prompt alone.
 
 Usage::
 
@@ -64,7 +65,7 @@ _PROGRAMS: dict = {}  # (spec, model config, slots, sharding) -> jitted round pr
 def _jit_round(spec: prog.RoundSpec, cfg, shardings):
     """The jitted round program, the slot state donated (its buffers are updated in place)."""
     def traced(params, state, r, pc):
-        prog.TRACE_COUNT[spec, cfg, state.x.shape[0], r.start.shape[0]] += 1
+        prog.TRACE_COUNT[spec, cfg, state.x.shape[0] - 1, r.start.shape[0]] += 1
         return prog.round_program(spec, cfg, params, state, r, pc)
 
     if shardings is None:
@@ -80,8 +81,10 @@ class Engine:
     be sharded over a mesh exactly as for ``generate`` (the engine's own buffers are then
     replicated over the same devices). ``max_batch`` slots; ``block_length`` B (static);
     ``capacity`` positions per slot (default: the model's ``max_position_embeddings``; a request
-    needs ``B * ceil((len(prompt) + max_tokens) / B)``); ``prefill_chunk`` prompt tokens prefilled
-    per round (a multiple of B); ``strategies`` the strategies served (``spd``, ``threshold``;
+    needs ``B * ceil((len(prompt) + max_tokens) / B)``); each round prefills one chunk of
+    ``prefill_chunk`` prompt tokens (a multiple of B) for each of up to ``prefill_batch`` admitted
+    requests, so at most ``prefill_chunk * prefill_batch`` prompt tokens delay the slots already
+    decoding; ``strategies`` the strategies served (``spd``, ``threshold``;
     ``llada2`` is not served); ``dtype`` the compute dtype (cache too); ``top_k``, ``max_unroll``,
     ``expected_tpf``, ``soft_embedding_impl`` as in ``generate`` (static); ``mask_id`` / ``eos_id``
     default to the model config's. ``widths``: the batch widths compiled (default 1, 2, 4, ... up to
@@ -89,7 +92,8 @@ class Engine:
     """
 
     def __init__(self, model, *, max_batch: int = 8, block_length: int = 32, capacity: int | None = None,
-                 prefill_chunk: int = 128, strategies: tuple[str, ...] = SERVED_STRATEGIES, dtype=None,
+                 prefill_chunk: int = 128, prefill_batch: int = 8,
+                 strategies: tuple[str, ...] = SERVED_STRATEGIES, dtype=None,
                  top_k: int = 1, max_unroll: int = 4, expected_tpf: int = 4,
                  soft_embedding_impl: str = "auto", mask_id: int | None = None, eos_id: int | None = None,
                  widths: tuple[int, ...] | None = None):
@@ -104,8 +108,8 @@ class Engine:
         if not strategies or len(set(strategies)) != len(strategies):
             raise ValueError(f"strategies must be a non-empty tuple without repeats, got {strategies}")
         for name, v in (("max_batch", max_batch), ("block_length", block_length),
-                        ("prefill_chunk", prefill_chunk), ("top_k", top_k), ("max_unroll", max_unroll),
-                        ("expected_tpf", expected_tpf)):
+                        ("prefill_chunk", prefill_chunk), ("prefill_batch", prefill_batch), ("top_k", top_k),
+                        ("max_unroll", max_unroll), ("expected_tpf", expected_tpf)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if prefill_chunk % block_length:
@@ -125,6 +129,7 @@ class Engine:
         dtype = getattr(model, "compute_dtype", jnp.float32) if dtype is None else dtype
         self.spec = prog.RoundSpec(
             strategies=strategies, block_length=block_length, capacity=cap, prefill_chunk=prefill_chunk,
+            prefill_batch=min(prefill_batch, max_batch),
             mask_id=mask_id, spd_max_steps=block_length,
             threshold_max_steps=threshold_max_forwards(block_length, expected_tpf, max_unroll), top_k=top_k,
             max_unroll=max_unroll, expected_tpf=expected_tpf, soft_impl=soft_embedding_impl,
@@ -220,7 +225,7 @@ class Engine:
         self._exe = _PROGRAMS[key]
         t = time.perf_counter()
         for w in self.widths:
-            self._run(*self._inputs([], None, w))
+            self._run(*self._inputs([], [], w))
         self._counters["compile_seconds"] = time.perf_counter() - t
 
     def compile_count(self) -> int:
@@ -320,9 +325,9 @@ class Engine:
                 handle, prompt, cfg = self._queue.popleft()
                 self._slots[i] = Slot.admit(handle, prompt, cfg, self.strategies.index(cfg.strategy))
 
-    def _inputs(self, decoding: list[int], prefill: int | None, width: int):
-        """Host arrays of one round: ``decoding`` slots (all < ``width``) advance a block, slot
-        ``prefill`` gets its next prompt chunk (its cursor advances here)."""
+    def _inputs(self, decoding: list[int], prefill: list[int], width: int):
+        """Host arrays of one round: ``decoding`` slots (all < ``width``) advance a block, the
+        ``prefill`` slots get their next prompt chunk (their cursors advance here)."""
         n, B, M, C = width, self.block_length, self.spec.mask_id, self.spec.prefill_chunk
         f = {k: np.zeros(n, np.int32) for k in ("strategy", "k", "start", "nfe")}
         f.update(decoding=np.zeros(n, bool), greedy=np.ones(n, bool))
@@ -332,18 +337,19 @@ class Engine:
             f["decoding"][i], f["strategy"][i], f["k"][i], f["start"][i] = True, s.strategy, s.k, s.start(B)
             f["nfe"][i], f["greedy"][i] = s.nfe, s.handle.request.temperature == 0
             rows[i] = s.row
-        ids = np.full(C, M, np.int32)
-        pc = dict(active=False, slot=0, start=0, forward=False, reset=False, length=0)
-        if prefill is not None:
-            s = self._slots[prefill]
+        P = self.spec.prefill_batch
+        pc = dict(slot=np.full(P, self.max_batch, np.int32), start=np.zeros(P, np.int32),
+                  ids=np.full((P, C), M, np.int32), forward=np.zeros(P, bool), reset=np.zeros(P, bool),
+                  length=np.zeros(P, np.int32))
+        for p, i in enumerate(prefill):
+            s = self._slots[i]
             c = s.cursor
             chunk = s.prompt[c:c + C]
-            ids[:chunk.size] = chunk
-            pc = dict(active=True, slot=prefill, start=c, forward=c < s.s0, reset=c == 0,
-                      length=min(c + C, s.s0))
+            pc["ids"][p, :chunk.size] = chunk
+            pc["slot"][p], pc["start"][p], pc["forward"][p], pc["reset"][p] = i, c, c < s.s0, c == 0
+            pc["length"][p] = min(c + C, s.s0)
             s.cursor = c + C
-        kind = {"slot": np.int32, "start": np.int32, "length": np.int32}
-        pc = prog.PrefillChunk(ids=ids, **{k: np.asarray(v, kind.get(k, bool)) for k, v in pc.items()})
+        pc = prog.PrefillChunk(**pc)
         return prog.SlotRound(rows=jax.tree.map(lambda *a: np.concatenate(a), *rows), **f), pc
 
     def _run(self, r, pc):
@@ -354,20 +360,20 @@ class Engine:
         with self._lock:
             self._admit()
             waiting = [i for i, s in enumerate(self._slots) if s is not None and s.prefilling]
-            prefill = min(waiting, key=lambda i: self._slots[i].handle.id) if waiting else None
-            pc = self._inputs([], prefill, 1)[1]  # advances the cursor: the slot may decode this round
+            prefill = sorted(waiting, key=lambda i: self._slots[i].handle.id)[:self.spec.prefill_batch]
+            pc = self._inputs([], prefill, 1)[1]  # advances the cursors: a slot may decode this round
             decoding = [i for i, s in enumerate(self._slots) if s is not None and not s.prefilling]
-            if prefill is None and not decoding:
+            if not prefill and not decoding:
                 return
             width = next(w for w in self.widths if w > max(decoding, default=-1))
-            r = self._inputs(decoding, None, width)[0]
+            r = self._inputs(decoding, [], width)[0]
             plan = {i: self._slots[i] for i in decoding}
         t = time.perf_counter()
         out = self._run(r, pc)
         with self._lock:
             self._counters["rounds"] += 1
             self._counters["busy_seconds"] += time.perf_counter() - t
-            self._counters["prefill_chunks"] += prefill is not None
+            self._counters["prefill_chunks"] += len(prefill)
             self._counters[f"rounds_width_{r.start.shape[0]}"] += 1
             self._process(plan, out)
 

@@ -1,10 +1,10 @@
 """The engine's one compiled program: a prefill chunk for one slot, then one block for every decoding slot.
 
-Device state (donated every round): ``x [slots, W]`` token rows and the KV cache ``[.., slots, W, ..]``
-with ``W = capacity + scratch``. One round::
+Device state (donated every round): ``x [slots + 1, W]`` token rows and the KV cache
+``[.., slots + 1, W, ..]`` with ``W = capacity + scratch`` (the extra row is scratch too). One round::
 
-    prefill (cond): write ``chunk`` prompt tokens into one slot's row and, if any of them lie
-                    before the slot's first block ``s0``, forward them against the slot's cache row
+    prefill (cond): write up to ``prefill_batch`` prompt chunks into their slots' rows and, if any
+                    lies before its slot's first block ``s0``, forward them against the slots' cache rows
     step-0 logits:  cross-block forward for slots at block k > 0 (commits block k-1), the plain block
                     forward for slots at their first block (k = 0) — each only if some slot needs it
     per strategy:   its step loop (``lax.while_loop``) over the slots decoding with it
@@ -44,6 +44,7 @@ class RoundSpec:
     block_length: int
     capacity: int          # positions per slot (a multiple of block_length)
     prefill_chunk: int     # a multiple of block_length
+    prefill_batch: int     # prompt chunks (of different slots) per round
     mask_id: int
     spd_max_steps: int
     threshold_max_steps: int
@@ -86,41 +87,43 @@ class SlotRound:
 
 @flax.struct.dataclass
 class PrefillChunk:
-    """One slot's prompt chunk: tokens ``ids`` go to positions ``[start, start + chunk)``."""
+    """Up to ``prefill_batch`` prompt chunks, one per prefilling slot (each ``[P]``; ``ids [P, chunk]``):
+    entry p writes ``ids[p]`` to positions ``[start[p], start[p] + chunk)`` of slot ``slot[p]``.
+    Unused entries point at the scratch slot (index = number of slots), so every entry can be
+    computed and written without touching a live slot."""
 
-    active: jax.Array      # bool
     slot: jax.Array        # int32
     start: jax.Array       # int32
-    ids: jax.Array         # [chunk] int32 (MASK past the prompt)
+    ids: jax.Array         # [P, chunk] int32 (MASK past the prompt)
     forward: jax.Array     # bool: some of the chunk lies before s0, so its K/V are needed
-    reset: jax.Array       # bool: first chunk of the request: clear the row to MASK
+    reset: jax.Array       # bool: first chunk of the request: clear the row to MASK first
     length: jax.Array      # int32: the slot's valid cache length after this chunk
 
 
 def init_state(spec: RoundSpec, cfg: ModelConfig, slots: int) -> SlotState:
-    x = jnp.full((slots, spec.width), spec.mask_id, jnp.int32)
-    return SlotState(x=x, cache=init_cache(cfg, slots, spec.width, jnp.dtype(spec.dtype)))
+    """``slots`` rows plus the scratch row of unused prefill entries."""
+    x = jnp.full((slots + 1, spec.width), spec.mask_id, jnp.int32)
+    return SlotState(x=x, cache=init_cache(cfg, slots + 1, spec.width, jnp.dtype(spec.dtype)))
 
 
 def _prefill(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, pc: PrefillChunk) -> SlotState:
+    """Write the chunks' tokens and, if any chunk lies before its slot's ``s0``, forward all chunks
+    as one ``[P, chunk]`` batch against their slots' cache rows (block-causal, committed). K/V past
+    a slot's ``s0`` land beyond its valid ``length`` and stay invisible, as in ``generate``'s prefill."""
     M, dt = spec.mask_id, jnp.dtype(spec.dtype)
-    row = jax.lax.dynamic_index_in_dim(state.x, pc.slot, 0, keepdims=False)
-    row = jax.lax.dynamic_update_slice_in_dim(jnp.where(pc.reset, M, row), pc.ids, pc.start, 0)
-    x = jax.lax.dynamic_update_index_in_dim(state.x, row, pc.slot, 0)
+    rows = jnp.where(pc.reset[:, None], M, state.x[pc.slot])
+    x = state.x.at[pc.slot].set(fw.row_update(rows, pc.start, pc.ids))
 
     def chunk_forward(cache: KVCache) -> KVCache:
-        take = lambda a: jax.lax.dynamic_index_in_dim(a, pc.slot, 1)  # noqa: E731  [layers, 1, W, ..]
-        one = KVCache({n: take(a) for n, a in cache.k.items()}, {n: take(a) for n, a in cache.v.items()},
-                      pc.start[None])
-        pos = (pc.start + jnp.arange(spec.prefill_chunk, dtype=jnp.int32))[None]
+        part = KVCache({n: a[:, pc.slot] for n, a in cache.k.items()},
+                       {n: a[:, pc.slot] for n, a in cache.v.items()}, pc.start)
         mask = MaskSpec("block_causal", spec.block_length)
-        _, one = forward(params, cfg, pc.ids[None], positions=pos, mask=mask, cache=one, commit=True,
-                         dtype=dt)
-        put = lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u[:, 0], pc.slot, 1)  # noqa: E731
-        return cache.replace(k={n: put(a, one.k[n]) for n, a in cache.k.items()},
-                             v={n: put(a, one.v[n]) for n, a in cache.v.items()})
+        pos = fw.positions(pc.start, spec.prefill_chunk)
+        _, part = forward(params, cfg, pc.ids, positions=pos, mask=mask, cache=part, commit=True, dtype=dt)
+        return cache.replace(k={n: a.at[:, pc.slot].set(part.k[n]) for n, a in cache.k.items()},
+                             v={n: a.at[:, pc.slot].set(part.v[n]) for n, a in cache.v.items()})
 
-    cache = jax.lax.cond(pc.forward, chunk_forward, lambda c: c, state.cache)
+    cache = jax.lax.cond(pc.forward.any(), chunk_forward, lambda c: c, state.cache)
     cache = cache.replace(length=cache.length.at[pc.slot].set(pc.length))
     return SlotState(x=x, cache=cache)
 
@@ -253,14 +256,16 @@ def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r
                   pc: PrefillChunk):
     """One engine round (wrap in ``jax.jit`` with ``spec``/``config`` bound, ``state`` donated).
 
-    The prefill chunk works on the full state; the block step on its first ``n`` slots only, ``n`` =
+    The prefill chunks work on the full state; the block step on its first ``n`` slots only, ``n`` =
     the length of ``r``'s arrays (the host picks the smallest compiled width covering every decoding
     slot, so a lightly loaded engine does not compute its idle slots). Returns ``(state, out)``:
     ``out["blocks"] [n, B]`` the decoded blocks, ``out["nfe"] [n]`` the forward counters after the
     round, ``out["steps"] [S, n, B]`` / ``out["step_valid"] [S, n]`` the block after every forward
     (provisional snapshots)."""
     B, n = spec.block_length, r.start.shape[0]
-    state = jax.lax.cond(pc.active, lambda s: _prefill(spec, cfg, params, s, pc), lambda s: s, state)
+    scratch = state.x.shape[0] - 1
+    state = jax.lax.cond((pc.slot < scratch).any(), lambda s: _prefill(spec, cfg, params, s, pc), lambda s: s,
+                         state)
     part = _rows(state, n)
     logits0, cache = _step0_logits(spec, cfg, params, part, r)
     xb0 = fw.row_slice(part.x, r.start, B)
