@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rate", type=float, default=8.0, help="open-loop arrivals per second (0: skip)")
     ap.add_argument("--max-batch", type=int, default=16, help="engine slots")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prefill-batch", type=int, default=8, help="engine: requests prefilled per round")
     ap.add_argument("--hidden", type=int, default=256, help="random model hidden size")
     ap.add_argument("--layers", type=int, default=6, help="random model layers (1 dense + MoE)")
     ap.add_argument("--experts", type=int, default=16, help="random model routed experts")
@@ -98,7 +99,7 @@ def questions(n: int) -> list[str]:
 
 
 # ---- server -------------------------------------------------------------------------------------------
-def start_server(model, defaults: dict, template: str, max_batch: int, name: str):
+def start_server(model, defaults: dict, template: str, max_batch: int, prefill_batch: int, name: str):
     """The server exactly as ``python -m dmax_jax.serve`` builds it, in a uvicorn thread."""
     import uvicorn
 
@@ -108,6 +109,7 @@ def start_server(model, defaults: dict, template: str, max_batch: int, name: str
 
     ids, decode = model.config, next(iter(defaults.values()))
     engine = Engine(model, max_batch=max_batch, block_length=decode.block_length, capacity=DEMO_CAPACITY,
+                    prefill_chunk=decode.prompt_bucket or 128, prefill_batch=prefill_batch,
                     strategies=tuple(defaults))
     cfg = ServeConfig(model_name=name, decode=decode, per_strategy=defaults, prompt_template=template)
     app = create_app(engine, model.tokenizer, cfg, mask_id=ids.resolved_mask_token_id,
@@ -241,7 +243,8 @@ def bench_model(which: str, args, tmp: Path) -> list[dict]:
     want = [r["text"] for r in recs]
     rows = [row(label, "generate x1 (sequential)", recs, wall, f"{c0}->{compile_count()}", want)]
 
-    engine, server, thread, url = start_server(model, defaults, template, args.max_batch, which)
+    engine, server, thread, url = start_server(model, defaults, template, args.max_batch, args.prefill_batch,
+                                               which)
     try:
         closed_loop(url, which, qs[: args.max_batch], args.max_batch, args.max_tokens, args.timeout)  # warm
         for conc in [int(c) for c in args.concurrency.split(",")]:

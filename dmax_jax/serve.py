@@ -91,7 +91,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-batch", type=_int_at_least(1), default=16, help="engine slots (default 16)")
     ap.add_argument("--capacity", type=_int_at_least(1), help="positions per slot (default: the model's "
                     f"max_position_embeddings; demo: {DEMO_CAPACITY})")
-    ap.add_argument("--prefill-chunk", type=_int_at_least(1), default=128, help="prompt tokens per round")
+    ap.add_argument("--prefill-chunk", type=_int_at_least(1), help="prompt tokens per prefilled request "
+                    "per round (default: the model's prompt_bucket from dmax_decode.json, else 128)")
+    ap.add_argument("--prefill-batch", type=_int_at_least(1), default=8,
+                    help="requests prefilled together in one round (default 8)")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to drain at shutdown")
     ap.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_decode_args(ap, fields=SERVE_FIELDS, group_title="decoding (defaults: DecodeConfig's, overridden "
@@ -131,10 +134,11 @@ def build(args: argparse.Namespace):
         raise ValueError(f"--model {path}: holds no tokenizer files; the server needs one")
     ids = resolve_special_ids(model.config, model.tokenizer, strict=False)
     capacity = args.capacity or (DEMO_CAPACITY if args.model is None else None)
+    prefill_chunk = args.prefill_chunk or dc.prompt_bucket or 128
     engine = Engine(model, max_batch=args.max_batch, block_length=dc.block_length, capacity=capacity,
-                    prefill_chunk=args.prefill_chunk, strategies=strategies, dtype=dtype, top_k=dc.top_k,
-                    max_unroll=dc.max_unroll, expected_tpf=dc.expected_tpf, soft_embedding_impl=dc.soft_impl,
-                    mask_id=ids.mask_id, eos_id=ids.eos_id)
+                    prefill_chunk=prefill_chunk, prefill_batch=args.prefill_batch, strategies=strategies,
+                    dtype=dtype, top_k=dc.top_k, max_unroll=dc.max_unroll, expected_tpf=dc.expected_tpf,
+                    soft_embedding_impl=dc.soft_impl, mask_id=ids.mask_id, eos_id=ids.eos_id)
     name = args.served_model_name or path.resolve().name
     cfg = ServeConfig(model_name=name, decode=dc, per_strategy=dict(args.decode),
                       prompt_template=args.prompt_template, drain_timeout=args.drain_timeout)
