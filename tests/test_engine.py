@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 
+import jax
 import numpy as np
 import pytest
 from test_decoding_oracle import random_params
@@ -87,10 +88,12 @@ def serve_with_arrivals(eng: Engine, reqs, arrivals):
 def test_requests_arriving_at_random_blocks_equal_generate_alone(params):
     rng = np.random.default_rng(0)
     reqs = random_requests(rng, 5, max_prompt=60)
-    eng = engine(params)
+    eng = engine(params, widths=(1, 2, 3))
     eng.warmup()
-    assert eng.widths == (1, 2, 3) and eng.compile_count() == 3
+    assert eng.compile_count() == 3
+    before = jax.tree.leaves(eng._state)
     handles = serve_with_arrivals(eng, reqs, arrivals=[0, 0, 1, 3, 4])
+    assert all(a.is_deleted() for a in before)          # the slot buffers were donated, not copied
     for i, (r, h) in enumerate(zip(reqs, handles)):
         assert_same(h.result(0), alone(params, r), f"request {i}")
     assert eng.stats()["prefill_chunks"] > len(reqs)  # some prompts took several chunks
@@ -249,3 +252,32 @@ def test_bad_engine_settings(params):
         Engine((params, CFG), block_length=8, prefill_chunk=12, capacity=CAP)
     with pytest.raises(ValueError, match="capacity"):
         Engine((params, CFG), block_length=8, capacity=CFG.max_position_embeddings + 8)
+
+
+def test_a_failing_round_ends_every_request_with_the_error(params):
+    eng = engine(params, max_batch=1)
+    eng.warmup()
+    hs = [eng.submit(EngineRequest([5, 6, 7], 17)) for _ in range(2)]
+
+    def broken(*a):
+        raise RuntimeError("device lost")
+
+    eng._exe = broken
+    eng.start()._thread.join(60)
+    assert isinstance(eng.error, RuntimeError)
+    assert all(h.result(10).reason == "error" and "device lost" in h.result(0).error for h in hs)
+    with pytest.raises(EngineClosedError):
+        eng.submit(EngineRequest([5, 6, 7], 17))
+
+
+def test_a_failing_listener_does_not_stop_the_engine(params):
+    eng = engine(params, max_batch=2)
+
+    def bad(event):
+        raise ValueError("client bug")
+
+    h1 = eng.submit(EngineRequest([5, 6, 7], 17), listener=bad)
+    h2 = eng.submit(EngineRequest(list(range(10, 29)), 20, threshold=0.05))
+    eng.run_until_idle()
+    assert h1.result(0).reason in ("eos", "length")
+    assert_same(h2.result(0), alone(params, h2.request))

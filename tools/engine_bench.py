@@ -2,6 +2,7 @@
 slot engine at concurrency 1 and with every request submitted at once; checks the tokens match.
 
     python tools/engine_bench.py [--n 32] [--max-batch 16] [--strategy spd] [--threshold 0.5]
+                                 [--max-tokens 64] [--capacity 128]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def main() -> None:
     ap.add_argument("--strategy", default="spd", choices=("spd", "threshold"))
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--capacity", type=int, default=128)
     args = ap.parse_args()
 
     from dmax_jax.decoding import generate
@@ -31,7 +33,8 @@ def main() -> None:
     model = load_demo_model("dmax")
     bench = get_benchmark("gsm8k")
     prompts = [build_input_ids(model.tokenizer, bench.prompt(r)) for r in test_problems(args.n)]
-    reqs = [EngineRequest(p, args.max_tokens, strategy=args.strategy, threshold=args.threshold) for p in prompts]
+    reqs = [EngineRequest(p, args.max_tokens, strategy=args.strategy, threshold=args.threshold)
+            for p in prompts]
     kw = dict(strategy=args.strategy, block_length=32, gen_length=args.max_tokens, threshold=args.threshold,
               prompt_bucket=64)
 
@@ -41,7 +44,7 @@ def main() -> None:
     seq_s = time.perf_counter() - t
     n_tok = sum(r.tokens[0] for r in ref)
 
-    eng = Engine(model, max_batch=args.max_batch, block_length=32, capacity=256, prefill_chunk=64,
+    eng = Engine(model, max_batch=args.max_batch, block_length=32, capacity=args.capacity, prefill_chunk=64,
                  strategies=(args.strategy,))
     eng.start()
     t = time.perf_counter()
@@ -60,8 +63,8 @@ def main() -> None:
     print(f"sequential generate : {seq_s:7.2f} s  {n_tok / seq_s:8.1f} tok/s")
     print(f"engine concurrency 1: {c1_s:7.2f} s  {n_tok / c1_s:8.1f} tok/s")
     print(f"engine all at once  : {all_s:7.2f} s  {n_tok / all_s:8.1f} tok/s  (max_batch {args.max_batch})")
-    print(f"tokens equal to generate: {same}/{args.n}; TPF {sum(f.usage.tokens_ref for f in many) / nfe:.2f}; "
-          f"compile count {eng.compile_count()}")
+    tpf = sum(f.usage.tokens_ref for f in many) / nfe
+    print(f"tokens equal to generate: {same}/{args.n}; TPF {tpf:.2f}; compile count {eng.compile_count()}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +28,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from dmax_jax.decoding.api import _model_parts
 from dmax_jax.decoding.config import SOFT_IMPLS, DecodeConfig, DecodeConfigError
@@ -46,31 +46,24 @@ from dmax_jax.serving.requests import (
 from dmax_jax.serving.slots import Limits, Slot, validate
 
 SERVED_STRATEGIES = ("spd", "threshold")
+log = logging.getLogger(__name__)
 
 
-def _state_sharding(params):
-    """Where the engine's buffers live: replicated over the parameters' mesh (or their device)."""
-    leaf = jax.tree.leaves(params)[0]
-    sh = getattr(leaf, "sharding", None)
-    if isinstance(sh, NamedSharding):
-        return NamedSharding(sh.mesh, PartitionSpec())
-    if sh is not None and len(sh.device_set) == 1:
-        return jax.sharding.SingleDeviceSharding(next(iter(sh.device_set)))
-    return None
-
-
-_PROGRAMS: dict = {}  # (spec, model config, slots, sharding) -> jitted round program
-
-
-def _jit_round(spec: prog.RoundSpec, cfg, shardings):
-    """The jitted round program, the slot state donated (its buffers are updated in place)."""
-    def traced(params, state, r, pc):
-        prog.TRACE_COUNT[spec, cfg, state.x.shape[0] - 1, r.start.shape[0]] += 1
-        return prog.round_program(spec, cfg, params, state, r, pc)
-
-    if shardings is None:
-        return jax.jit(traced, donate_argnums=(1,))
-    return jax.jit(traced, donate_argnums=(1,), out_shardings=shardings)
+def _check_settings(strategies: tuple[str, ...], **ints: int) -> None:
+    """Engine settings: served strategies, positive integers, chunks made of whole blocks."""
+    for s in strategies:
+        if s not in SERVED_STRATEGIES:
+            why = " (llada2 recomputes the whole prefix every step)" if s == "llada2" else ""
+            raise ValueError(f"strategy {s!r} is not served by the engine{why}; "
+                             f"served: {SERVED_STRATEGIES}")
+    if not strategies or len(set(strategies)) != len(strategies):
+        raise ValueError(f"strategies must be a non-empty tuple without repeats, got {strategies}")
+    for name, v in ints.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if ints["prefill_chunk"] % ints["block_length"]:
+        raise ValueError(f"prefill_chunk {ints['prefill_chunk']} must be a multiple of block_length "
+                         f"{ints['block_length']}")
 
 
 class Engine:
@@ -87,8 +80,8 @@ class Engine:
     decoding; ``strategies`` the strategies served (``spd``, ``threshold``;
     ``llada2`` is not served); ``dtype`` the compute dtype (cache too); ``top_k``, ``max_unroll``,
     ``expected_tpf``, ``soft_embedding_impl`` as in ``generate`` (static); ``mask_id`` / ``eos_id``
-    default to the model config's. ``widths``: the batch widths compiled (default 1, 2, 4, ... up to
-    ``max_batch``): a round computes only the first ``width`` slots that cover every decoding slot.
+    default to the model config's. ``widths``: the batch widths compiled (default 1, max_batch // 4,
+    max_batch): a round computes only the first ``width`` slots that cover every decoding slot.
     """
 
     def __init__(self, model, *, max_batch: int = 8, block_length: int = 32, capacity: int | None = None,
@@ -100,21 +93,9 @@ class Engine:
         self.params, self.config = _model_parts(model)
         cfg = self.config
         strategies = tuple(strategies)
-        for s in strategies:
-            if s not in SERVED_STRATEGIES:
-                why = " (llada2 recomputes the whole prefix every step)" if s == "llada2" else ""
-                raise ValueError(f"strategy {s!r} is not served by the engine{why}; "
-                                 f"served: {SERVED_STRATEGIES}")
-        if not strategies or len(set(strategies)) != len(strategies):
-            raise ValueError(f"strategies must be a non-empty tuple without repeats, got {strategies}")
-        for name, v in (("max_batch", max_batch), ("block_length", block_length),
-                        ("prefill_chunk", prefill_chunk), ("prefill_batch", prefill_batch), ("top_k", top_k),
-                        ("max_unroll", max_unroll), ("expected_tpf", expected_tpf)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if prefill_chunk % block_length:
-            raise ValueError(f"prefill_chunk {prefill_chunk} must be a multiple of block_length "
-                             f"{block_length}")
+        _check_settings(strategies, max_batch=max_batch, block_length=block_length,
+                        prefill_chunk=prefill_chunk, prefill_batch=prefill_batch, top_k=top_k,
+                        max_unroll=max_unroll, expected_tpf=expected_tpf)
         if soft_embedding_impl not in SOFT_IMPLS:
             raise ValueError(f"soft_embedding_impl {soft_embedding_impl!r} is not one of {SOFT_IMPLS}")
         cap = cfg.max_position_embeddings if capacity is None else int(capacity)
@@ -138,7 +119,7 @@ class Engine:
         # compiled batch widths: a round computes only the first `width` slots (admission fills the
         # lowest free slot), so a lightly loaded engine does not pay for its idle slots
         if widths is None:
-            widths = {min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)}
+            widths = {1, max(1, max_batch // 4), max_batch}
         self.widths = tuple(sorted(set(widths)))
         if not self.widths or self.widths[-1] != max_batch or self.widths[0] < 1:
             raise ValueError(f"widths {widths} must be positive batch widths ending at max_batch {max_batch}")
@@ -150,7 +131,7 @@ class Engine:
             raise ValueError(f"engine setting {e}") from None
         self.limits = Limits(strategies, cap, cfg.vocab_size, base)
         self._idle_row = base.row_params([1], [0])
-        self._sharding = _state_sharding(self.params)
+        self._sharding = prog.state_sharding(self.params)
         self._state = None
         self._exe = None
         self._lock = threading.Condition()
@@ -162,6 +143,7 @@ class Engine:
         self._stopping = False
         self._drain = True
         self._counters = collections.Counter()
+        self.error: Exception | None = None  # what ended the background thread, if a round failed
 
     # ---- properties --------------------------------------------------------------------------------
     @property
@@ -218,11 +200,11 @@ class Engine:
         make = functools.partial(prog.init_state, spec, cfg, self.max_batch)
         self._state = (jax.jit(make, out_shardings=self._sharding) if self._sharding else jax.jit(make))()
         key = (spec, cfg, self.max_batch, self._sharding)
-        if key not in _PROGRAMS:
+        if key not in prog.PROGRAMS:
             shard = None if self._sharding is None else (jax.tree.map(lambda a: a.sharding, self._state),
                                                           self._sharding)
-            _PROGRAMS[key] = _jit_round(spec, cfg, shard)
-        self._exe = _PROGRAMS[key]
+            prog.PROGRAMS[key] = prog.jit_round(spec, cfg, shard)
+        self._exe = prog.PROGRAMS[key]
         t = time.perf_counter()
         for w in self.widths:
             self._run(*self._inputs([], [], w))
@@ -297,10 +279,11 @@ class Engine:
                         return
                 self._round()
         except Exception as e:  # a failed round ends every request with the error, and the engine
+            log.exception("engine round failed; every request ends with reason 'error'")
             with self._lock:
+                self.error = e
                 self._closed = True
                 self._abort_all("error", error=f"{type(e).__name__}: {e}")
-            raise
 
     def _finish_queued(self, handle: RequestHandle, reason: str, error: str | None = None) -> None:
         usage = Usage(prompt_tokens=len(handle.request.prompt_ids), tokens=0, tokens_ref=0, nfe=0, blocks=0)
@@ -328,14 +311,15 @@ class Engine:
     def _inputs(self, decoding: list[int], prefill: list[int], width: int):
         """Host arrays of one round: ``decoding`` slots (all < ``width``) advance a block, the
         ``prefill`` slots get their next prompt chunk (their cursors advance here)."""
-        n, B, M, C = width, self.block_length, self.spec.mask_id, self.spec.prefill_chunk
+        B, M, C = self.block_length, self.spec.mask_id, self.spec.prefill_chunk
+        n = width + (width == self.max_batch)  # full width: the scratch row rides along, idle
         f = {k: np.zeros(n, np.int32) for k in ("strategy", "k", "start", "nfe")}
-        f.update(decoding=np.zeros(n, bool), greedy=np.ones(n, bool))
+        f["decoding"] = np.zeros(n, bool)
         rows = [self._idle_row] * n
         for i in decoding:
             s = self._slots[i]
             f["decoding"][i], f["strategy"][i], f["k"][i], f["start"][i] = True, s.strategy, s.k, s.start(B)
-            f["nfe"][i], f["greedy"][i] = s.nfe, s.handle.request.temperature == 0
+            f["nfe"][i] = s.nfe
             rows[i] = s.row
         P = self.spec.prefill_batch
         pc = dict(slot=np.full(P, self.max_batch, np.int32), start=np.zeros(P, np.int32),
@@ -374,7 +358,7 @@ class Engine:
             self._counters["rounds"] += 1
             self._counters["busy_seconds"] += time.perf_counter() - t
             self._counters["prefill_chunks"] += len(prefill)
-            self._counters[f"rounds_width_{r.start.shape[0]}"] += 1
+            self._counters[f"rounds_width_{width}"] += 1
             self._process(plan, out)
 
     def _process(self, plan: dict, out: dict) -> None:

@@ -24,6 +24,7 @@ import dataclasses
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dmax_jax.config import ModelConfig
 from dmax_jax.decoding import forwards as fw
@@ -81,8 +82,7 @@ class SlotRound:
     k: jax.Array           # int32: block index of the request (0 = first block)
     start: jax.Array       # int32: first position of the block
     nfe: jax.Array         # int32: forwards so far (prefill = 1); the sampling key counter
-    greedy: jax.Array      # bool: temperature 0
-    rows: RowParams
+    rows: RowParams        # temperature 0 = greedy row
 
 
 @flax.struct.dataclass
@@ -128,49 +128,46 @@ def _prefill(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, pc: Pr
     return SlotState(x=x, cache=cache)
 
 
-def _step0_logits(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotRound):
-    """Logits of every decoding slot's first forward of this block, and the cache after the cross
-    forward committed the previous block of the slots at k > 0."""
+def _cross(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotRound):
+    """The cross-block forward of the slots at block k > 0 (commits their block k-1): ``(their
+    block logits, the cache, the mask of those slots)``."""
     B, dt, b = spec.block_length, jnp.dtype(spec.dtype), r.start.shape[0]
     cross = r.decoding & (r.k > 0)
-    first = r.decoding & (r.k == 0)
-    zeros = jnp.zeros((b, B, cfg.vocab_size), jnp.float32)
 
     def do_cross(cache):
         start = jnp.where(cross, r.start, spec.capacity + B)  # idle slots: scratch at [capacity, +2B)
         logits, new = fw.cross_forward(params, cfg, state.x, start, cache, B, dt)
         return logits, new.replace(length=jnp.where(cross, new.length, cache.length))
 
-    logits_c, cache = jax.lax.cond(cross.any(), do_cross, lambda c: (zeros, c), state.cache)
+    zeros = jnp.zeros((b, B, cfg.vocab_size), jnp.float32)
+    logits, cache = jax.lax.cond(cross.any(), do_cross, lambda c: (zeros, c), state.cache)
+    return logits, cache, cross
 
-    def do_first():
-        emb = jnp.take(embedding_table(params), fw.row_slice(state.x, r.start, B), axis=0).astype(dt)
-        return fw.block_forward(params, cfg, emb, r.start, cache, B, dt)
 
-    logits_f = jax.lax.cond(first.any(), do_first, lambda: zeros)
-    return jnp.where(cross[:, None, None], logits_c, logits_f), cache
+def _logits_at(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, rows, c0, step, emb):
+    """Logits of forward ``step`` of the block for ``rows``: at step 0 a slot at k > 0 uses the
+    cross-block forward's (``c0 = (logits, mask)``), every other forward is the block forward on
+    ``emb`` — skipped at step 0 when every row has the cross logits."""
+    logits_c, cross = c0
+
+    def block():
+        lg = fw.block_forward(params, cfg, emb, r.start, cache, spec.block_length, jnp.dtype(spec.dtype))
+        return jnp.where(((step == 0) & cross)[:, None, None], logits_c, lg)
+
+    return jax.lax.cond((step == 0) & ~(rows & ~cross).any(), lambda: logits_c, block)
 
 
 def _pick(spec: RoundSpec, r: SlotRound, logits, nfe, need_probs: bool):
-    """Greedy rows take the argmax, sampling rows the Gumbel-max draw with their own key — the two
-    rules of ``choose_tokens`` selected per row (the sampled one only runs if some row samples)."""
+    """``choose_tokens`` per row: rows at temperature 0 take the argmax, the others the Gumbel-max
+    draw with their own key; the sampling program only runs if some decoding row samples."""
     d = r.rows
-    g = st.choose_tokens(logits, greedy=True, temperature=d.temperature, keys=None, tempered_confidence=False,
-                         need_probs=need_probs)
 
-    def sampled():
-        keys = st.row_keys(d.seed, d.request_ids, nfe)
-        s = st.choose_tokens(logits, greedy=False, temperature=d.temperature, keys=keys,
-                             tempered_confidence=False, need_probs=need_probs)
-        def sel(a, c):
-            return None if a is None else jnp.where(r.greedy.reshape((-1,) + (1,) * (a.ndim - 1)), a, c)
+    def pick(greedy: bool):
+        keys = None if greedy else st.row_keys(d.seed, d.request_ids, nfe)
+        return st.choose_tokens(logits, greedy=greedy, temperature=d.temperature, keys=keys,
+                                tempered_confidence=False, need_probs=need_probs)
 
-        return tuple(sel(a, c) for a, c in zip(g, s))
-
-    if need_probs:
-        return jax.lax.cond(r.greedy.all(), lambda: g, sampled)
-    x0, conf = jax.lax.cond(r.greedy.all(), lambda: g[:2], lambda: sampled()[:2])
-    return x0, conf, None
+    return jax.lax.cond(((d.temperature == 0) | ~r.decoding).all(), lambda: pick(True), lambda: pick(False))
 
 
 def _record(rec, step, run, tokens):
@@ -178,16 +175,15 @@ def _record(rec, step, run, tokens):
             "valid": rec["valid"].at[step].set(rec["valid"][step] | run)}
 
 
-def _spd_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, rows, xb0, logits0, nfe, rec):
+def _spd_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, rows, xb0, c0, nfe, rec):
     """SPD step loop (spec §5.2) over ``rows``, the rules of ``decoding.strategies``."""
-    B, M, dt = spec.block_length, spec.mask_id, jnp.dtype(spec.dtype)
+    M, dt = spec.mask_id, jnp.dtype(spec.dtype)
     table = embedding_table(params)
     active = xb0 == M
 
     def body(ic):
         step, xb, emb, done, nfe, rec = ic
-        logits = jax.lax.cond(step == 0, lambda: logits0,
-                              lambda: fw.block_forward(params, cfg, emb, r.start, cache, B, dt))
+        logits = _logits_at(spec, cfg, params, cache, r, rows, c0, step, emb)
         run = ~done
         x0, conf, probs = _pick(spec, r, logits, nfe, spec.top_k > 1)
         nfe = nfe + run
@@ -207,24 +203,23 @@ def _spd_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, ro
     return xb, nfe, rec
 
 
-def _threshold_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, rows, xb0, logits0, nfe,
-                    rec):
+def _threshold_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, rows, xb0, c0, nfe, rec):
     """dInfer threshold step loop (spec §5.5a) over ``rows``; as ``generate``, a greedy row whose
     forward transfers nothing while masks remain ends its block."""
-    B, M, dt = spec.block_length, spec.mask_id, jnp.dtype(spec.dtype)
+    M, dt = spec.mask_id, jnp.dtype(spec.dtype)
     table = embedding_table(params)
 
     def body(ic):
         step, xb, left, done, nfe, rec = ic
-        logits = jax.lax.cond(step == 0, lambda: logits0, lambda: fw.block_forward(
-            params, cfg, jnp.take(table, xb, axis=0).astype(dt), r.start, cache, B, dt))
+        emb = jnp.take(table, xb, axis=0).astype(dt)
+        logits = _logits_at(spec, cfg, params, cache, r, rows, c0, step, emb)
         run = ~done
         x0, conf, _ = _pick(spec, r, logits, nfe, False)
         nfe = nfe + run
         tokens, transfer = st.threshold_update(xb, x0, conf, r.rows.threshold, M)
         n_mask = (tokens == M).sum(-1)
         left = left - 1
-        stuck = ~transfer.any(-1) & (n_mask > 0) & r.greedy
+        stuck = ~transfer.any(-1) & (n_mask > 0) & (r.rows.temperature == 0)
         finished = ((left == 0) & (n_mask == 0)) | stuck
         left = jnp.where(left == 0, st.unroll_count(n_mask, spec.expected_tpf, spec.max_unroll), left)
         rec = _record(rec, step, run, tokens)
@@ -243,10 +238,16 @@ LOOPS = {"spd": _spd_loop, "threshold": _threshold_loop}
 
 
 def _rows(state: SlotState, n: int) -> SlotState:
+    """The first ``n`` slots (all of them, scratch row included, without a copy at full width)."""
+    if n == state.x.shape[0]:
+        return state
     return jax.tree.map(lambda a: a[:, :n] if a.ndim > 2 else a[:n], state)
 
 
 def _put_rows(state: SlotState, part: SlotState) -> SlotState:
+    if part.x.shape[0] == state.x.shape[0]:
+        return part
+
     def put(a, u):
         return jax.lax.dynamic_update_slice(a, u, (0,) * a.ndim)
     return jax.tree.map(put, state, part)
@@ -258,7 +259,8 @@ def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r
 
     The prefill chunks work on the full state; the block step on its first ``n`` slots only, ``n`` =
     the length of ``r``'s arrays (the host picks the smallest compiled width covering every decoding
-    slot, so a lightly loaded engine does not compute its idle slots). Returns ``(state, out)``:
+    slot, so a lightly loaded engine does not compute its idle slots; at full width ``r`` also covers
+    the scratch row, as an idle slot, so no slot buffer is copied). Returns ``(state, out)``:
     ``out["blocks"] [n, B]`` the decoded blocks, ``out["nfe"] [n]`` the forward counters after the
     round, ``out["steps"] [S, n, B]`` / ``out["step_valid"] [S, n]`` the block after every forward
     (provisional snapshots)."""
@@ -267,15 +269,41 @@ def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r
     state = jax.lax.cond((pc.slot < scratch).any(), lambda s: _prefill(spec, cfg, params, s, pc), lambda s: s,
                          state)
     part = _rows(state, n)
-    logits0, cache = _step0_logits(spec, cfg, params, part, r)
+    logits_c, cache, cross = _cross(spec, cfg, params, part, r)
     xb0 = fw.row_slice(part.x, r.start, B)
     rec = {"tokens": jnp.zeros((spec.max_steps, n, B), jnp.int32),
            "valid": jnp.zeros((spec.max_steps, n), bool)}
     xb, nfe = xb0, r.nfe
     for i, name in enumerate(spec.strategies):
         rows = r.decoding & (r.strategy == i)
-        xb_s, nfe, rec = LOOPS[name](spec, cfg, params, cache, r, rows, xb0, logits0, nfe, rec)
+        xb_s, nfe, rec = LOOPS[name](spec, cfg, params, cache, r, rows, xb0, (logits_c, cross), nfe, rec)
         xb = jnp.where(rows[:, None], xb_s, xb)
     x = jnp.where(r.decoding[:, None], fw.row_update(part.x, r.start, xb), part.x)
     out = {"blocks": xb, "nfe": nfe, "steps": rec["tokens"], "step_valid": rec["valid"]}
     return _put_rows(state, SlotState(x=x, cache=cache)), out
+
+
+def state_sharding(params):
+    """Where the engine's buffers live: replicated over the parameters' mesh (or their device)."""
+    leaf = jax.tree.leaves(params)[0]
+    sh = getattr(leaf, "sharding", None)
+    if isinstance(sh, NamedSharding):
+        return NamedSharding(sh.mesh, PartitionSpec())
+    if sh is not None and len(sh.device_set) == 1:
+        return jax.sharding.SingleDeviceSharding(next(iter(sh.device_set)))
+    return None
+
+
+PROGRAMS: dict = {}  # (spec, model config, slots, sharding) -> jitted round program
+
+
+def jit_round(spec: RoundSpec, cfg, shardings):
+    """The jitted round program, the slot state donated (its buffers are updated in place)."""
+    def traced(params, state, r, pc):
+        slots = state.x.shape[0] - 1
+        TRACE_COUNT[spec, cfg, slots, min(r.start.shape[0], slots)] += 1
+        return round_program(spec, cfg, params, state, r, pc)
+
+    if shardings is None:
+        return jax.jit(traced, donate_argnums=(1,))
+    return jax.jit(traced, donate_argnums=(1,), out_shardings=shardings)

@@ -14,11 +14,13 @@ Events arrive in order on the request's :class:`RequestHandle`:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
 FINISH_REASONS = ("eos", "length", "stop", "abort", "error")
+log = logging.getLogger(__name__)
 
 
 class EngineRequestError(ValueError):
@@ -145,7 +147,11 @@ class RequestHandle:
             self._final = event
         self._events.put(event)
         if self._listener is not None:
-            self._listener(event)
+            try:
+                self._listener(event)
+            except Exception:  # a client's bug must not stop the engine thread serving the others
+                log.exception("listener of request %d failed; it gets no more events", self.id)
+                self._listener = None
         if isinstance(event, Finished):
             self._done.set()
 
