@@ -120,6 +120,16 @@ def test_completions_sampled_stream_and_not(served, client):
     assert r2.choices[0].text == want
 
 
+@pytest.mark.parametrize("max_tokens", [1, 3, BLOCK + 1])
+def test_small_max_tokens_are_honoured(served, client, max_tokens):
+    ids = encode(served.model.tokenizer, "count to ten")
+    want, res = reference(served.model, ids, max_tokens=max_tokens)
+    r = client.completions.create(model=NAME, prompt="count to ten", max_tokens=max_tokens,
+                                  stop=None, stream=False)
+    assert r.choices[0].text == want and r.usage.completion_tokens == res.tokens[0] <= max_tokens
+    assert r.choices[0].finish_reason == ("length" if res.tokens[0] == max_tokens else "stop")
+
+
 def test_threshold_strategy_knob(served, client):
     ids = chat_ids(served.model, "count")
     want, res = reference(served.model, ids, strategy="threshold", threshold=0.2)
