@@ -109,9 +109,14 @@ def create_app(engine: Engine, tokenizer: Any, config: ServeConfig, *, mask_id: 
     _install_error_handlers(app)
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": config.model_name, "engine": engine.stats(),
-                "compile_count": engine.compile_count()}
+    async def health() -> JSONResponse:
+        """200 while the engine serves; 503 with the error once a failed round stopped it."""
+        err = engine.error
+        body = {"status": "ok" if err is None else "error", "model": config.model_name,
+                "engine": engine.stats(), "compile_count": engine.compile_count()}
+        if err is not None:
+            body["error"] = f"{type(err).__name__}: {err}"
+        return JSONResponse(body, status_code=200 if err is None else 503)
 
     @app.get("/v1/models")
     async def models() -> dict:
