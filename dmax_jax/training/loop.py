@@ -42,13 +42,14 @@ from dmax_jax.checkpoint.train_state import (
     check_resume_compatible,
     export_hf,
 )
-from dmax_jax.config import PRESETS, ModelConfig
+from dmax_jax.config import ModelConfig
 from dmax_jax.data.chat import load_tokenizer, resolve_special_ids
 from dmax_jax.data.pipeline import TrainData, make_dataset
 from dmax_jax.model.llada2 import init_params
 from dmax_jax.training.config import TrainConfig, TrainConfigError, dump_train_config
 from dmax_jax.training.metrics import MetricsWindow, MetricsWriter
 from dmax_jax.training.optim import make_optimizer
+from dmax_jax.training.resolve import check_data_paths, num_updates, resolve_model_config, tokenizer_dir
 from dmax_jax.training.sharding import (
     batch_divisor,
     batch_shardings,
@@ -96,59 +97,6 @@ class TrainSummary:
     config: TrainConfig
     bad_row_messages: list[str] = dataclasses.field(default_factory=list)
     state: Any = dataclasses.field(repr=False, default=None)  # the final TrainState (on device)
-
-
-# ---- model and data -----------------------------------------------------------------------------------
-def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
-    """The ``ModelConfig`` named by ``model.source`` with ``model.overrides`` applied."""
-    m = cfg.model
-    if m.kind == "preset":
-        if m.location not in PRESETS:
-            raise TrainConfigError(
-                f"model.source: unknown preset {m.location!r} (known: {', '.join(PRESETS)})")
-        base = PRESETS[m.location]()
-    else:
-        try:
-            base = ModelConfig.from_json(m.location)
-        except (ValueError, OSError) as e:  # a missing or invalid config.json: name the config key
-            raise TrainConfigError(f"model.source: {e}") from e
-        if m.kind == "hf":
-            return base
-    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"raw"}
-    unknown = sorted(k for k in m.overrides if k not in fields)
-    if unknown:
-        raise TrainConfigError(f"model.overrides: unknown ModelConfig field(s) {unknown}")
-    return base.replace(**m.overrides) if m.overrides else base
-
-
-def _tokenizer_dir(cfg: TrainConfig) -> str:
-    generated = [p for p in cfg.data.paths if p.startswith("generate:")]
-    if generated:
-        raise TrainConfigError(
-            f"data.paths: {generated[0]!r} is generated demo data, not a file; the training loop reads "
-            "files only — `python train.py` writes them first (dmax_jax.demo.data.materialize(cfg))")
-    if cfg.model.tokenizer is not None:
-        return cfg.model.tokenizer
-    if cfg.model.kind != "hf":
-        raise TrainConfigError("model.tokenizer: required for a preset:/config: model source")
-    return cfg.model.location
-
-
-def _num_steps(cfg: TrainConfig, data: TrainData) -> int:
-    """Optimizer updates of the run, checked against what the data can give."""
-    accum = cfg.optim.grad_accum_steps
-    if cfg.run.num_steps is None:
-        if cfg.data.num_epochs is None:
-            raise TrainConfigError("run.num_steps: required when data.num_epochs is null (endless data)")
-        num_steps = data.steps_per_epoch * cfg.data.num_epochs // accum
-    else:
-        num_steps = cfg.run.num_steps
-    available = None if cfg.data.num_epochs is None else data.steps_per_epoch * cfg.data.num_epochs
-    if num_steps < 1 or (available is not None and num_steps * accum > available):
-        raise TrainConfigError(f"run.num_steps: {num_steps} updates × {accum} micro-batches need "
-                               f"{num_steps * accum} batches; the data gives {available} "
-                               f"({data.steps_per_epoch}/epoch × {cfg.data.num_epochs} epochs)")
-    return num_steps
 
 
 def _local(x: jax.Array) -> np.ndarray:
@@ -275,15 +223,16 @@ def _setup(cfg: TrainConfig) -> _Run:
     t_start = time.time()
     out = Path(cfg.run.out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
+    check_data_paths(cfg)
     model_config = resolve_model_config(cfg)
     try:
-        tokenizer = load_tokenizer(_tokenizer_dir(cfg))
+        tokenizer = load_tokenizer(tokenizer_dir(cfg))
     except (FileNotFoundError, OSError) as e:
         raise TrainConfigError(f"model.tokenizer: {e}") from e
     special = resolve_special_ids(model_config, tokenizer)
     data = make_dataset(cfg.data, tokenizer, process_index=jax.process_index(),
                         process_count=jax.process_count(), special_ids=special)
-    num_steps = _num_steps(cfg, data)
+    num_steps = num_updates(cfg, data)
     cfg = cfg.resolve(total_steps=num_steps, mask_id=special.mask_id)
     built = _build(model_config, cfg)
     global_batch = cfg.data.batch_size * jax.process_count()
