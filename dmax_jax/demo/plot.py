@@ -77,8 +77,20 @@ def _place_labels(ax: Any, fig: Any, labels: Sequence[tuple[str, float, float, s
 
 
 def plot_tradeoff(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Accuracy vs TPF (PNG via matplotlib's Agg backend). Vertical bars: the Wilson 95 % interval of
-    each accuracy; horizontal bars: TPF's 95 % interval where the record holds one (``tpf_ci``)."""
+    """Accuracy vs TPF as a PNG (:func:`tradeoff_figure`)."""
+    import matplotlib.pyplot as plt
+
+    fig = tradeoff_figure(records)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def tradeoff_figure(records: Sequence[Mapping[str, Any]]) -> Any:
+    """The figure (matplotlib's Agg backend). Vertical bars: the Wilson 95 % interval of each accuracy;
+    horizontal bars: TPF's 95 % interval where the record holds one (``tpf_ci``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,8 +126,4 @@ def plot_tradeoff(records: Sequence[Mapping[str, Any]], path: str | os.PathLike)
     fig.tight_layout()
     fig.canvas.draw()
     _place_labels(ax, fig, labels, _obstacles(ax, series))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return fig
