@@ -36,7 +36,7 @@ def test_mean_and_ratio_intervals():
     assert mean == 2.5 and hi - mean == pytest.approx(1.959964 * (5 / 3) ** 0.5 / 2, rel=1e-6)
     r_lo, r_hi = ratio_interval(4.0, 3.8, 4.2, 2.0, 1.9, 2.1)
     assert r_lo < 2.0 < r_hi and r_lo * r_hi == pytest.approx(4.0)  # symmetric on the log scale
-    se_log = ((0.2 / 1.959964 / 4.0) ** 2 + (0.2 / 1.959964 / 2.0) ** 2) ** 0.5  # se = half-width / z
+    se_log = ((0.2 / 1.959964 / 4.0) ** 2 + (0.1 / 1.959964 / 2.0) ** 2) ** 0.5  # se = half-width / z
     assert r_hi == pytest.approx(2.0 * 2.718281828 ** (1.959964 * se_log), rel=1e-5)
 
 
