@@ -4,10 +4,11 @@ For each strategy: compile once (warm-up), decode ``--prompts`` prompts of one b
 and report ms per model forward, NFE, TPF, TPS, the share of decode time that is *not* model
 forward (bookkeeping: SPD update, soft embeddings, loop control), and the compile count after the
 warm-up (must not move). The forward-only time comes from one compiled program that runs exactly
-the same forwards (prefill, cross-block and block forwards of the same shapes, or full recomputes
-for llada2) back to back, each fed by the previous one so XLA cannot hoist them, and each reducing
-its whole logits block (so the lm_head is not pruned away). On a loaded or tiny CPU setup the
-share is within timing noise (it can come out negative); use a larger model for a stable figure.
+the same forwards (prefill — for llada2 its first forward, prompt bucket + block 0 —, cross-block
+and block forwards of the same shapes) back to back, each fed by the previous one so XLA cannot
+hoist them, and each reducing its whole logits block (so the lm_head is not pruned away). On a
+loaded or tiny CPU setup the share is within timing noise (it can come out negative); use a larger
+model for a stable figure.
 
     python bench/decode.py [--hidden 256 --layers 4 --vocab 4096] [--prompts 20]
 """
@@ -27,9 +28,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dmax_jax.config import tiny_config  # noqa: E402
-from dmax_jax.decoding import cache as kv  # noqa: E402
 from dmax_jax.decoding import compile_count, generate  # noqa: E402
-from dmax_jax.decoding.layout import row_geometry, shapes  # noqa: E402
+from dmax_jax.decoding import forwards as kv  # noqa: E402
+from dmax_jax.decoding.buckets import row_geometry, shapes  # noqa: E402
 from dmax_jax.model.llada2 import init_params  # noqa: E402
 
 
@@ -54,14 +55,11 @@ def _forward_program(cfg, strategy: str, padded: int, capacity: int, block: int)
     """One compiled forwards-only program per (strategy, bucket); counts and offsets are traced."""
     dt = jnp.float32
 
-    def llada2(params, x, start0, n_cross, n_block):
-        def one(_, x):
-            lg = kv.row_slice(kv.full_forward(params, cfg, x, block, dt), start0, block)  # as decode
-            return x.at[0, 0].set(jnp.where(lg.max() > 1e30, 0, x[0, 0]))  # a true dependency
-        return jax.lax.fori_loop(0, n_block, one, x)
-
     def cached(params, x, start0, n_cross, n_block):
-        cache = kv.prefill(params, cfg, x[:, :padded], start0, capacity, block, dt)
+        if strategy == "llada2":  # its first forward is prompt bucket + block 0 (block 0's first step)
+            _, cache = kv.first_block(params, cfg, x, start0, padded, capacity, block, dt)
+        else:
+            cache = kv.prefill(params, cfg, x[:, :padded], start0, capacity, block, dt)
         emb = jnp.take(params["embedding"], kv.row_slice(x, start0, block), axis=0)
 
         def cross(i, c):
@@ -76,7 +74,7 @@ def _forward_program(cfg, strategy: str, padded: int, capacity: int, block: int)
         cache, emb = jax.lax.fori_loop(0, n_cross, cross, (cache, emb))
         return jax.lax.fori_loop(0, n_block, plain, emb)
 
-    return jax.jit(llada2 if strategy == "llada2" else cached)
+    return jax.jit(cached)
 
 
 def forwards_only(params, cfg, strategy, prompt, nfe, block, gen_length, bucket, repeats):
@@ -85,8 +83,8 @@ def forwards_only(params, cfg, strategy, prompt, nfe, block, gen_length, bucket,
     x = np.full((1, capacity), cfg.resolved_mask_token_id, np.int32)
     x[0, :len(prompt)] = prompt
     s0, _, n_blocks = row_geometry(len(prompt), gen_length, block)
-    n_cross = 0 if strategy == "llada2" else max(n_blocks - 1, 0)
-    n_block = nfe if strategy == "llada2" else nfe - 1 - n_cross  # prefill counted in nfe
+    n_cross = max(n_blocks - 1, 0)
+    n_block = nfe - 1 - n_cross  # the prefill (llada2: its first forward) is counted in nfe
     fn = _forward_program(cfg, strategy, padded, capacity, block)
     args = (params, jnp.asarray(x), jnp.asarray([s0], jnp.int32), jnp.int32(n_cross), jnp.int32(n_block))
     jax.block_until_ready(fn(*args))

@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmax_jax.config import ModelConfig
+from dmax_jax.config import ModelConfig, parse_dtype
+from dmax_jax.data.chat import TOKENIZER_FILES
 from dmax_jax.model.llada2 import forward_jit
 from dmax_jax.model.masks import MASK_KINDS, MaskSpec, default_positions
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 @dataclasses.dataclass
@@ -31,12 +30,12 @@ class Pretrained:
     compute_dtype: Any = jnp.float32
 
     def forward(self, input_ids=None, *, inputs_embeds=None, position_ids=None, mask: str = "full",
-                block_size: int = 32) -> jax.Array:
+                block_length: int = 32) -> jax.Array:
         """float32 logits ``[batch, length, vocab]``. For ``noisy_clean`` the input is the
         concatenation ``[noisy | clean]`` and position ids default to ``[0..L-1, 0..L-1]``."""
         if mask not in MASK_KINDS:
             raise ValueError(f"mask {mask!r} is not one of {MASK_KINDS}")
-        spec = MaskSpec(mask, block_size)
+        spec = MaskSpec(mask, block_length)
         if input_ids is not None:
             input_ids = jnp.atleast_2d(jnp.asarray(input_ids, jnp.int32))
             length = input_ids.shape[1]
@@ -71,19 +70,39 @@ class Pretrained:
         return jnp.take(self.params["embedding"], jnp.asarray(ids), axis=0)
 
 
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path`` if it is a directory with a config.json, else one-line
+    ``CheckpointNotFoundError`` (absent, not a directory, empty, no config.json). Cheap: CLIs call
+    it before reading anything large."""
+    from dmax_jax.checkpoint.hf import CheckpointNotFoundError
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointNotFoundError(f"model directory {p} does not exist")
+    if not p.is_dir():
+        raise CheckpointNotFoundError(f"model path {p} is not a directory")
+    if not any(p.iterdir()):
+        raise CheckpointNotFoundError(f"model directory {p} is empty (expected config.json, *.safetensors)")
+    if not (p / "config.json").is_file():
+        raise CheckpointNotFoundError(f"model directory {p} has no config.json")
+    return p
+
+
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, compute_dtype: str | None = None,
                     shardings: Any = None) -> Pretrained:
     """Load an HF directory (config.json + safetensors [+ tokenizer]) into a ``Pretrained``.
 
-    ``dtype`` is the parameter dtype; computation runs in ``compute_dtype`` (default: ``dtype``).
+    ``dtype`` is the parameter dtype; computation runs in ``compute_dtype`` (default: ``dtype``). A
+    missing or empty directory, a missing config.json or missing safetensors raise one
+    ``CheckpointNotFoundError`` line naming the directory; a bad config.json a ``ModelConfigError``.
     """
     from dmax_jax.checkpoint.hf import load_hf_params
     from dmax_jax.data.chat import load_tokenizer
 
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"model directory {p} does not exist")
+    param_dtype = parse_dtype(dtype, "dtype")
+    run_dtype = param_dtype if compute_dtype is None else parse_dtype(compute_dtype, "compute_dtype")
+    p = check_model_dir(path)
     config = ModelConfig.from_json(p)
-    params = load_hf_params(p, config, dtype=np.dtype(jnp.dtype(dtype)), shardings=shardings)
+    params = load_hf_params(p, config, dtype=np.dtype(param_dtype), shardings=shardings)
     tokenizer = load_tokenizer(p) if any((p / f).exists() for f in TOKENIZER_FILES) else None
-    return Pretrained(config, params, tokenizer, os.fspath(p), jnp.dtype(compute_dtype or dtype))
+    return Pretrained(config, params, tokenizer, os.fspath(p), run_dtype)

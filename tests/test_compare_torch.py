@@ -145,7 +145,7 @@ def run_tool(capsys, *argv: str) -> tuple[int, dict]:
     return rc, json.loads(capsys.readouterr().out)
 
 
-TOOL_ARGS = ("--seq-len", "32", "--block-size", "8", "--batch", "2", "--prompt-len", "5",
+TOOL_ARGS = ("--seq-len", "32", "--block-length", "8", "--batch", "2", "--prompt-len", "5",
              "--gen-length", "27", "--steps", "4", "--threshold", "0.6")
 
 
@@ -205,8 +205,8 @@ def test_logits_match_torch_reference(tmp_path, request, layout):
             inp = ({"input_ids": torch.from_numpy(x)} if x is not None
                    else {"inputs_embeds": torch.from_numpy(emb)})
             ref = model(attention_mask=allowed[None, None], position_ids=pos, **inp).logits.numpy()
-        got = np.asarray(ours.forward(x, mask=kind, block_size=block) if x is not None
-                         else ours.forward(inputs_embeds=emb, mask=kind, block_size=block))
+        got = np.asarray(ours.forward(x, mask=kind, block_length=block) if x is not None
+                         else ours.forward(inputs_embeds=emb, mask=kind, block_length=block))
         scale = np.abs(ref).max()
         assert scale > 5.0, "logits too flat to be a meaningful comparison"
         rel = np.abs(got - ref).max() / scale
@@ -294,6 +294,9 @@ def test_tool_detects_perturbed_expert_in_memory(tool_dir, capsys):
 
 def test_tool_usage_errors(tool_dir, tmp_path, capsys):
     assert compare_torch.main(["--hf-dir", str(tmp_path)]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert "is empty" in capsys.readouterr().err
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert compare_torch.main(["--hf-dir", str(tmp_path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err
     rc = compare_torch.main(["--hf-dir", str(tool_dir), "--perturb-torch", "model.nope.weight[0]+=1"])
     assert rc == 2 and "no parameter or buffer 'model.nope.weight'" in capsys.readouterr().err

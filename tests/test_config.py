@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dmax_jax.config import ConfigError, ModelConfig, llada2_mini_config, tiny_config
+from dmax_jax.config import ModelConfig, ModelConfigError, llada2_mini_config, tiny_config
 
 # LLaDA2.0-mini's config.json as dFactory ships it (spec §1.1), including keys we do not model.
 MINI = {
@@ -38,9 +38,9 @@ def test_mini_config_round_trip_unchanged(tmp_path):
 def test_model_types_accepted_and_rejected():
     for mt in ("llada2_moe", "llada2_moe_veomni"):
         assert ModelConfig.from_hf_dict({**MINI, "model_type": mt}).model_type == mt
-    with pytest.raises(ConfigError, match="model_type"):
+    with pytest.raises(ModelConfigError, match="model_type"):
         ModelConfig.from_hf_dict({**MINI, "model_type": "llama"})
-    with pytest.raises(ConfigError, match="model_type"):
+    with pytest.raises(ModelConfigError, match="model_type"):
         ModelConfig.from_hf_dict({k: v for k, v in MINI.items() if k != "model_type"})
 
 
@@ -57,21 +57,24 @@ def test_model_types_accepted_and_rejected():
     (dict(hidden_size=0), "hidden_size"),
 ])
 def test_validation_names_the_field(override, field):
-    with pytest.raises(ConfigError, match=field):
+    with pytest.raises(ModelConfigError, match=field):
         tiny_config(**override)
 
 
 def test_missing_token_ids_are_unknown_not_llada2_defaults():
     d = {"model_type": "llada2_moe", "vocab_size": 100, "hidden_size": 8, "num_hidden_layers": 1,
-         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4, "num_experts": 0}
+         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4, "num_experts": 0,
+         "intermediate_size": 16, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "use_bias": False}
     cfg = ModelConfig.from_hf_dict(d)
     assert cfg.pad_token_id is None and cfg.eos_token_id is None
     assert cfg.num_moe_layers == 0
+    with pytest.raises(ModelConfigError, match="no `mask_token_id`.*outside its vocabulary"):
+        _ = cfg.resolved_mask_token_id  # the LLaDA2 mask id 156895 cannot be a token of a 100-token model
 
 
 def test_bad_json_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="not valid JSON"):
+    with pytest.raises(ModelConfigError, match="not valid JSON"):
         ModelConfig.from_json(tmp_path)
     with pytest.raises(FileNotFoundError):
         ModelConfig.from_json(tmp_path / "nowhere")

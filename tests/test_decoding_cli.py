@@ -59,9 +59,9 @@ def test_decode_cli_rejects_bad_prompts_without_partial_output(model_dir, tmp_pa
                    "--gen-length", str(CFG.max_position_embeddings)])
     assert rc == 2 and "max_position_embeddings" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
-    import dmax_jax.demo
+    import dmax_jax.demo.examples
 
-    monkeypatch.setattr(dmax_jax.demo, "ASSET_DIR", tmp_path / "no_assets")  # no --model, no shipped model
+    monkeypatch.setattr(dmax_jax.demo.examples, "ASSET_DIR", tmp_path / "no_assets")  # no shipped model
     rc = cli.main(["--prompt", "hello"])
     assert rc == 2 and "shipped demo model" in capsys.readouterr().err
 
@@ -80,3 +80,39 @@ def test_prompts_file_takes_strings_and_objects_and_names_bad_lines(tmp_path):
             cli.read_prompts(cli.parse_args(["--prompts", str(bad)]))
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         cli.read_prompts(cli.parse_args(["--prompts", str(tmp_path / "missing.jsonl")]))
+
+
+# ---- the shipped demo models: dmax_decode.json, demo mode ------------------------------------------
+def test_prompt_with_the_shipped_model_gives_the_demo_answer(capsys):
+    """The prompt format and decode defaults travel with the model (dmax_decode.json): a bare demo
+    question through decode.py decodes exactly what the demo decodes."""
+    from dmax_jax.demo import decode_examples, example_questions
+
+    question = example_questions(1)[0]
+    want = decode_examples("dmax", n=1)[0]
+    assert _cli().main(["--prompt", question]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["text"] == want["response"] and row["nfe"] == want["nfe"]
+    assert row["tpf"] == pytest.approx(want["tpf"]) and row["tokens"] <= 64     # gen 64 from the file
+    assert row["compile_seconds"] >= 0.0 and row["seconds"] > 0.0
+
+
+def test_demo_mode_compares_both_pairs_and_honours_flags(tmp_path, capsys):
+    out, html = tmp_path / "demo.jsonl", tmp_path / "demo.html"
+    rc = _cli().main(["--gen-length", "32", "--dtype", "float32", "--out", str(out), "--html", str(html)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "base + threshold" in table and "dmax + spd" in table and "mean TPF" in table
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["model"], r["strategy"]) for r in rows] == [("base", "threshold")] * 4 + [("dmax", "spd")] * 4
+    assert {r["threshold"] for r in rows if r["model"] == "base"} == {0.95}     # the model's own τ
+    assert {r["threshold"] for r in rows if r["model"] == "dmax"} == {0.5}
+    assert all(r["tokens"] <= 32 and r["tokens_ref"] <= 32 for r in rows)       # --gen-length honoured
+    assert all(isinstance(r["correct"], bool) and r["gold"] for r in rows)
+    page = html.read_text()
+    assert page.count('class="trace"') == 8
+    # the page's TPF is the JSON's (same prefill rule), row for row
+    import re
+
+    shown = [float(m) for m in re.findall(r"TPF <b>([0-9.]+)</b>", page)]
+    assert shown == [round(r["tpf"], 2) for r in rows]

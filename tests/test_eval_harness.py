@@ -13,7 +13,7 @@ from dmax_jax.eval.benchmarks import HumanEvalInstruct, extract_code, get_benchm
 from dmax_jax.eval.harness import SAMPLES_FILE, SUMMARY_FILE, build_input_ids, hardware_string, run_eval
 from dmax_jax.eval.sandbox import run_python
 
-GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K_TEST = Path(__file__).resolve().parent / "data" / "gsm8k" / "test.jsonl"  # 6 rows, MIT
 DECODE = {"strategy": "spd", "threshold": 0.5, "block_length": 32}
 
 
@@ -38,7 +38,6 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gsm8k_rows():
-    assert GSM8K_TEST.is_file(), f"shared GSM8K copy missing at {GSM8K_TEST}"
     return get_benchmark("gsm8k").load(GSM8K_TEST)[:6]
 
 
@@ -261,13 +260,20 @@ def test_humaneval_shipped_data_canonical_solution_passes():
     assert bench.score(f"```python\n{row['prompt']}{row['canonical_solution']}```", row).correct
 
 
-def test_cli_wires_model_decoder_and_defaults(gsm8k_rows, tokenizer, tmp_path, monkeypatch):
-    """`python -m dmax_jax.eval` with load_pretrained/generate stubbed (they live in other modules)."""
+def test_cli_wires_model_decoder_and_defaults(gsm8k_rows, tokenizer, tmp_path, monkeypatch, capsys):
+    """`python -m dmax_jax.eval` with load_pretrained/generate stubbed (they live in other modules); the
+    model directory holds only config.json + tokenizer, which the CLI reads before the weights."""
     import types
 
     import dmax_jax
+    from dmax_jax.config import tiny_config
+    from dmax_jax.decoding.config import DecodeConfig
     from dmax_jax.eval.__main__ import main
 
+    model = tmp_path / "m"
+    model.mkdir()
+    tiny_config(max_position_embeddings=4096).to_json(model / "config.json")
+    tokenizer.save_pretrained(model)
     loaded, calls = [], []
     fake_gen = FakeGenerate(tokenizer, gsm8k_rows)
 
@@ -275,20 +281,23 @@ def test_cli_wires_model_decoder_and_defaults(gsm8k_rows, tokenizer, tmp_path, m
         loaded.append((path, dtype))
         return types.SimpleNamespace(tokenizer=tokenizer)
 
-    def generate(pretrained, prompt_ids, **kw):
-        calls.append(kw)
+    def generate(pretrained, prompt_ids, config, **kw):
+        calls.append((config, kw))
         return fake_gen(prompt_ids)
 
     monkeypatch.setattr(dmax_jax, "load_pretrained", load_pretrained, raising=False)
     monkeypatch.setattr(dmax_jax, "generate", generate, raising=False)
     out = tmp_path / "out"
-    assert main(["--model", "/m", "--benchmark", "gsm8k", "--data", str(GSM8K_TEST), "--out", str(out),
-                 "--limit", "3", "--batch-size", "2"]) == 0
-    assert loaded == [("/m", "bfloat16")] and fake_gen.calls == [[0, 1], [2]]
-    assert calls[0] == {"strategy": "spd", "block_length": 32, "gen_length": 2048, "threshold": 0.5,
-                        "steps": None, "accept_threshold": 0.9, "temperature": 0.0, "seed": 0}
+    assert main(["--model", str(model), "--benchmark", "gsm8k", "--data", str(GSM8K_TEST), "--out", str(out),
+                 "--limit", "3", "--batch-size", "2", "--quiet"]) == 0
+    assert loaded == [(str(model), "bfloat16")] and fake_gen.calls == [[0, 1], [2]]
+    assert calls[0] == (DecodeConfig(strategy="spd", block_length=32, gen_length=2048, threshold=0.5,
+                                     accept_threshold=0.9, dtype="bfloat16"), {"batch_size": 2})
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["samples"] == 3 and summary["accuracy"] == pytest.approx(2 / 3)
     assert summary["decode_config"]["threshold"] == 0.5 and summary["decode_config"]["dtype"] == "bfloat16"
-    with pytest.raises(SystemExit, match="--data is required"):
-        main(["--model", "/m", "--benchmark", "asdiv", "--out", str(tmp_path / "o2")])
+    assert capsys.readouterr().out.strip().endswith(f"3 samples: accuracy 66.67 %, TPF "
+                                                    f"{summary['tpf']:.3f}; wrote {out / SUMMARY_FILE}")
+    assert main(["--model", str(model), "--benchmark", "asdiv", "--out", str(tmp_path / "o2")]) == 2
+    assert capsys.readouterr().err.strip() == ("python -m dmax_jax.eval: error: --data is required for asdiv "
+                                               "(a .jsonl or .jsonl.gz file)")

@@ -1,9 +1,7 @@
 """Parity check: our JAX LLaDA2-MoE against the PyTorch model of the same HF directory.
 
-    python tools/compare_torch.py --hf-dir DIR [--dtype float32] [--seq-len 64 --block-size 32
-        --batch 2 --seed 0 --prompt-len 20 --gen-length 64 --steps 32 --threshold 0.95] [--tol 1e-4]
-        [--torch-hf-dir DIR2] [--torch-device cpu] [--torch-threads N]
-        [--perturb-torch 'NAME[i,j]+=DELTA'] [--no-generate] [--json]
+    python tools/compare_torch.py --hf-dir DIR [--dtype float32] [--tol 1e-4] [--no-generate] [--json] ...
+    (flags and their checks: tools/compare_torch_cli.py; ``--help`` lists them with defaults)
 
 Why: a port is only trustworthy if, on the same weights, it reproduces the reference implementation.
 The PyTorch side is loaded exactly as users load the checkpoint — ``transformers.AutoModelForCausalLM
@@ -21,7 +19,8 @@ temperature 0; when the loaded class does not declare ``greedy_at_zero_temperatu
 replaced by argmax for this comparison (the generate loop itself is left untouched).
 
 Verdict: PASS when every logits case has ``max |ours - torch| / max |torch| <= tol`` and the decoded
-tokens are identical. Exit code 0 on PASS, 1 on FAIL, 2 on a usage or loading error. Use float32 for
+tokens are identical. Exit code 0 on PASS, 1 on FAIL, 2 on bad input (one line ``compare_torch.py: error:
+...`` naming the flag, file or field; checked before any weights load) or a loading error. Use float32 for
 verdicts: in bfloat16 both implementations drift from float32 by rounding that flips MoE routing
 decisions on some tokens, so element-wise maxima there measure routing luck more than correctness.
 """
@@ -30,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,9 +36,12 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.append(str(Path(__file__).resolve().parent))  # the sibling compare_torch_cli.py
+from compare_torch_cli import DEFAULT_TOL, PERTURB_RE, PROG, build_parser, check_inputs  # noqa: E402
 
-DEFAULT_TOL = {"float32": 1e-4, "bfloat16": 3e-2}
-_PERTURB = re.compile(r"^\s*([\w.]+)\[([\d,\s]+)\]\s*\+=\s*([-+0-9.eE]+)\s*$")
+from dmax_jax.checkpoint.hf import CheckpointError  # noqa: E402
+from dmax_jax.config import DtypeError, ModelConfigError  # noqa: E402
+from dmax_jax.decoding.config import DecodeConfigError  # noqa: E402
 
 
 # ---- spec §2 masks and positions, written from the set formulas ---------------------------------
@@ -97,7 +98,7 @@ def apply_perturbation(model, spec: str) -> str:
     """``NAME[i,j,...]+=DELTA`` on a parameter or buffer of the torch model (a sensitivity self-check)."""
     import torch
 
-    m = _PERTURB.match(spec)
+    m = PERTURB_RE.match(spec)
     if not m:
         raise ValueError(f"--perturb-torch {spec!r}: expected NAME[i,j,...]+=DELTA")
     name, idx, delta = m.group(1), tuple(int(i) for i in m.group(2).split(",")), float(m.group(3))
@@ -154,7 +155,7 @@ def logits_cases(pre, model, args, tol: float) -> list[dict[str, Any]]:
     out = []
     for name, kind, x, emb in cases:
         length = (x if x is not None else emb).shape[1]
-        allowed = torch.from_numpy(allowed_matrix(kind, length, args.block_size)).to(dev)
+        allowed = torch.from_numpy(allowed_matrix(kind, length, args.block_length)).to(dev)
         additive = torch.zeros(allowed.shape, dtype=tdt, device=dev).masked_fill(~allowed, float("-inf"))
         pos = torch.from_numpy(positions_for(kind, length))[None].to(dev)
         with torch.no_grad():
@@ -162,8 +163,8 @@ def logits_cases(pre, model, args, tol: float) -> list[dict[str, Any]]:
                   else {"inputs_embeds": torch.from_numpy(emb).to(device=dev, dtype=tdt)})
             ref = model(attention_mask=additive[None, None], position_ids=pos, **kw).logits
         ref = ref.to(torch.float32).cpu().numpy()
-        ours = pre.forward(x, mask=kind, block_size=args.block_size) if x is not None else \
-            pre.forward(inputs_embeds=emb, mask=kind, block_size=args.block_size)
+        ours = pre.forward(x, mask=kind, block_length=args.block_length) if x is not None else \
+            pre.forward(inputs_embeds=emb, mask=kind, block_length=args.block_length)
         out.append(compare_logits(name, np.asarray(ours, np.float32), ref, tol))
     return out
 
@@ -199,14 +200,14 @@ def generation_case(pre, model, args) -> dict[str, Any]:
         note = "torch sampler replaced by argmax (the dFactory generate samples even at temperature 0)"
     rng = np.random.default_rng(args.seed + 1)
     prompts = random_ids(rng, (args.batch, args.prompt_len), cfg.vocab_size, [mask_id, eos_id]).tolist()
-    steps = args.steps or args.block_size
-    res = ours_generate(pre, prompts, strategy="llada2", block_length=args.block_size,
+    steps = args.steps or args.block_length
+    res = ours_generate(pre, prompts, strategy="llada2", block_length=args.block_length,
                         gen_length=args.gen_length, threshold=args.threshold, steps=steps, temperature=0.0)
     dev = next(model.parameters()).device
     rows = []
     for r, prompt in enumerate(prompts):
         out = model.generate(inputs=torch.tensor([prompt], device=dev), temperature=0.0,
-                             block_length=args.block_size, steps=steps, gen_length=args.gen_length,
+                             block_length=args.block_length, steps=steps, gen_length=args.gen_length,
                              threshold=args.threshold, eos_id=eos_id, mask_id=mask_id)
         theirs = [int(t) for t in out[0].tolist()]
         if eos_id in theirs:  # the HF generate keeps the first EOS; ours cuts before it
@@ -223,7 +224,7 @@ def generation_case(pre, model, args) -> dict[str, Any]:
     ok = all(r["first_diverging"] is None for r in rows)
     return {"case": "llada2", "rows": rows, "ok": ok, "note": note,
             "settings": {"prompt_len": args.prompt_len, "gen_length": args.gen_length, "steps": steps,
-                         "block_length": args.block_size, "threshold": args.threshold}}
+                         "block_length": args.block_length, "threshold": args.threshold}}
 
 
 # ---- report ----------------------------------------------------------------------------------------
@@ -263,69 +264,41 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1] if __doc__ else None,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-dir", required=True,
-                   help="HF directory (config.json with auto_map, safetensors, remote code)")
-    p.add_argument("--torch-hf-dir", default=None,
-                   help="load the torch side from here instead (default: --hf-dir)")
-    p.add_argument("--dtype", choices=sorted(DEFAULT_TOL), default="float32")
-    p.add_argument("--torch-device", default="cpu")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch.set_num_threads (1 is much faster for tiny test models on a busy CPU)")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per row (noisy_clean uses 2 x seq-len)")
-    p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt-len", type=int, default=20)
-    p.add_argument("--gen-length", type=int, default=64)
-    p.add_argument("--steps", type=int, default=None, help="llada2 steps per block (default: block size)")
-    p.add_argument("--threshold", type=float, default=0.95, help="llada2 acceptance threshold")
-    p.add_argument("--tol", type=float, default=None, help="max relative logits difference "
-                   "(default 1e-4 in float32, 3e-2 in bfloat16)")
-    p.add_argument("--perturb-torch", default=None, metavar="NAME[i,j]+=DELTA",
-                   help="add DELTA to one entry of a torch parameter (a check that the tool sees divergence)")
-    p.add_argument("--no-generate", action="store_true", help="skip the llada2 decoding comparison")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Run the comparison; bad input → one ``error:`` line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
-    for flag in ("seq_len", "block_size", "batch", "prompt_len", "gen_length"):
-        if getattr(args, flag) <= 0:
-            print(f"error: --{flag.replace('_', '-')} must be positive", file=sys.stderr)
-            return 2
-    tol = DEFAULT_TOL[args.dtype] if args.tol is None else args.tol
-    torch_dir = args.torch_hf_dir or args.hf_dir
-    for d in {args.hf_dir, torch_dir}:
-        if not (Path(d) / "config.json").is_file():
-            print(f"error: {d} has no config.json", file=sys.stderr)
-            return 2
     try:
         import torch  # noqa: F401  (optional extra: pip install -e .[torch])
     except ImportError:
-        print("error: PyTorch is not installed (pip install -e .[torch])", file=sys.stderr)
+        print(f"{PROG}: error: PyTorch is not installed (pip install -e .[torch])", file=sys.stderr)
         return 2
+    try:
+        check_inputs(args)
+        return _compare(args)
+    except DecodeConfigError as e:  # every field checked here is a flag of the same name
+        print(f"{PROG}: error: --{e.field.replace('_', '-')}: {e.reason}", file=sys.stderr)
+    except (ModelConfigError, CheckpointError, DtypeError, OSError, RuntimeError, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _compare(args: argparse.Namespace) -> int:
     import jax
+    import torch
 
     import dmax_jax
 
+    tol = DEFAULT_TOL[args.dtype] if args.tol is None else args.tol
+    torch_dir = args.torch_hf_dir or args.hf_dir
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-
     if args.dtype == "float32":  # f32 parity means f32 matmuls on accelerators too
         jax.config.update("jax_default_matmul_precision", "highest")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    try:
-        pre = dmax_jax.load_pretrained(args.hf_dir, dtype=args.dtype)
-        model = load_torch(torch_dir, args.dtype, args.torch_device)
-        perturbation = apply_perturbation(model, args.perturb_torch) if args.perturb_torch else None
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    pre = dmax_jax.load_pretrained(args.hf_dir, dtype=args.dtype)
+    model = load_torch(torch_dir, args.dtype, args.torch_device)
+    perturbation = apply_perturbation(model, args.perturb_torch) if args.perturb_torch else None
     report: dict[str, Any] = {"hf_dir": args.hf_dir, "torch_hf_dir": torch_dir, "dtype": args.dtype,
                               "tol": tol, "torch_class": type(model).__name__, "perturbation": perturbation}
     report["logits"] = logits_cases(pre, model, args, tol)

@@ -38,12 +38,11 @@ from dmax_jax.checkpoint.hf_keys import (
     hf_entries,
     leaf_shapes,
 )
-from dmax_jax.config import ModelConfig
+from dmax_jax.config import ModelConfig, parse_dtype
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-LOAD_DTYPES = ("float32", "bfloat16", "float16")
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}
 _ST_CODES = {np.dtype(v).name: k for k, v in _ST_DTYPES.items()}
 
@@ -53,7 +52,11 @@ LeafPath = tuple[str, ...]
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the config; ``missing``/``unexpected``/``misshapen`` list each
-    offending tensor so that one run shows every problem."""
+    offending tensor so that one run shows every problem. The message shows the first
+    :data:`SHOWN_PER_KIND` of each kind (a wrong ``hidden_size`` touches every tensor; thousands of
+    lines would bury the cause); the attributes hold them all."""
+
+    SHOWN_PER_KIND = 6
 
     def __init__(self, message: str, *, missing: Sequence[str] = (), unexpected: Sequence[str] = (),
                  misshapen: Sequence[str] = (), other: Sequence[str] = ()):
@@ -62,7 +65,9 @@ class CheckpointError(ValueError):
         lines = [message]
         for kind, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen),
                             ("problem", other)):
-            lines += [f"  {kind:<10} {it}" for it in items]
+            lines += [f"  {kind:<10} {it}" for it in items[:self.SHOWN_PER_KIND]]
+            if len(items) > self.SHOWN_PER_KIND:
+                lines.append(f"  ... and {len(items) - self.SHOWN_PER_KIND} more {kind}")
         super().__init__("\n".join(lines))
 
 
@@ -72,10 +77,7 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 # ---- abstract target --------------------------------------------------------------------------------
 def _resolve_dtype(dtype: Any) -> np.dtype:
-    dt = jnp.dtype(dtype)
-    if dt.name not in LOAD_DTYPES:
-        raise ValueError(f"parameter dtype {dt.name!r} is not one of {LOAD_DTYPES}")
-    return dt
+    return parse_dtype(dtype, "parameter dtype")
 
 
 def _leaf_dtype(f32: bool, dtype: np.dtype) -> np.dtype:
@@ -182,7 +184,8 @@ def _check(headers: dict, weight_map: dict[str, str] | None, expected: dict[str,
               for n in expected if n in where and where[n][1] not in _ST_DTYPES]
     if missing or unexpected or misshapen or other:
         count = len(missing) + len(unexpected) + len(misshapen) + len(other)
-        raise CheckpointError(f"checkpoint {path} does not match the config ({count} problems)",
+        raise CheckpointError(f"checkpoint {path} does not match the config "
+                              f"({count} problem{'s' * (count != 1)})",
                               missing=missing, unexpected=unexpected, misshapen=misshapen, other=other)
     return where
 

