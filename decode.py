@@ -80,12 +80,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"--model {p}: no such directory")
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"--model {p}: no config.json (not an HF model directory)")
-    return p
+    """The cheap checks (exists, a directory, not empty, has config.json) before anything loads."""
+    from dmax_jax.pretrained import check_model_dir as check
+
+    try:
+        return check(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--model: {e}") from None
 
 
 def model_settings(model_dir: Path, args: argparse.Namespace, fixed: dict[str, Any] | None = None):

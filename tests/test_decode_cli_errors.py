@@ -24,7 +24,7 @@ CASES = [
     (["--prompt", "hi", "--strategy", "threshold", "--steps", "4"], "--steps: strategy 'threshold'"),
     (["--prompt", "hi", "--prompt-bucket", "48"], "--prompt-bucket: must be a positive multiple of block"),
     (["--prompt", "hi", "--temperature", "-1"], "--temperature: must be a finite number >= 0"),
-    (["--model", "/nonexistent/model", "--prompt", "hi"], "--model /nonexistent/model: no such directory"),
+    (["--model", "/nonexistent/model", "--prompt", "hi"], "--model: model directory /nonexistent/model"),
     (["--threshold", "0.3"], "--threshold has no single meaning in the demo"),
     (["--steps", "3"], "--steps has no single meaning in the demo"),
     (["--prompts", "/nonexistent/p.jsonl"], "/nonexistent/p.jsonl"),
@@ -93,3 +93,18 @@ def test_help_shows_defaults_without_rest_backticks():
     for text in ("--gen-length GEN_LENGTH", "(default: 256)", "(default: 0.5)", "(default: bfloat16)",
                  "dmax_decode.json"):
         assert text in p.stdout, text
+
+
+def test_empty_model_dir_and_dir_without_config(cli, tmp_path):
+    rc, err = _main(cli, ["--model", str(tmp_path), "--prompt", "hi"])
+    assert rc == 2 and "is empty" in err and err.count("\n") == 1
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    rc, err = _main(cli, ["--model", str(tmp_path), "--prompt", "hi"])
+    assert rc == 2 and "has no config.json" in err
+
+
+def test_out_and_html_must_be_file_paths(cli, tmp_path):
+    rc, err = _main(cli, ["--prompt", "hi", "--out", str(tmp_path)])
+    assert rc == 2 and "--out" in err and "is a directory" in err
+    rc, err = _main(cli, ["--html", str(tmp_path)])                 # demo mode checks it too
+    assert rc == 2 and "--html" in err and "is a directory" in err

@@ -77,7 +77,7 @@ def test_split_static_part_and_traced_rows():
     static, rows = cfg.split([3, 11], [0, 7])
     assert isinstance(rows, RowParams) and rows.threshold.tolist() == pytest.approx([0.3, 0.3])
     assert rows.request_ids.tolist() == [0, 7] and rows.gen_length.tolist() == [20, 20]
-    assert rows.eos_id.tolist() == [CFG.eos_token_id] * 2 and rows.temperature.tolist() == [1.0, 1.0]
+    assert rows.eos_id.tolist() == [CFG.eos_token_id] * 2 and rows.temperature.tolist() == [0.0, 0.0]
     # traced knobs do not change the compile key; static ones do
     assert cfg.replace(threshold=0.9, seed=1, gen_length=24).static_part() == static
     assert cfg.replace(temperature=0.5).static_part() != static       # greedy vs sampling
@@ -136,3 +136,42 @@ def test_top_level_export():
     import dmax_jax
 
     assert dmax_jax.DecodeConfig is DecodeConfig and dmax_jax.DecodeConfigError is DecodeConfigError
+
+
+@pytest.mark.parametrize("strategy", ["spd", "threshold", "llada2"])
+def test_per_row_knobs_in_one_batch_equal_each_row_alone(params, strategy):
+    """RowParams are per row: one compiled batch whose rows carry different τ / seeds / temperatures
+    (greedy rows among sampled ones) / gen lengths gives each row exactly the tokens and NFE it gets
+    alone (what a slot engine needs)."""
+    import dataclasses
+
+    import jax
+
+    from dmax_jax.decoding import DecodeSpec, buckets
+    from dmax_jax.decoding.api import _executable
+
+    prompts = [[5, 6, 7], list(range(10, 21)), [40, 41]]
+    knobs = [dict(threshold=0.05, gen_length=16, seed=0), dict(threshold=0.3, gen_length=13, seed=3,
+                                                                temperature=0.7),
+             dict(threshold=0.9, gen_length=16, seed=1)]
+    if strategy == "spd":
+        knobs[1]["accept_threshold"] = 0.5
+    base = DecodeConfig(strategy=strategy, block_length=8, gen_length=16, prompt_bucket=16).resolve(CFG)
+    alone = [generate((params, CFG), [p], base, request_ids=[i], **k)
+             for i, (p, k) in enumerate(zip(prompts, knobs))]
+    rows = [base.replace(**k).row_params([len(p)], [i]) for i, (p, k) in enumerate(zip(prompts, knobs))]
+    row_params = jax.tree.map(lambda *a: np.concatenate(a), *rows)
+    padded, capacity = buckets.shapes([len(p) for p in prompts], 16, 8, 16)
+    ids, _ = buckets.pack_prompts(prompts, padded, base.mask_id)
+    sampling = base.replace(temperature=0.7).static_part()     # greedy rows run inside a sampling program
+    spec = DecodeSpec(**dataclasses.asdict(sampling), prompt_len=padded, capacity=capacity)
+    exe, _ = _executable(spec, CFG, (params, ids, row_params))
+    out = jax.device_get(exe(params, ids, row_params))
+    from dmax_jax.decoding.stats import build_result
+
+    res = build_result(out, [len(p) for p in prompts], eos_id=base.eos_id, seconds=1.0, compile_seconds=0.0,
+                       strategy=strategy, trace_meta=None)
+    for i in range(3):
+        assert res.token_ids[i] == alone[i].token_ids[0] and res.nfe[i] == alone[i].nfe[0], f"row {i}"
+    assert len(res.token_ids[1]) <= 13
+    assert len({tuple(t) for t in res.token_ids}) == 3          # the knobs made the rows differ

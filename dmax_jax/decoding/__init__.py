@@ -6,10 +6,10 @@ compiled program per request shape (prefill + block loop + step loop, all ``lax.
 validation, static/traced split), ``buckets`` (prompt buckets, row geometry), ``strategies``
 (per-step rules), ``forwards`` (model calls against the KV cache), ``loop`` (the compiled program),
 ``stats`` (results, NFE/TPF, traces), ``trace_schema`` (trace state names), ``api`` (``generate``),
-``cli_args`` (the shared argparse flags).
+``cli_args`` (the shared argparse flags), ``model_defaults`` (a model directory's dmax_decode.json).
 """
 
-from dmax_jax.decoding.api import compile_count, generate
+from dmax_jax.decoding.api import clear_compiled, compile_count, generate
 from dmax_jax.decoding.config import (
            SOFT_IMPLS,
            STRATEGIES,
@@ -23,4 +23,5 @@ from dmax_jax.decoding.stats import DecodeTrace, GenerateResult
 from dmax_jax.decoding.trace_schema import STATE_NAMES
 
 __all__ = ["DecodeConfig", "DecodeConfigError", "DecodeSpec", "DecodeStatic", "DecodeTrace", "GenerateResult",
-           "RowParams", "SOFT_IMPLS", "STATE_NAMES", "STRATEGIES", "compile_count", "generate"]
+           "RowParams", "SOFT_IMPLS", "STATE_NAMES", "STRATEGIES", "clear_compiled", "compile_count",
+           "generate"]

@@ -31,6 +31,12 @@ def compile_count(strategy: str | None = None) -> int:
     return TRACE_COUNT[strategy] if strategy else sum(TRACE_COUNT.values())
 
 
+def clear_compiled() -> None:
+    """Drop the cached executables (the compile counter keeps counting): for benchmarks that time
+    compilation itself (bench/roofline.py)."""
+    _COMPILED.clear()
+
+
 def _model_parts(model) -> tuple[dict, ModelConfig]:
     if isinstance(model, tuple) and len(model) == 2:
         params, config = model

@@ -106,7 +106,7 @@ class RowParams:
     seed: jax.Array               # int32
     threshold: jax.Array          # f32: τ_dec (spd) / τ (threshold, llada2)
     accept_threshold: jax.Array   # f32: τ_acc (spd)
-    temperature: jax.Array        # f32: 1.0 when greedy (unused then)
+    temperature: jax.Array        # f32: 0 = greedy row (also inside a sampling program)
     steps: jax.Array              # int32: forwards per block (spd cap, llada2 steps, threshold bound)
 
 
@@ -245,7 +245,7 @@ class DecodeConfig:
                          gen_length=full(self.gen_length, np.int32), eos_id=full(self.eos_id, np.int32),
                          seed=full(self.seed, np.int32), threshold=full(self.threshold, np.float32),
                          accept_threshold=full(self.accept_threshold, np.float32),
-                         temperature=full(self.temperature if self.temperature > 0 else 1.0, np.float32),
+                         temperature=full(self.temperature, np.float32),
                          steps=full(self.step_count(), np.int32))
 
     def split(self, prompt_lens: Sequence[int], request_ids: Sequence[int]) -> tuple[DecodeStatic, RowParams]:

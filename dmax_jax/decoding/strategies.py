@@ -53,15 +53,19 @@ def choose_tokens(logits: jax.Array, *, greedy: bool, temperature: jax.Array, ke
     row's key (bit-identical to ``jax.random.categorical``; dInfer's ``add_gumbel_noise`` is the same
     rule). The confidence is ``p(x0)`` under the plain softmax (dInfer) or the tempered one
     (``tempered_confidence``: the HF ``generate`` of spec §5.5b). ``probs`` only if ``need_probs``.
+    ``temperature`` (scalar or per row): a row at 0 is greedy inside a sampling program too, so rows
+    of one batch may mix greedy and sampled decoding.
     """
     if greedy:
         base = logits
         x0 = argmax_first(logits)
     else:
-        t = jnp.asarray(temperature)
-        scaled = logits / (t[:, None, None] if t.ndim == 1 else t)
+        t = jnp.asarray(temperature, jnp.float32)
+        t = t[:, None, None] if t.ndim == 1 else t
+        cold = t == 0
+        scaled = jnp.where(cold, logits, logits / jnp.where(cold, 1.0, t))
         noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[1:], logits.dtype))(keys)
-        x0 = argmax_first(scaled + noise)
+        x0 = jnp.where(cold[..., 0], argmax_first(logits), argmax_first(scaled + noise))
         base = scaled if tempered_confidence else logits
     lse = jax.nn.logsumexp(base, axis=-1)
     conf = jnp.exp(jnp.take_along_axis(base, x0[..., None], axis=-1)[..., 0] - lse)
