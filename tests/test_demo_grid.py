@@ -73,3 +73,23 @@ def test_the_library_core_never_imports_the_demo():
                 offenders += [f"{path}: {n}" for n in names
                               if n.startswith(("dmax_jax.demo", "dmax_jax.tasks"))]
     assert offenders == []
+
+
+def test_shipped_models_carry_the_demo_decode_defaults():
+    """build_demo writes dmax_decode.json from the demo geometry; the shipped files must agree, and the
+    decoding library must read them back as the demo decodes (prompt wrap, gen length, τ per decoder)."""
+    import json
+
+    from dmax_jax.decoding.config import DecodeConfig
+    from dmax_jax.decoding.model_defaults import load_model_defaults
+    from dmax_jax.demo.examples import ASSET_DIR, DEMO_DECODE, decode_defaults
+    from dmax_jax.demo.task import gsm8k_prompt
+
+    for name, strategy in (("base", "threshold"), ("dmax", "spd")):
+        path = ASSET_DIR / name / "dmax_decode.json"
+        assert json.loads(path.read_text()) == decode_defaults(strategy)
+        loaded = load_model_defaults(ASSET_DIR / name)
+        assert loaded.wrap("Q?") == gsm8k_prompt("Q?")
+        cfg = loaded.config(DecodeConfig(), {})
+        assert (cfg.strategy, cfg.gen_length, cfg.threshold) == (
+            strategy, DEMO_DECODE.gen_length, DEMO_DECODE.default_threshold(strategy))
