@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +175,29 @@ def test_ctrl_c_prints_the_last_checkpoint_and_the_resume_command(task, tmp_path
     _assert_short(err)
     monkeypatch.setattr(loop, "_build", real_build)
     assert _main(argv, capsys)[0] == 0 and _steps(out) == [1, 2, 3, 4]
+
+
+def test_ctrl_c_between_steps_saves_the_update_and_stops(task, tmp_path, capsys, monkeypatch):
+    """A real SIGINT (to this process) during update 3: the loop finishes it, saves it, exits 130."""
+    real_build = loop._build
+
+    def build_signalling_in_update_3(model_config, cfg):
+        built = real_build(model_config, cfg)
+
+        def step_fn(state, batch):
+            if int(state.step) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return built.step_fn(state, batch)
+
+        return dataclasses.replace(built, step_fn=step_fn)
+
+    monkeypatch.setattr(loop, "_build", build_signalling_in_update_3)
+    out = tmp_path / "run"
+    code, _, err = _main(_args(task, out, "run.num_steps=4", "run.save_every=0"), capsys)
+    assert code == 130 and "saving at the end of this update" in err
+    assert f"interrupted after update 3; last checkpoint: update 3 in {out / 'checkpoints'}" in err
+    assert _steps(out) == [1, 2, 3] and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is removed
 
 
 # ---- help -----------------------------------------------------------------------------------------------

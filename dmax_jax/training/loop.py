@@ -23,6 +23,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,8 +65,7 @@ from dmax_jax.training.sharding import (
 from dmax_jax.training.state import init_train_state
 from dmax_jax.training.step import REQUIRED_KEYS, make_train_step
 
-__all__ = ["NonFiniteLossError", "ResumeMismatchError", "TrainInterrupted", "TrainSummary",
-           "resolve_model_config", "train"]
+__all__ = ["NonFiniteLossError", "ResumeMismatchError", "TrainInterrupted", "TrainSummary", "train"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -272,6 +274,32 @@ def _setup(cfg: TrainConfig) -> _Run:
 
 
 # ---- the step loop ----------------------------------------------------------------------------------------
+class _StopRequest:
+    """Ctrl-C finishes the current update, saves it and stops; a second Ctrl-C stops at once. Why: an
+    interrupt inside orbax's save would leave the reported last checkpoint out of date."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ntrain: Ctrl-C: saving at the end of this update, then stopping (Ctrl-C again: stop now)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _absorb(run: _Run, done: int, metrics: Any) -> None:
     """Read back one step's metrics, stop on non-finite values, log at log steps."""
     m = {k: _local(v).item() for k, v in metrics.items()}
@@ -301,8 +329,9 @@ def _save(run: _Run, update: int) -> None:
     run.last_saved = update
 
 
-def _step_loop(run: _Run) -> None:
-    """Micro-steps ``start_step * accum + 1 … num_steps * accum``, saving at the configured updates."""
+def _step_loop(run: _Run, stop: _StopRequest) -> None:
+    """Micro-steps ``start_step * accum + 1 … num_steps * accum``, saving at the configured updates
+    (and at the update a Ctrl-C arrived in)."""
     step_fn, b_shard, save_every = run.built.step_fn, run.built.batch_shardings, run.cfg.run.save_every
     pending = None
     for done in range(run.start_step * run.accum + 1, run.num_steps * run.accum + 1):
@@ -316,10 +345,13 @@ def _step_loop(run: _Run) -> None:
             run.done = pending[0]
         pending = (done, metrics)
         update, boundary = done // run.accum, done % run.accum == 0
-        if boundary and (update == run.num_steps or (save_every and update % save_every == 0)):
+        if boundary and (update == run.num_steps or (save_every and update % save_every == 0)
+                         or stop.requested):
             _absorb(run, *pending)
             run.done, pending = done, None
             _save(run, update)
+            if stop.requested:
+                raise KeyboardInterrupt
     if pending is not None:
         _absorb(run, *pending)
         run.done = pending[0]
@@ -353,7 +385,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
     run = None
     try:
         run = _setup(cfg)
-        _step_loop(run)
+        with _StopRequest() as stop:
+            _step_loop(run, stop)
         return _finish(run)
     except KeyboardInterrupt:
         if run is None:
