@@ -68,6 +68,17 @@ def test_bad_data_line_is_one_message_naming_file_and_line(task, tmp_path, capsy
     _assert_short(err)
 
 
+def test_bad_data_line_in_a_subprocess_is_exit_2_without_traceback(task, tmp_path):
+    """The same through a real `python train.py` (stderr as a user sees it, warnings included)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(Path(task[0]).read_text().splitlines()[0] + "\n{broken\n")
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *_args(task, tmp_path / "run",
+                                                                      f"data.paths=[{bad}]")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and f"{bad}:2: invalid JSON" in proc.stderr
+    _assert_short(proc.stderr)
+
+
 def test_skip_bad_rows_reports_them_on_the_console(task, tmp_path, capsys):
     rows = Path(task[0]).read_text().splitlines()
     bad = tmp_path / "bad.jsonl"
