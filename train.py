@@ -126,7 +126,9 @@ def run_embedded_demo() -> int:
     """python train.py: OPUT fine-tune of the shipped demo base, evaluated and tabulated."""
     print("train.py: no --config given; running the embedded demo (OPUT fine-tune of the shipped tiny "
           "base model, then evaluation on 100 held-out problems; see README)", flush=True)
+    from dmax_jax.checkpoint.train_state import ResumeMismatchError
     from dmax_jax.demo import run_quick_demo
+    from dmax_jax.training.config import TrainConfigError
 
     try:
         run_quick_demo()
@@ -136,6 +138,8 @@ def run_embedded_demo() -> int:
         return EXIT_INTERRUPTED
     except FileNotFoundError as e:
         return _fail(str(e))
+    except (ResumeMismatchError, TrainConfigError) as e:  # e.g. runs/demo_quick left by another version
+        return _fail(f"{e}\n(remove runs/demo_quick to start the demo afresh)")
     return 0
 
 

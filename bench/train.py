@@ -56,7 +56,7 @@ def peak_bytes(compiled) -> tuple[float, float]:
     return total / 2**20, m.temp_size_in_bytes / 2**20
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -68,7 +68,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--attention", default="xla_dense")
     ap.add_argument("--iters", type=int, default=10)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
 
     cfg = model_config(args)
     batch = {k: jnp.asarray(v) for k, v in make_batch(args).items()}

@@ -6,15 +6,18 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dmax_jax.data.chat import load_tokenizer
 from dmax_jax.data.pipeline import DataConfig, DataError, make_dataset
 from dmax_jax.data.tokenizer_build import build_tokenizer
 
-GSM8K = os.path.join(os.path.dirname(__file__), "data", "gsm8k", "train.jsonl")  # 6 rows, MIT
+GSM8K = Path(__file__).parent / "data" / "gsm8k" / "train.jsonl"  # 6 rows, MIT (README there)
 KEYS = ("input_ids", "noisy_input_ids", "labels", "flag", "example_index")
 
 
@@ -292,3 +295,31 @@ def test_worker_processes_give_the_same_batches_and_resume(tok, tmp_path):
     for a, b in zip(got, want):
         for key in KEYS:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+# ---- malformed rows: every bad line is a DataError naming file:line, never another exception ---------
+_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                                st.sampled_from(["question", "answer", "messages", "role", "content",
+                                                 "flag"]),
+                                inner, max_size=4), max_leaves=8)
+_bad_lines = st.one_of(
+    st.text(min_size=1, max_size=30).filter(lambda t: t.strip() and "\n" not in t and "\r" not in t),
+    _json_values.map(json.dumps))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(line=_bad_lines, where=st.integers(0, 3))
+def test_any_line_is_a_row_or_a_data_error_naming_its_line(tok, tmp_path, line, where):
+    rows = [json.dumps(r) for r in qa_rows(4)]
+    rows.insert(where, line)
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    try:
+        data = make_dataset(cfg(os.fspath(path), batch_size=2), tok)
+    except DataError as e:
+        assert f"mixed.jsonl:{where + 1}:" in str(e)
+        skipped = make_dataset(cfg(os.fspath(path), batch_size=2, skip_bad_rows=True), tok)
+        assert skipped.bad_rows == 1 and f"mixed.jsonl:{where + 1}:" in skipped.store.bad_row_messages[0]
+    else:  # the line happens to be a valid row (e.g. a complete question/answer object)
+        assert data.bad_rows == 0 and data.num_examples == 10

@@ -82,14 +82,17 @@ def run_stage(config: Path, overrides: list[str]):
     return summary, resolve_model_config(cfg), load_tokenizer(cfg.model.tokenizer or cfg.model.location)
 
 
-def export(summary, model_config, tokenizer, out: Path) -> Path:
-    """Write the final params as an HF folder (float32 safetensors + config + tokenizer)."""
+def export(summary, model_config, tokenizer, out: Path, strategy: str) -> Path:
+    """Write the final params as an HF folder (float32 safetensors + config + tokenizer + the demo's
+    dmax_decode.json)."""
     import jax
 
+    from dmax_jax.demo.examples import write_decode_defaults
     from dmax_jax.pretrained import Pretrained
 
     params = jax.device_get(summary.state.params)
     Pretrained(model_config, params, tokenizer).save_pretrained(out, overwrite=True)
+    write_decode_defaults(out, strategy)  # the prompt format and decode geometry travel with the model
     return out
 
 
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         _fresh(base_run, args.resume)
         t0 = time.time()
         summary, mcfg, tok = run_stage(args.base_config, [f"run.out_dir={base_run}", *args.base_override])
-        export(summary, mcfg, tok, assets / "base")
+        export(summary, mcfg, tok, assets / "base", "threshold")
         times["base_pretrain_s"] = round(time.time() - t0, 1)
         times["base_train_loop_s"] = round(summary.seconds, 1)
         print(f"build_demo: base → {assets / 'base'} ({times['base_pretrain_s']:.0f}s, final loss "
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     summary, mcfg, tok = run_stage(args.dmax_config, [
         f"run.out_dir={dmax_run}", f"model.source=hf:{assets / 'base'}", f"model.tokenizer={assets / 'base'}",
         f"data.paths=[{train_file}]", *args.dmax_override])
-    export(summary, mcfg, tok, assets / "dmax")
+    export(summary, mcfg, tok, assets / "dmax", "spd")
     times["dmax_oput_s"] = round(time.time() - t0, 1)
     times["dmax_train_loop_s"] = round(summary.seconds, 1)
     print(f"build_demo: dmax → {assets / 'dmax'} ({times['dmax_oput_s']:.0f}s, final loss "

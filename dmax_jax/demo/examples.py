@@ -59,6 +59,33 @@ class DemoDecode:
 
 
 DEMO_DECODE = DemoDecode()
+DECODE_DEFAULTS_FILE = "dmax_decode.json"  # read by dmax_jax.decoding.model_defaults (decode.py, eval CLI)
+
+
+def decode_defaults(strategy: str, decode: DemoDecode = DEMO_DECODE) -> dict[str, Any]:
+    """The ``dmax_decode.json`` of a demo model directory: the task's prompt format, this geometry and
+    the model's own decoder (``base``: threshold, ``dmax``: spd), so ``decode.py --model DIR`` decodes
+    the demo models the way the demo does."""
+    from dmax_jax.demo.task import GSM8K_PROMPT
+
+    return {"format": "dmax_decode/1", "prompt_template": GSM8K_PROMPT.replace("{question}", "{prompt}"),
+            "chat": True,
+            "decode": {"strategy": strategy, "block_length": decode.block_length,
+                       "gen_length": decode.gen_length, "prompt_bucket": decode.prompt_bucket,
+                       "accept_threshold": decode.accept_threshold, "dtype": "float32"},
+            "strategies": {"threshold": {"threshold": decode.baseline_threshold},
+                           "spd": {"threshold": decode.spd_threshold},
+                           "llada2": {"threshold": decode.baseline_threshold}}}
+
+
+def write_decode_defaults(model_dir: str | os.PathLike, strategy: str,
+                          decode: DemoDecode = DEMO_DECODE) -> Path:
+    """Write :func:`decode_defaults` into ``model_dir`` (``tools/build_demo.py`` after each export)."""
+    import json
+
+    path = Path(model_dir) / DECODE_DEFAULTS_FILE
+    path.write_text(json.dumps(decode_defaults(strategy, decode), indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 def default_model_dir(name: str = "dmax") -> Path:

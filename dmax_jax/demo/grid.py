@@ -8,9 +8,7 @@ sample size cannot support (``dmax_jax.demo.intervals`` says which interval and 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -88,10 +86,10 @@ def evaluate_grid(models: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], 
                         return res
 
                     bar.update(sum(1 for i in load_samples(str(cell / SAMPLES_FILE)) if i < n))
-                    # run_eval prints a table per cell; the grid prints one table at the end instead
-                    with contextlib.redirect_stdout(io.StringIO()):
-                        summary = run_eval(bench, list(rows), generate_fn, model.tokenizer, out_dir=cell,
-                                           batch_size=decode.batch_size, decode_config=kw, limit=limit)
+                    # quiet: the grid shows one bar for all cells and prints one table at the end
+                    summary = run_eval(bench, list(rows), generate_fn, model.tokenizer, out_dir=cell,
+                                       batch_size=decode.batch_size, decode_config=kw, limit=limit,
+                                       verbose=False)
                     samples = load_samples(str(cell / SAMPLES_FILE))
                     rec = cell_record(name, strategy, tau, summary, [samples[i] for i in range(n)])
                     if log:

@@ -12,40 +12,85 @@ STYLES = {("base", "threshold"): ("tab:blue", "o", "-"), ("base", "spd"): ("tab:
           ("dmax", "threshold"): ("tab:red", "o", "-"), ("dmax", "spd"): ("tab:red", "s", "--")}
 # Label offsets (points) tried in order, nearest first; a label moved further than the first ring
 # gets a thin leader line back to its point.
-_OFFSETS = [(dx * r, dy * r) for r in (6, 12, 20, 30) for dx, dy in
+_OFFSETS = [(dx * r, dy * r) for r in (5, 10, 16, 24, 34, 46) for dx, dy in
             ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))]
+Box = tuple[float, float, float, float]
 
 
-def _place_labels(ax: Any, fig: Any, labels: Sequence[tuple[str, float, float, str]]) -> None:
-    """Annotate each ``(text, x, y, color)`` at the first offset whose box overlaps nothing placed yet."""
+def _overlaps(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+Series = tuple[list[float], list[float], list[tuple[float, float]]]  # TPFs, accuracies (%), intervals
+
+
+def _obstacles(ax: Any, series: Sequence[Series]) -> list[Box]:
+    """Display-space boxes a label must not cover: each marker, each error bar and the lines between
+    points (sampled every few pixels)."""
+    boxes: list[Box] = []
+    for xs, ys, cis in series:
+        pts = [ax.transData.transform((x, y)) for x, y in zip(xs, ys)]
+        for (px, py), (x, (lo, hi)) in zip(pts, zip(xs, cis)):
+            boxes.append((px - 4, py - 4, px + 4, py + 4))
+            _, plo = ax.transData.transform((x, lo))
+            _, phi = ax.transData.transform((x, hi))
+            boxes.append((px - 2, min(plo, phi), px + 2, max(plo, phi)))
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            n = max(1, int(max(abs(x1 - x0), abs(y1 - y0)) / 3))
+            for i in range(n + 1):
+                x, y = x0 + (x1 - x0) * i / n, y0 + (y1 - y0) * i / n
+                boxes.append((x - 1.5, y - 1.5, x + 1.5, y + 1.5))
+    return boxes
+
+
+def _place_labels(ax: Any, fig: Any, labels: Sequence[tuple[str, float, float, str]],
+                  obstacles: list[Box]) -> None:
+    """Annotate each ``(text, x, y, color)`` at the first offset whose box overlaps no placed label and
+    no obstacle; failing that, at the offset that overlaps the fewest obstacles (never another label
+    when any offset avoids them)."""
     renderer = fig.canvas.get_renderer()
-    taken = []
-    for _, x, y, _ in labels:  # the points themselves (a 6-pt box each)
-        px, py = ax.transData.transform((x, y))
-        taken.append((px - 4, py - 4, px + 4, py + 4))
+    inside = ax.get_window_extent(renderer)
+    placed: list[Box] = []
     for text, x, y, color in labels:
+        best = None
         for i, (dx, dy) in enumerate(_OFFSETS):
             ha = "left" if dx > 0 else "right" if dx < 0 else "center"
             va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
-            arrow = None if i < 8 else {"arrowstyle": "-", "color": color, "lw": 0.5, "alpha": 0.6}
+            arrow = None if i < 8 else {"arrowstyle": "-", "color": color, "lw": 0.5, "alpha": 0.7}
             ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7,
                               color=color, ha=ha, va=va, arrowprops=arrow)
-            box = ann.get_window_extent(renderer)
-            rect = (box.x0 - 1, box.y0 - 1, box.x1 + 1, box.y1 + 1)
-            inside = ax.get_window_extent(renderer)
+            b = ann.get_window_extent(renderer)
+            rect = (b.x0 - 1, b.y0 - 1, b.x1 + 1, b.y1 + 1)
             fits = (inside.x0 <= rect[0] and rect[2] <= inside.x1
                     and inside.y0 <= rect[1] and rect[3] <= inside.y1)
-            if fits and not any(rect[0] < t[2] and t[0] < rect[2] and rect[1] < t[3] and t[1] < rect[3]
-                                for t in taken):
-                taken.append(rect)
-                break
-            if i < len(_OFFSETS) - 1:
+            cost = (0 if fits else 1000) + 100 * sum(_overlaps(rect, p) for p in placed) \
+                + sum(_overlaps(rect, o) for o in obstacles)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, rect)
+            else:
                 ann.remove()
+            if cost == 0:
+                break
+        placed.append(best[2])
 
 
 def plot_tradeoff(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Accuracy vs TPF (PNG via matplotlib's Agg backend). Vertical bars: the Wilson 95 % interval of
-    each accuracy; horizontal bars: TPF's 95 % interval where the record holds one (``tpf_ci``)."""
+    """Accuracy vs TPF as a PNG (:func:`tradeoff_figure`)."""
+    import matplotlib.pyplot as plt
+
+    fig = tradeoff_figure(records)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def tradeoff_figure(records: Sequence[Mapping[str, Any]]) -> Any:
+    """The figure (matplotlib's Agg backend). Vertical bars: the Wilson 95 % interval of each accuracy;
+    horizontal bars: TPF's 95 % interval where the record holds one (``tpf_ci``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,8 +99,8 @@ def plot_tradeoff(records: Sequence[Mapping[str, Any]], path: str | os.PathLike)
     from dmax_jax.demo.grid import with_intervals
 
     records = [with_intervals(r) for r in records]
-    fig, ax = plt.subplots(figsize=(7.2, 5.0), dpi=120)
-    labels = []
+    fig, ax = plt.subplots(figsize=(8.4, 5.6), dpi=120)
+    labels, series = [], []
     for pair in dict.fromkeys((r["model"], r["strategy"]) for r in records):
         pts = sorted((r for r in records if (r["model"], r["strategy"]) == pair),
                      key=lambda r: -r["threshold"])
@@ -70,6 +115,7 @@ def plot_tradeoff(records: Sequence[Mapping[str, Any]], path: str | os.PathLike)
         ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, color=color, marker=marker, linestyle=ls, capsize=2,
                     elinewidth=0.7, markersize=4, label=f"{pair[0]} + {pair[1]}")
         labels += [(f"{r['threshold']:g}", x, y, color) for r, x, y in zip(pts, xs, ys)]
+        series.append((xs, ys, [(100 * r["accuracy_ci"][0], 100 * r["accuracy_ci"][1]) for r in pts]))
     n = max(r["samples"] for r in records)
     ax.set_xlabel("tokens per forward (TPF)")
     ax.set_ylabel("accuracy (%)")
@@ -79,9 +125,5 @@ def plot_tradeoff(records: Sequence[Mapping[str, Any]], path: str | os.PathLike)
     ax.margins(x=0.08, y=0.12)
     fig.tight_layout()
     fig.canvas.draw()
-    _place_labels(ax, fig, labels)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    _place_labels(ax, fig, labels, _obstacles(ax, series))
+    return fig

@@ -23,6 +23,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,13 +45,14 @@ from dmax_jax.checkpoint.train_state import (
     check_resume_compatible,
     export_hf,
 )
-from dmax_jax.config import PRESETS, ModelConfig
+from dmax_jax.config import ModelConfig
 from dmax_jax.data.chat import load_tokenizer, resolve_special_ids
 from dmax_jax.data.pipeline import TrainData, make_dataset
 from dmax_jax.model.llada2 import init_params
 from dmax_jax.training.config import TrainConfig, TrainConfigError, dump_train_config
 from dmax_jax.training.metrics import MetricsWindow, MetricsWriter
 from dmax_jax.training.optim import make_optimizer
+from dmax_jax.training.resolve import check_data_paths, num_updates, resolve_model_config, tokenizer_dir
 from dmax_jax.training.sharding import (
     batch_divisor,
     batch_shardings,
@@ -61,8 +65,7 @@ from dmax_jax.training.sharding import (
 from dmax_jax.training.state import init_train_state
 from dmax_jax.training.step import REQUIRED_KEYS, make_train_step
 
-__all__ = ["NonFiniteLossError", "ResumeMismatchError", "TrainInterrupted", "TrainSummary",
-           "resolve_model_config", "train"]
+__all__ = ["NonFiniteLossError", "ResumeMismatchError", "TrainInterrupted", "TrainSummary", "train"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -96,59 +99,6 @@ class TrainSummary:
     config: TrainConfig
     bad_row_messages: list[str] = dataclasses.field(default_factory=list)
     state: Any = dataclasses.field(repr=False, default=None)  # the final TrainState (on device)
-
-
-# ---- model and data -----------------------------------------------------------------------------------
-def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
-    """The ``ModelConfig`` named by ``model.source`` with ``model.overrides`` applied."""
-    m = cfg.model
-    if m.kind == "preset":
-        if m.location not in PRESETS:
-            raise TrainConfigError(
-                f"model.source: unknown preset {m.location!r} (known: {', '.join(PRESETS)})")
-        base = PRESETS[m.location]()
-    else:
-        try:
-            base = ModelConfig.from_json(m.location)
-        except (ValueError, OSError) as e:  # a missing or invalid config.json: name the config key
-            raise TrainConfigError(f"model.source: {e}") from e
-        if m.kind == "hf":
-            return base
-    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"raw"}
-    unknown = sorted(k for k in m.overrides if k not in fields)
-    if unknown:
-        raise TrainConfigError(f"model.overrides: unknown ModelConfig field(s) {unknown}")
-    return base.replace(**m.overrides) if m.overrides else base
-
-
-def _tokenizer_dir(cfg: TrainConfig) -> str:
-    generated = [p for p in cfg.data.paths if p.startswith("generate:")]
-    if generated:
-        raise TrainConfigError(
-            f"data.paths: {generated[0]!r} is generated demo data, not a file; the training loop reads "
-            "files only — `python train.py` writes them first (dmax_jax.demo.data.materialize(cfg))")
-    if cfg.model.tokenizer is not None:
-        return cfg.model.tokenizer
-    if cfg.model.kind != "hf":
-        raise TrainConfigError("model.tokenizer: required for a preset:/config: model source")
-    return cfg.model.location
-
-
-def _num_steps(cfg: TrainConfig, data: TrainData) -> int:
-    """Optimizer updates of the run, checked against what the data can give."""
-    accum = cfg.optim.grad_accum_steps
-    if cfg.run.num_steps is None:
-        if cfg.data.num_epochs is None:
-            raise TrainConfigError("run.num_steps: required when data.num_epochs is null (endless data)")
-        num_steps = data.steps_per_epoch * cfg.data.num_epochs // accum
-    else:
-        num_steps = cfg.run.num_steps
-    available = None if cfg.data.num_epochs is None else data.steps_per_epoch * cfg.data.num_epochs
-    if num_steps < 1 or (available is not None and num_steps * accum > available):
-        raise TrainConfigError(f"run.num_steps: {num_steps} updates × {accum} micro-batches need "
-                               f"{num_steps * accum} batches; the data gives {available} "
-                               f"({data.steps_per_epoch}/epoch × {cfg.data.num_epochs} epochs)")
-    return num_steps
 
 
 def _local(x: jax.Array) -> np.ndarray:
@@ -275,15 +225,16 @@ def _setup(cfg: TrainConfig) -> _Run:
     t_start = time.time()
     out = Path(cfg.run.out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
+    check_data_paths(cfg)
     model_config = resolve_model_config(cfg)
     try:
-        tokenizer = load_tokenizer(_tokenizer_dir(cfg))
+        tokenizer = load_tokenizer(tokenizer_dir(cfg))
     except (FileNotFoundError, OSError) as e:
         raise TrainConfigError(f"model.tokenizer: {e}") from e
     special = resolve_special_ids(model_config, tokenizer)
     data = make_dataset(cfg.data, tokenizer, process_index=jax.process_index(),
                         process_count=jax.process_count(), special_ids=special)
-    num_steps = _num_steps(cfg, data)
+    num_steps = num_updates(cfg, data)
     cfg = cfg.resolve(total_steps=num_steps, mask_id=special.mask_id)
     built = _build(model_config, cfg)
     global_batch = cfg.data.batch_size * jax.process_count()
@@ -323,6 +274,32 @@ def _setup(cfg: TrainConfig) -> _Run:
 
 
 # ---- the step loop ----------------------------------------------------------------------------------------
+class _StopRequest:
+    """Ctrl-C finishes the current update, saves it and stops; a second Ctrl-C stops at once. Why: an
+    interrupt inside orbax's save would leave the reported last checkpoint out of date."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ntrain: Ctrl-C: saving at the end of this update, then stopping (Ctrl-C again: stop now)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _absorb(run: _Run, done: int, metrics: Any) -> None:
     """Read back one step's metrics, stop on non-finite values, log at log steps."""
     m = {k: _local(v).item() for k, v in metrics.items()}
@@ -352,8 +329,9 @@ def _save(run: _Run, update: int) -> None:
     run.last_saved = update
 
 
-def _step_loop(run: _Run) -> None:
-    """Micro-steps ``start_step * accum + 1 … num_steps * accum``, saving at the configured updates."""
+def _step_loop(run: _Run, stop: _StopRequest) -> None:
+    """Micro-steps ``start_step * accum + 1 … num_steps * accum``, saving at the configured updates
+    (and at the update a Ctrl-C arrived in)."""
     step_fn, b_shard, save_every = run.built.step_fn, run.built.batch_shardings, run.cfg.run.save_every
     pending = None
     for done in range(run.start_step * run.accum + 1, run.num_steps * run.accum + 1):
@@ -367,10 +345,13 @@ def _step_loop(run: _Run) -> None:
             run.done = pending[0]
         pending = (done, metrics)
         update, boundary = done // run.accum, done % run.accum == 0
-        if boundary and (update == run.num_steps or (save_every and update % save_every == 0)):
+        if boundary and (update == run.num_steps or (save_every and update % save_every == 0)
+                         or stop.requested):
             _absorb(run, *pending)
             run.done, pending = done, None
             _save(run, update)
+            if stop.requested:
+                raise KeyboardInterrupt
     if pending is not None:
         _absorb(run, *pending)
         run.done = pending[0]
@@ -404,7 +385,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
     run = None
     try:
         run = _setup(cfg)
-        _step_loop(run)
+        with _StopRequest() as stop:
+            _step_loop(run, stop)
         return _finish(run)
     except KeyboardInterrupt:
         if run is None:

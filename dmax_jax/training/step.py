@@ -28,6 +28,7 @@ import optax
 
 from dmax_jax.config import ModelConfig
 from dmax_jax.data.transforms import IGNORE_INDEX
+from dmax_jax.model.experts import MOE_IMPLS
 from dmax_jax.model.llada2 import REMAT_POLICIES, forward
 from dmax_jax.model.masks import MaskSpec
 from dmax_jax.training.optim import current_lr
@@ -50,7 +51,7 @@ class StepConfig:
     compute_dtype: str = "float32"
     remat: str | None = None
     attention_backend: str = "xla_dense"
-    moe_impl: str = "ragged"
+    moe_impl: str = "auto"  # model.experts.MOE_IMPLS; "auto" = ragged on CPU, tokamax / megablox on GPU / TPU
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -60,6 +61,8 @@ class StepConfig:
                              f"{tuple(COMPUTE_DTYPES)}")
         if self.remat is not None and self.remat not in REMAT_POLICIES:
             raise ValueError(f"StepConfig.remat {self.remat!r} is not None or one of {tuple(REMAT_POLICIES)}")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"StepConfig.moe_impl {self.moe_impl!r} is not one of {MOE_IMPLS}")
         if self.block_length <= 0:
             raise ValueError(f"StepConfig.block_length must be positive, got {self.block_length}")
         if int(self.mask_id) < 0:
