@@ -4,7 +4,7 @@ For each half length L the sequence is 2L tokens, mask ``noisy_clean`` with bloc
 runs forward + backward (gradients w.r.t. q, k, v of ``sum(out * w)``) under one ``jax.jit``;
 we report the best wall time of ``--reps`` runs after a warm-up, the peak memory of that program
 from XLA's compiled memory analysis (arguments + outputs + temporaries - aliased), and the live
-fractions of the mask (block-level, from ``masks.live_block_fraction``; tile-level, the share of
+fractions of the mask (block-level: ``block x block`` tiles holding an allowed entry; tile-level, the share of
 tiles ``xla_blockwise`` computes).
 
 Default head config: batch 1, 8 query heads / 2 kv heads (GQA 4, as LLaDA2-mini's 16/4),
@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from dmax_jax.model.attention_backends import attention  # noqa: E402
 from dmax_jax.model.attention_backends.blockwise import default_tile  # noqa: E402
-from dmax_jax.model.attention_backends.layout import padded_layout, tile_liveness  # noqa: E402
-from dmax_jax.model.attention_ops import attention  # noqa: E402
-from dmax_jax.model.masks import MaskSpec, live_block_fraction  # noqa: E402
+from dmax_jax.model.attention_backends.tiles import padded_layout, tile_liveness  # noqa: E402
+from dmax_jax.model.masks import MaskSpec  # noqa: E402
 
 BACKENDS = ("xla_dense", "xla_blockwise")
 TARGET_TIME, TARGET_MEM, TARGET_MEM_AT = 0.5, 0.35, 2048
@@ -61,6 +61,11 @@ def _measure(backend: str, spec: MaskSpec, args, reps: int) -> dict:
             "temp": mem.temp_size_in_bytes, "grads": result[1]}
 
 
+def _live_fraction(spec: MaskSpec, length: int, tile: int) -> float:
+    """Share of ``tile x tile`` score tiles (each half padded to the tile) with an allowed entry."""
+    return float(tile_liveness(padded_layout(spec, length, tile), tile, tile).mean())
+
+
 def _max_rel_diff(a, b) -> float:
     return max(float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y))) for x, y in zip(a, b))
 
@@ -78,10 +83,10 @@ def run(lengths, *, block: int, batch: int, heads: int, kv_heads: int, head_dim:
         w = jax.random.normal(ks[3], q.shape, jnp.float32)
         res = {b: _measure(b, spec, (q, k, v, w), reps) for b in BACKENDS}
         tile = default_tile(spec, t)
-        tiles_live = float(tile_liveness(padded_layout(spec, t, tile), tile, tile).mean())
+        tiles_live = _live_fraction(spec, t, tile)
         dense, blockwise = res["xla_dense"], res["xla_blockwise"]
         rows.append({
-            "L": half, "T": t, "live_blocks": live_block_fraction(spec, t), "tile": tile,
+            "L": half, "T": t, "live_blocks": _live_fraction(spec, t, block), "tile": tile,
             "live_tiles": tiles_live, "dense_s": dense["time"], "blockwise_s": blockwise["time"],
             "time_ratio": blockwise["time"] / dense["time"], "dense_mib": dense["peak"] / 2**20,
             "blockwise_mib": blockwise["peak"] / 2**20, "mem_ratio": blockwise["peak"] / dense["peak"],

@@ -31,12 +31,12 @@ class Pretrained:
     compute_dtype: Any = jnp.float32
 
     def forward(self, input_ids=None, *, inputs_embeds=None, position_ids=None, mask: str = "full",
-                block_size: int = 32) -> jax.Array:
+                block_length: int = 32) -> jax.Array:
         """float32 logits ``[batch, length, vocab]``. For ``noisy_clean`` the input is the
         concatenation ``[noisy | clean]`` and position ids default to ``[0..L-1, 0..L-1]``."""
         if mask not in MASK_KINDS:
             raise ValueError(f"mask {mask!r} is not one of {MASK_KINDS}")
-        spec = MaskSpec(mask, block_size)
+        spec = MaskSpec(mask, block_length)
         if input_ids is not None:
             input_ids = jnp.atleast_2d(jnp.asarray(input_ids, jnp.int32))
             length = input_ids.shape[1]

@@ -13,15 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend import core as jex_core
+from numpy_reference import spec_allowed
 
 from dmax_jax.model import attention_backends
+from dmax_jax.model.attention_backends import attention, dense_attention
 from dmax_jax.model.attention_backends.blockwise import blockwise_attention
-from dmax_jax.model.attention_backends.layout import padded_layout, tile_liveness
-from dmax_jax.model.attention_backends.pallas_gpu import pallas_gpu_attention
+from dmax_jax.model.attention_backends.pallas_gpu import flash_mask, pallas_gpu_attention
 from dmax_jax.model.attention_backends.splash import splash_attention
-from dmax_jax.model.attention_ops import attention, dense_attention
-from dmax_jax.model.masks import MaskSpec, allowed, dense_mask, layout_indices
-from kernels_pallas.flash_attention.reference import flash_attention_reference
+from dmax_jax.model.attention_backends.tiles import padded_layout, tile_liveness
+from dmax_jax.model.masks import MaskSpec, allowed, layout_indices
+from kernels_pallas.flash_attention import FlashMask, flash_attention, flash_attention_reference
+from kernels_pallas.flash_attention.reference import allowed as flash_rule
 
 KINDS = ("full", "block_causal", "noisy_clean")
 TOL = {"float32": 2e-5, "bfloat16": 2e-2}  # relative to the largest reference magnitude
@@ -211,11 +213,50 @@ def test_pallas_gpu_matches_dense_interpret(kind, bs, length, groups, dtype):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_kernel_reference_matches_dense(kind):
+def test_kernel_reference_on_the_adapters_mask_matches_dense(kind):
+    """The model side (padding, ``FlashMask`` from the spec) is right iff the kernel's dense twin,
+    fed what the adapter feeds the kernel, equals ``xla_dense``."""
     spec = MaskSpec(kind, 4)
     q, k, v, _ = _inputs(26, 2, "float32")
-    np.testing.assert_allclose(flash_attention_reference(q, k, v, spec=spec, tile=16),
-                               dense_attention(q, k, v, spec=spec), atol=2e-6)
+    lay, mask = padded_layout(spec, 26, 16), flash_mask(spec, 26, 16)
+    got = lay.unpad(flash_attention_reference(lay.pad(q), lay.pad(k), lay.pad(v), mask))
+    np.testing.assert_allclose(got, dense_attention(q, k, v, spec=spec), atol=2e-6)
+
+
+def test_kernel_rule_copy_equals_the_model_rule():
+    blk = np.arange(4)[:, None, None, None]
+    clean = np.array([False, True])[None, :, None, None]
+    k_blk, k_clean = np.arange(4)[None, None, :, None], np.array([False, True])[None, None, None, :]
+    np.testing.assert_array_equal(flash_rule(blk, clean, k_blk, k_clean), allowed(blk, clean, k_blk, k_clean))
+
+
+def _plain_mask(tp: int, tile: int, seed: int, live=None) -> FlashMask:
+    """A mask the model would never build (random block ids and halves, scattered padding): the
+    kernel must follow whatever plain arrays it is given."""
+    rng = np.random.default_rng(seed)
+    blk, clean = rng.integers(0, 4, tp).astype(np.int32), rng.random(tp) < 0.5
+    valid = rng.random(tp) < 0.85
+    n = tp // tile
+    dense = FlashMask(blk, clean, valid, np.ones((n, n), bool), tile).dense() & valid[:, None]
+    brute = dense.reshape(n, tile, n, tile).any(axis=(1, 3))
+    return FlashMask(blk, clean, valid, brute if live is None else live, tile)
+
+
+def test_flash_kernel_matches_its_reference_interpret():
+    """Kernels-only test (no model code): outputs and gradients of the interpreted kernel equal the
+    dense twin on the same plain mask; a live table that drops a needed tile changes the answer."""
+    mask = _plain_mask(64, 16, seed=0)
+    q, k, v, w = _inputs(64, 2, "float32", batch=1, nkv=2, d=24)
+    kernel = functools.partial(flash_attention, mask=mask, interpret=True)
+    ref = functools.partial(flash_attention_reference, mask=mask)
+    (out, grads), (want, want_grads) = _out_and_grads(kernel, q, k, v, w), _out_and_grads(ref, q, k, v, w)
+    for name, got, exp in zip(("out", "dq", "dk", "dv"), (out, *grads), (want, *want_grads)):
+        tol = TOL["float32"] * max(1.0, float(np.abs(exp).max()))
+        np.testing.assert_allclose(got, exp, atol=tol, rtol=0, err_msg=name)
+    holes = mask.live & ~np.eye(4, dtype=bool)
+    cut = _plain_mask(64, 16, seed=0, live=mask.live & ~holes)
+    assert holes.any()
+    assert not np.allclose(flash_attention(q, k, v, cut, interpret=True), want, atol=1e-3)
 
 
 def _cuda_export(fn, *args):
@@ -265,7 +306,7 @@ def test_splash_mask_is_the_dense_mask():
 
     lazy = BlockDiffusionMask(lay)[:, :]
     real = np.flatnonzero(lay.valid)
-    np.testing.assert_array_equal(lazy[np.ix_(real, real)], dense_mask(spec, 46))
+    np.testing.assert_array_equal(lazy[np.ix_(real, real)], spec_allowed("noisy_clean", 46, 5))
     assert not lazy[:, ~lay.valid].any()
 
 

@@ -205,8 +205,8 @@ def test_logits_match_torch_reference(tmp_path, request, layout):
             inp = ({"input_ids": torch.from_numpy(x)} if x is not None
                    else {"inputs_embeds": torch.from_numpy(emb)})
             ref = model(attention_mask=allowed[None, None], position_ids=pos, **inp).logits.numpy()
-        got = np.asarray(ours.forward(x, mask=kind, block_size=block) if x is not None
-                         else ours.forward(inputs_embeds=emb, mask=kind, block_size=block))
+        got = np.asarray(ours.forward(x, mask=kind, block_length=block) if x is not None
+                         else ours.forward(inputs_embeds=emb, mask=kind, block_length=block))
         scale = np.abs(ref).max()
         assert scale > 5.0, "logits too flat to be a meaningful comparison"
         rel = np.abs(got - ref).max() / scale

@@ -7,11 +7,12 @@ import pytest
 from numpy_reference import forward_numpy, route_numpy, spec_allowed
 
 from dmax_jax.config import tiny_config
+from dmax_jax.model.experts import experts_dense, experts_grouped
 from dmax_jax.model.kv_cache import init_cache
 from dmax_jax.model.llada2 import forward_jit as forward
 from dmax_jax.model.llada2 import init_params
-from dmax_jax.model.masks import MaskSpec, default_positions, dense_mask
-from dmax_jax.model.moe import experts_dense, experts_ragged, route
+from dmax_jax.model.masks import MaskSpec, allowed, default_positions, layout_indices
+from dmax_jax.model.moe import route
 
 LAYOUTS = {
     "base": {},
@@ -47,7 +48,8 @@ def spread_params(cfg, seed=0):
 @pytest.mark.parametrize("length,block", [(16, 4), (14, 4), (20, 3), (8, 32)])
 def test_masks_match_spec_set_formulas(kind, length, block):
     want = spec_allowed(kind, length, block)
-    np.testing.assert_array_equal(dense_mask(MaskSpec(kind, block), length), want)
+    blk, clean = layout_indices(MaskSpec(kind, block), length)
+    np.testing.assert_array_equal(allowed(blk[:, None], clean[:, None], blk[None], clean[None]), want)
 
 
 def test_noisy_clean_positions_are_shared():
@@ -87,7 +89,7 @@ def test_ragged_moe_equals_dense_reference():
     wg, wu = (jnp.asarray(rng.standard_normal((e, h, i)), jnp.float32) for _ in range(2))
     wd = jnp.asarray(rng.standard_normal((e, i, h)), jnp.float32)
     with jax.default_matmul_precision("highest"):
-        got = experts_ragged(x, idx, w, wg, wu, wd)
+        got = experts_grouped(x, idx, w, wg, wu, wd)
         np.testing.assert_allclose(got, experts_dense(x, idx, w, wg, wu, wd), rtol=1e-5, atol=1e-5)
 
 

@@ -12,10 +12,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from mp_worker import CPU_FAST_COMPILE, problem_config, reference_run, run_steps
 
+from dmax_jax.model import experts
 from dmax_jax.model import moe as moe_module
-from dmax_jax.model import moe_ep
 from dmax_jax.model.llada2 import init_params
-from dmax_jax.model.moe import experts_ragged
 from dmax_jax.training import sharding as S
 
 
@@ -97,7 +96,7 @@ def test_sharded_step_matches_one_device(mesh_shape):
         assert state.params["moe_layers"]["moe"]["experts_up"].sharding.spec[1] == "expert"
 
 
-# ---- expert-parallel MoE (dmax_jax/model/moe_ep.py) ---------------------------------------------
+# ---- expert-parallel MoE (dmax_jax/model/experts.py) ---------------------------------------------
 def _ep_problem(n=64, h=16, e=8, im=8, k=2):
     ks = jax.random.split(jax.random.key(0), 6)
     idx = jnp.stack([jax.random.permutation(r, e)[:k] for r in jax.random.split(ks[1], n)])
@@ -123,12 +122,12 @@ def _ep_value_and_grad(fn, mesh, args):
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2, 1), (1, 2, 2, 2)], ids=str)
-def test_expert_parallel_moe_matches_ragged(mesh_shape):
-    assert moe_ep.TOKEN_AXES == S.BATCH_AXES
+def test_expert_parallel_moe_matches_grouped(mesh_shape):
+    assert experts.TOKEN_AXES == S.BATCH_AXES
     args = _ep_problem()
     mesh = S.make_mesh(S.MeshConfig(*mesh_shape))
-    ((_, want), want_grads), _ = _ep_value_and_grad(experts_ragged, mesh, args)
-    ((_, got), grads), text = _ep_value_and_grad(moe_ep.experts_ep, mesh, args)
+    ((_, want), want_grads), _ = _ep_value_and_grad(experts.experts_grouped, mesh, args)
+    ((_, got), grads), text = _ep_value_and_grad(experts.experts_ep, mesh, args)
     np.testing.assert_allclose(got, want, atol=2e-6)
     for g, r in zip(grads, want_grads):
         np.testing.assert_allclose(g, r, atol=5e-5, rtol=1e-4)
@@ -140,7 +139,7 @@ def test_expert_parallel_capacity_drops_overflow_in_order():
     (token-major order); the dropped ones contribute 0."""
     x, idx, w, wg, wu, wd = args = _ep_problem(n=16)
     mesh = S.make_mesh(S.MeshConfig(1, 1, 8, 1))
-    fn = lambda *a: moe_ep.experts_ep(*a, capacity_factor=1e-6)
+    fn = lambda *a: experts.experts_ep(*a, capacity_factor=1e-6)
     (_, got), _ = _ep_value_and_grad(fn, mesh, args)[0]
     xs, ids, ws = (np.asarray(a, np.float64) for a in (x, idx, w))
     g, u, d = (np.asarray(a, np.float64) for a in (wg, wu, wd))
@@ -166,11 +165,11 @@ def test_sharded_step_with_expert_parallel_moe(monkeypatch):
     ref_losses, ref_params = reference_run()
     calls = []
 
-    def spy(*args):
+    def spy(*args, impl):
         calls.append(dict(jax.sharding.get_abstract_mesh().shape).get("expert", 1))
-        return moe_ep.experts_ep(*args)
+        return experts.routed_experts(*args, impl="ep")
 
-    monkeypatch.setattr(moe_module, "experts_ragged", spy)
+    monkeypatch.setattr(moe_module, "routed_experts", spy)
     losses, params, _ = run_steps((2, 2, 2, 1))
     assert 2 in calls  # traced through the EP path with the 2-way expert mesh in context
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)

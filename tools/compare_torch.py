@@ -162,8 +162,8 @@ def logits_cases(pre, model, args, tol: float) -> list[dict[str, Any]]:
                   else {"inputs_embeds": torch.from_numpy(emb).to(device=dev, dtype=tdt)})
             ref = model(attention_mask=additive[None, None], position_ids=pos, **kw).logits
         ref = ref.to(torch.float32).cpu().numpy()
-        ours = pre.forward(x, mask=kind, block_size=args.block_size) if x is not None else \
-            pre.forward(inputs_embeds=emb, mask=kind, block_size=args.block_size)
+        ours = pre.forward(x, mask=kind, block_length=args.block_size) if x is not None else \
+            pre.forward(inputs_embeds=emb, mask=kind, block_length=args.block_size)
         out.append(compare_logits(name, np.asarray(ours, np.float32), ref, tol))
     return out
 

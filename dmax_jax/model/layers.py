@@ -14,6 +14,11 @@ import jax.numpy as jnp
 Dtype = jnp.dtype
 
 
+def round_up(x: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` >= ``x`` (the model's one ceil-division helper)."""
+    return -(-int(x) // int(multiple)) * int(multiple)
+
+
 def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: tuple):
     """Declare a parameter carrying logical axis names (the sharding rules map them to mesh axes)."""
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)

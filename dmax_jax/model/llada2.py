@@ -7,20 +7,17 @@ params in, float32 logits out; an optional ``KVCache`` turns it into the block-d
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from dmax_jax.config import ModelConfig
-from dmax_jax.model.attention import Attention
+from dmax_jax.model.attention_layer import Attention
 from dmax_jax.model.kv_cache import KVCache
 from dmax_jax.model.layers import GatedMLP, RMSNorm, param_with_axes
 from dmax_jax.model.masks import MaskSpec, default_positions
 from dmax_jax.model.moe import MoE
 
-STACKS = ("dense_layers", "moe_layers")
 REMAT_POLICIES = {
     "full": None,  # recompute everything in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -34,7 +31,7 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention_backend: str = "xla_dense"
-    moe_impl: str = "ragged"
+    moe_impl: str = "auto"
     return_kv: bool = False
 
     @nn.compact
@@ -57,7 +54,7 @@ class LLaDA2MoeModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention_backend: str = "xla_dense"
-    moe_impl: str = "ragged"
+    moe_impl: str = "auto"
     remat: str | None = None  # None | "full" | "dots"
 
     @nn.compact
@@ -133,22 +130,13 @@ def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32, *, boxed
 def forward(params, config: ModelConfig, input_ids=None, *, inputs_embeds=None, positions=None,
             mask: MaskSpec = MaskSpec("full"), cache: KVCache | None = None, commit: bool = False,
             commit_length: int | None = None, dtype=jnp.float32, attention_backend: str = "xla_dense",
-            moe_impl: str = "ragged", remat: str | None = None, logits_prefix: int | None = None):
+            moe_impl: str = "auto", remat: str | None = None, logits_prefix: int | None = None):
     """Functional forward: ``(logits f32, cache)``. Wrap in ``jax.jit`` with the static arguments."""
     model = LLaDA2MoeModel(config, dtype=dtype, param_dtype=jnp.float32, attention_backend=attention_backend,
                            moe_impl=moe_impl, remat=remat)
     return model.apply({"params": params}, input_ids, inputs_embeds=inputs_embeds, positions=positions,
                        mask=mask, cache=cache, commit=commit, commit_length=commit_length,
                        logits_prefix=logits_prefix)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "mask", "dtype", "attention_backend", "moe_impl"))
-def jit_forward(params, config: ModelConfig, input_ids=None, *, inputs_embeds=None, positions=None,
-                mask: MaskSpec = MaskSpec("full"), dtype=jnp.float32, attention_backend: str = "xla_dense",
-                moe_impl: str = "ragged"):
-    """Jitted cache-free forward returning logits only."""
-    return forward(params, config, input_ids, inputs_embeds=inputs_embeds, positions=positions, mask=mask,
-                   dtype=dtype, attention_backend=attention_backend, moe_impl=moe_impl)[0]
 
 
 forward_jit = jax.jit(forward, static_argnames=("config", "mask", "commit", "commit_length", "dtype",

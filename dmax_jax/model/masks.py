@@ -1,6 +1,6 @@
 """Block-diffusion attention masks as functions of token indices (spec §2).
 
-Every token carries two facts: its block id ``blk = position // block_size`` and whether it is a
+Every token carries two facts: its block id ``blk = position // block_length`` and whether it is a
 *clean* token (``is_clean``). One rule then covers both layouts:
 
 * training ``[noisy | clean]`` (spec §2.1): noisy half has ``is_clean=False``, clean half ``True``,
@@ -13,8 +13,9 @@ A query q may attend a key k iff
  or (blk_q >  blk_k and not clean_q and clean_k)     # M_OBC, noisy sees earlier clean blocks
  or (blk_q >= blk_k and clean_q and clean_k)         # M_BC, clean block-causal
 
-``MaskSpec`` is the static description every attention backend receives; blockwise/Pallas backends
-read its structure to skip dead blocks, the dense backend materialises ``allowed`` directly.
+``MaskSpec`` is the static description every attention backend receives; the tiled backends
+(``attention_backends/tiles.py``) derive per-tile liveness from it to skip dead tiles, the dense
+backend materialises ``allowed`` directly.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 MaskKind = Literal["full", "block_causal", "noisy_clean"]
 MASK_KINDS = ("full", "block_causal", "noisy_clean")
+NEG_INF = -1e30  # finite "-inf" for masked scores: exp() underflows to exactly 0, never NaN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +37,13 @@ class MaskSpec:
     total length 2L and the half length is the sequence length // 2."""
 
     kind: MaskKind = "full"
-    block_size: int = 32
+    block_length: int = 32
 
     def __post_init__(self) -> None:
         if self.kind not in MASK_KINDS:
             raise ValueError(f"mask kind {self.kind!r} is not one of {MASK_KINDS}")
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.block_length <= 0:
+            raise ValueError(f"block_length must be positive, got {self.block_length}")
 
 
 def allowed(q_blk, q_clean, k_blk, k_clean):
@@ -59,12 +61,12 @@ def layout_indices(spec: MaskSpec, length: int, xp=np):
     if spec.kind == "full":
         return xp.zeros(length, dtype=np.int32), xp.ones(length, dtype=bool)
     if spec.kind == "block_causal":
-        return (idx // spec.block_size).astype(np.int32), xp.ones(length, dtype=bool)
+        return (idx // spec.block_length).astype(np.int32), xp.ones(length, dtype=bool)
     if length % 2:
         raise ValueError(f"noisy_clean layout needs an even length [noisy | clean], got {length}")
     half = length // 2
     is_clean = idx >= half
-    return ((idx - half * is_clean) // spec.block_size).astype(np.int32), is_clean
+    return ((idx - half * is_clean) // spec.block_length).astype(np.int32), is_clean
 
 
 def default_positions(spec: MaskSpec, length: int, xp=jnp):
@@ -73,19 +75,3 @@ def default_positions(spec: MaskSpec, length: int, xp=jnp):
         half = length // 2
         return xp.concatenate([xp.arange(half), xp.arange(half)]).astype(np.int32)
     return xp.arange(length, dtype=np.int32)
-
-
-def dense_mask(spec: MaskSpec, length: int, xp=np):
-    """The dense ``[length, length]`` boolean twin of ``spec`` (reference/XLA path and tests)."""
-    blk, clean = layout_indices(spec, length, xp)
-    return allowed(blk[:, None], clean[:, None], blk[None, :], clean[None, :])
-
-
-def live_block_fraction(spec: MaskSpec, length: int, tile: int | None = None) -> float:
-    """Share of ``tile x tile`` score tiles that contain at least one allowed entry."""
-    tile = tile or spec.block_size
-    m = dense_mask(spec, length)
-    n = -(-length // tile)
-    pad = n * tile - length
-    m = np.pad(m, ((0, pad), (0, pad)))
-    return float(m.reshape(n, tile, n, tile).any(axis=(1, 3)).mean())

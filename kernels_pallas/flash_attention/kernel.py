@@ -1,10 +1,10 @@
 """Pallas (Triton) flash-attention kernels with block skipping for block-diffusion masks.
 
-Inputs are already padded by ``ops.py``: q ``[B, Tp, Nq, Dp]``, k/v ``[B, Tp, Nkv, Dp]`` with Tp a
-multiple of the tile and Dp a power of two >= 16 (Triton tiles must be powers of two). Per-token
-facts ``blk``, ``clean``, ``valid`` (int32 ``[Tp]``) feed ``masks.allowed`` inside the kernel, and
-a static live-tile list (``counts [n]``, flattened ``idx [n * width]``) bounds every inner loop, so
-dead tiles are never loaded. Three kernels:
+Inputs come from ``ops.py``: q ``[B, Tp, Nq, Dp]``, k/v ``[B, Tp, Nkv, Dp]`` with Tp a multiple of
+the tile and Dp a power of two >= 16 (Triton tiles must be powers of two). Per-token facts
+``blk``, ``clean``, ``valid`` (int32 ``[Tp]``, from a ``FlashMask``) feed ``reference.allowed``
+inside the kernel, and a static live-tile list (``counts [n]``, flattened ``idx [n * width]``)
+bounds every inner loop, so dead tiles are never loaded. Three kernels:
 
 * forward: grid (q tile, batch, q head); loop over live key tiles; online softmax; writes the
   output and the row log-sum-exp;
@@ -22,9 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dmax_jax.model.masks import allowed
-
-_NEG = -1e30
+from kernels_pallas.flash_attention.reference import NEG as _NEG
+from kernels_pallas.flash_attention.reference import allowed
 
 
 def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False):

@@ -1,9 +1,10 @@
-"""Dispatcher for the block-diffusion flash kernel: padding, static tile tables, ``custom_vjp``.
+"""Dispatcher for the block-diffusion flash kernel: tile tables, head-dim padding, ``custom_vjp``.
 
-``flash_attention(q, k, v, *, spec, scale, tile, interpret)`` takes the model's shapes (q
-``[B, T, Nq, D]``, k/v ``[B, T, Nkv, D]``), pads the sequence per segment (``PaddedLayout``) and
-the head dim to a power of two, and runs the Triton kernels of ``kernel.py`` (GPU) or the same
-kernels in the Pallas interpreter (``interpret=True``, CPU tests).
+``flash_attention(q, k, v, mask, *, scale, interpret)`` takes q ``[B, Tp, Nq, D]``, k/v
+``[B, Tp, Nkv, D]`` already laid out on the ``FlashMask``'s ``Tp`` tokens (the caller pads the
+sequence; padding tokens are ``valid = False``), pads the head dim to a power of two and runs the
+Triton kernels of ``kernel.py`` (GPU) or the same kernels in the Pallas interpreter
+(``interpret=True``, any platform). Self-contained: imports nothing from ``dmax_jax``.
 """
 
 from __future__ import annotations
@@ -14,14 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmax_jax.model.attention_backends.layout import (
-    check_qkv,
-    live_lists,
-    padded_layout,
-    tile_liveness,
-)
-from dmax_jax.model.masks import MaskSpec
 from kernels_pallas.flash_attention import kernel
+from kernels_pallas.flash_attention.reference import FlashMask
 
 DEFAULT_TILE = 64
 
@@ -30,23 +25,34 @@ def _pow2_at_least(x: int, low: int = 16) -> int:
     return max(low, 1 << (x - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=64)
-def _tables(spec: MaskSpec, length: int, tile: int) -> tuple[np.ndarray, ...]:
-    """(blk, clean, valid, counts, idx, counts_T, idx_T) as int32 numpy (idx lists flattened)."""
-    layout = padded_layout(spec, length, tile)
-    live = tile_liveness(layout, tile, tile)
+def live_lists(live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise live column lists: ``counts [rows]`` and ``idx [rows, max(1, max count)]`` (int32,
+    unused slots repeat the last live column so a prefetching kernel never reads a new tile)."""
+    counts = live.sum(axis=1).astype(np.int32)
+    width = max(1, int(counts.max(initial=0)))
+    idx = np.zeros((live.shape[0], width), np.int32)
+    for r in range(live.shape[0]):
+        cols = np.flatnonzero(live[r])
+        if cols.size:
+            idx[r, : cols.size] = cols
+            idx[r, cols.size:] = cols[-1]
+    return counts, idx
+
+
+def _tables(mask: FlashMask) -> tuple[np.ndarray, ...]:
+    """(blk, clean, valid, counts, idx, counts_T, idx_T) as flat int32 numpy."""
+    live = np.asarray(mask.live, bool)
     counts, idx = live_lists(live)
     counts_t, idx_t = live_lists(live.T)
-    tok = [layout.blk, layout.clean, layout.valid]
     return tuple(np.ascontiguousarray(a, np.int32).reshape(-1)
-                 for a in (*tok, counts, idx, counts_t, idx_t))
+                 for a in (mask.blk, mask.clean, mask.valid, counts, idx, counts_t, idx_t))
 
 
 @functools.lru_cache(maxsize=64)
-def _flash_fn(spec: MaskSpec, length: int, tile: int, scale: float, interpret: bool):
-    """``custom_vjp`` over padded ``[B, Tp, N, Dp]`` inputs for one static configuration."""
-    tables_np = _tables(spec, length, tile)
-    kw = dict(scale=scale, tile=tile, interpret=interpret)
+def _flash_fn(mask: FlashMask, scale: float, interpret: bool):
+    """``custom_vjp`` over ``[B, Tp, N, Dp]`` inputs for one static mask (cached by identity)."""
+    tables_np = _tables(mask)
+    kw = dict(scale=scale, tile=mask.tile, interpret=interpret)
 
     def tables():
         return tuple(jnp.asarray(t) for t in tables_np)
@@ -68,19 +74,22 @@ def _flash_fn(spec: MaskSpec, length: int, tile: int, scale: float, interpret: b
     return flash
 
 
-def flash_attention(q, k, v, *, spec: MaskSpec, scale: float | None = None, tile: int = DEFAULT_TILE,
-                    interpret: bool = False):
-    """Block-skipping flash attention (Pallas/Triton). ``tile``: a power of two >= 16 tokens;
-    ``interpret=True`` runs the kernels in the Pallas interpreter (any platform)."""
-    b, t, nq, nkv, d = check_qkv(q, k, v)
-    if tile < 16 or tile & (tile - 1):
-        raise ValueError(f"tile must be a power of two >= 16 (Triton dot tiles), got {tile}")
+def flash_attention(q, k, v, mask: FlashMask, *, scale: float | None = None, interpret: bool = False):
+    """Block-skipping flash attention (Pallas/Triton) over ``mask``'s padded tokens -> ``[B, Tp,
+    Nq, D]`` in q's dtype (f32 softmax, default scale 1/sqrt(D); rows seeing no key are 0)."""
+    if q.ndim != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"q [B, Tp, Nq, D] and k/v [B, Tp, Nkv, D] expected; got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    if q.shape[1] != mask.length:
+        raise ValueError(f"inputs have {q.shape[1]} tokens, the mask {mask.length}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} not divisible by kv heads {k.shape[2]}")
+    d = q.shape[3]
     scale = float(d ** -0.5 if scale is None else scale)
-    layout = padded_layout(spec, t, tile)
     dp = _pow2_at_least(d)
 
     def prep(x):
-        return jnp.pad(layout.pad(x), ((0, 0), (0, 0), (0, 0), (0, dp - d)))
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
 
-    out = _flash_fn(spec, t, tile, scale, bool(interpret))(prep(q), prep(k), prep(v))
-    return layout.unpad(out[..., :d]).astype(q.dtype)
+    out = _flash_fn(mask, scale, bool(interpret))(prep(q), prep(k), prep(v))
+    return out[..., :d].astype(q.dtype)

@@ -1,15 +1,17 @@
-"""Structured attention backends (looked up by name from ``attention_ops.attention``).
+"""The scaled-dot-product attention op: one entry ``attention(...)``, backends chosen by name.
 
-Every backend has the signature ``fn(q, k, v, *, spec: MaskSpec, scale: float | None) -> out``
-with q ``[B, T, Nq, D]``, k/v ``[B, T, Nkv, D]`` (GQA: kv head j serves query heads
-``j*G .. j*G+G-1``), out ``[B, T, Nq, D]`` in q's dtype, softmax in f32, default scale
-``1/sqrt(D)``. All of them take the mask from ``masks.allowed`` / ``masks.layout_indices``:
+Shapes: q ``[B, Tq, Nq, D]``; k, v ``[B, Tk, Nkv, D]``; out ``[B, Tq, Nq, D]`` in q's dtype,
+softmax in f32, default scale ``1/sqrt(D)``. GQA maps kv head j to query heads
+``j*G .. j*G+G-1`` (repeat_interleave, G = Nq / Nkv). Backends:
 
-* ``xla_blockwise`` — plain JAX flash attention over live tiles (CPU, GPU, TPU);
-* ``splash`` — JAX's TPU splash attention with a lazy block-diffusion mask;
-* ``pallas_gpu`` — a Pallas (Triton) flash kernel with block skipping.
+* ``xla_dense`` (``dense.py``) — the reference, and the KV-cache path (explicit index arrays);
+* ``xla_blockwise`` (``blockwise.py``) — plain JAX flash attention over live tiles (CPU, GPU, TPU);
+* ``splash`` (``splash.py``) — JAX's TPU splash attention with a lazy block-diffusion mask;
+* ``pallas_gpu`` (``pallas_gpu.py``) — adapter to the Pallas (Triton) flash kernel.
 
-Modules are imported on first use so CPU installs never load TPU/GPU kernel code.
+The structured backends take self-attention over ``spec``'s layout only, as
+``fn(q, k, v, *, spec, scale=None, **opts)``; their tiles come from ``tiles.py``. They are
+imported on first use so CPU installs never load TPU/GPU kernel code.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-STRUCTURED_BACKENDS = ("xla_blockwise", "splash", "pallas_gpu")
+from dmax_jax.model.attention_backends.dense import dense_attention
+from dmax_jax.model.masks import MaskSpec
+
+BACKENDS = ("xla_dense", "xla_blockwise", "splash", "pallas_gpu")
+STRUCTURED_BACKENDS = BACKENDS[1:]
 _ENTRY = {
     "xla_blockwise": ("dmax_jax.model.attention_backends.blockwise", "blockwise_attention"),
     "splash": ("dmax_jax.model.attention_backends.splash", "splash_attention"),
@@ -26,8 +32,23 @@ _ENTRY = {
 
 
 def get(name: str) -> Callable:
-    """The attention function of backend ``name`` (one of ``STRUCTURED_BACKENDS``)."""
+    """The attention function of backend ``name`` (one of ``BACKENDS``)."""
+    if name == "xla_dense":
+        return dense_attention
     if name not in _ENTRY:
-        raise ValueError(f"attention backend {name!r} is not one of {STRUCTURED_BACKENDS}")
+        raise ValueError(f"attention backend {name!r} is not one of {BACKENDS}")
     module, fn = _ENTRY[name]
     return getattr(importlib.import_module(module), fn)
+
+
+def attention(q, k, v, *, spec: MaskSpec, backend: str = "xla_dense", q_blk=None, q_clean=None,
+              k_blk=None, k_clean=None, k_valid=None, scale: float | None = None):
+    """Dispatch to ``backend``. Explicit index arrays (cached decoding) need ``xla_dense``."""
+    fn = get(backend)
+    if backend == "xla_dense":
+        return fn(q, k, v, spec=spec, q_blk=q_blk, q_clean=q_clean, k_blk=k_blk, k_clean=k_clean,
+                  k_valid=k_valid, scale=scale)
+    if q_blk is not None or k_valid is not None:
+        raise ValueError(f"backend {backend!r} supports only self-attention layouts; "
+                         "KV-cache attention uses 'xla_dense'")
+    return fn(q, k, v, spec=spec, scale=scale)

@@ -5,7 +5,7 @@ Why: the ``[noisy | clean]`` training layout (T = 2L) lets a query see about a q
 pays for all T^2 scores and keeps them for the backward pass; this backend runs everywhere (CPU
 included) and does neither.
 
-How: the padded sequence (see ``layout.py``) is cut into tiles of ``tile`` tokens. A static table
+How: the padded sequence (see ``tiles.py``) is cut into tiles of ``tile`` tokens. A static table
 lists, for every query tile, the key tiles that hold at least one allowed entry (from
 ``masks.allowed`` on block ids). The forward pass scans over query tiles and runs a dynamic-length
 loop over that tile's live key tiles with an online softmax, masking inside a tile with
@@ -28,24 +28,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmax_jax.model.attention_backends.layout import (
-    PaddedLayout,
-    check_qkv,
-    live_lists,
-    padded_layout,
-    tile_liveness,
-)
-from dmax_jax.model.masks import MaskSpec, allowed
+from dmax_jax.model.attention_backends.tiles import PaddedLayout, check_qkv, padded_layout, tile_liveness
+from dmax_jax.model.layers import round_up
+from dmax_jax.model.masks import NEG_INF, MaskSpec, allowed
+from kernels_pallas.flash_attention.ops import live_lists
 
 DEFAULT_TILE = 128
-_NEG = -1e30  # finite "-inf": masked scores; exp() of them underflows to exactly 0
 _F32 = jnp.float32
 
 
 def default_tile(spec: MaskSpec, length: int) -> int:
     """``DEFAULT_TILE``, or less for short sequences (a segment rounded up to 8 tokens)."""
     seg = length // 2 if spec.kind == "noisy_clean" else length
-    return min(DEFAULT_TILE, -(-seg // 8) * 8)
+    return min(DEFAULT_TILE, round_up(seg, 8))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -95,15 +90,15 @@ def _forward(tiles: _Tiles, scale: float, qt, kt, vt):
             o, m, denom = carry
             c = idx[i, j]
             mask = _tile_mask(consts, i, c)
-            s = jnp.where(mask, _scores(qi, kt[c], scale), _NEG)
+            s = jnp.where(mask, _scores(qi, kt[c], scale), NEG_INF)
             m_new = jnp.maximum(m, s.max(-1))
             corr = jnp.exp(m - m_new)
-            # where(): a row whose keys so far are all masked has m_new = _NEG and exp(0) = 1.
+            # where(): a row whose keys so far are all masked has m_new = NEG_INF and exp(0) = 1.
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(vt.dtype), vt[c], preferred_element_type=_F32)
             return o * corr[..., None] + pv, m_new, denom * corr + p.sum(-1)
 
-        init = (jnp.zeros(qi.shape, _F32), jnp.full(row, _NEG, _F32), jnp.zeros(row, _F32))
+        init = (jnp.zeros(qi.shape, _F32), jnp.full(row, NEG_INF, _F32), jnp.zeros(row, _F32))
         o, m, denom = jax.lax.fori_loop(0, counts[i], body, init)
         l_safe = jnp.where(denom > 0, denom, 1.0)  # rows with nothing to see: padding queries only
         return (o / l_safe[..., None]).astype(qt.dtype), m + jnp.log(l_safe)

@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from dmax_jax.model.attention_backends.layout import PaddedLayout, check_qkv, padded_layout
+from dmax_jax.model.attention_backends.tiles import PaddedLayout, check_qkv, padded_layout
 from dmax_jax.model.masks import MaskSpec, allowed
 
 DEFAULT_BLOCK = 128  # splash tiles: multiples of 128 lanes

@@ -1,4 +1,4 @@
-"""Padded token layouts and tile-level liveness shared by the structured attention backends.
+"""Tiles for the structured attention backends: the padded token layout and tile liveness.
 
 Kernels work on tiles, so the sequence is padded. For ``noisy_clean`` each half is padded on its
 own (``[noisy | pad | clean | pad]``) so that the clean half still starts on a tile boundary and
@@ -19,11 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmax_jax.model.layers import round_up
 from dmax_jax.model.masks import MaskSpec, allowed, layout_indices
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -64,7 +61,7 @@ class PaddedLayout:
     def indices_of(self, ids, xp=jnp):
         """``(blk, is_clean, valid)`` of padded-sequence token ids, computed arithmetically so that
         in-kernel lazy masks (splash) need no table. Tests check it equals ``blk/clean/valid``."""
-        bs = self.spec.block_size
+        bs = self.spec.block_length
 
         def blk_of(pos):  # ids are >= 0: truncating lax.div == floor, and Mosaic lowers it
             return pos // bs if xp is np else jax.lax.div(pos, jnp.asarray(bs, pos.dtype))
@@ -90,7 +87,7 @@ def padded_layout(spec: MaskSpec, length: int, multiple: int) -> PaddedLayout:
         seg = length // 2
     else:
         seg = length
-    seg_p = _round_up(seg, multiple)
+    seg_p = round_up(seg, multiple)
     n_seg = 2 if spec.kind == "noisy_clean" else 1
     padded = seg_p * n_seg
     blk, clean = layout_indices(spec, padded, np)
@@ -118,20 +115,6 @@ def tile_liveness(layout: PaddedLayout, tile_q: int, tile_k: int) -> np.ndarray:
         return (inc > 0).astype(np.int64)
 
     return (incidence(tile_q) @ group_ok.astype(np.int64) @ incidence(tile_k).T) > 0
-
-
-def live_lists(live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise live column lists: ``counts [rows]`` and ``idx [rows, max(1, max count)]`` (int32,
-    unused slots repeat the last live column so a prefetching kernel never reads a new tile)."""
-    counts = live.sum(axis=1).astype(np.int32)
-    width = max(1, int(counts.max(initial=0)))
-    idx = np.zeros((live.shape[0], width), np.int32)
-    for r in range(live.shape[0]):
-        cols = np.flatnonzero(live[r])
-        if cols.size:
-            idx[r, : cols.size] = cols
-            idx[r, cols.size:] = cols[-1]
-    return counts, idx
 
 
 def check_qkv(q, k, v) -> tuple[int, int, int, int, int]:

@@ -1,4 +1,4 @@
-"""LLaDA2 self-attention: fused QKV → per-head QK RMSNorm → partial RoPE → GQA attention → dense.
+"""The LLaDA2 attention layer: fused QKV → per-head QK RMSNorm → partial RoPE → GQA attention → dense.
 
 Spec §1.2. Two call modes:
 * sequence mode (training, full recompute): the mask comes from ``MaskSpec`` over the sequence;
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from dmax_jax.config import ModelConfig
-from dmax_jax.model.attention_ops import attention
+from dmax_jax.model.attention_backends import attention
 from dmax_jax.model.layers import RMSNorm, apply_rotary, param_with_axes, rotary_cos_sin
 from dmax_jax.model.masks import MaskSpec
 
@@ -61,7 +61,7 @@ def _cached_attention(q, k, v, positions, cache, spec: MaskSpec):
     b, cap = k_cache.shape[0], k_cache.shape[1]
     if spec.kind == "noisy_clean":
         raise ValueError("cached attention supports 'block_causal' or 'full' masks, not 'noisy_clean'")
-    bs = spec.block_size
+    bs = spec.block_length
     slots = jnp.arange(cap, dtype=jnp.int32)[None, :]
     keys_k = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)
     keys_v = jnp.concatenate([v_cache.astype(v.dtype), v], axis=1)
