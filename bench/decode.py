@@ -27,9 +27,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dmax_jax.config import tiny_config  # noqa: E402
-from dmax_jax.decoding import cache as kv  # noqa: E402
 from dmax_jax.decoding import compile_count, generate  # noqa: E402
-from dmax_jax.decoding.layout import row_geometry, shapes  # noqa: E402
+from dmax_jax.decoding import forwards as kv  # noqa: E402
+from dmax_jax.decoding.buckets import row_geometry, shapes  # noqa: E402
 from dmax_jax.model.llada2 import init_params  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def _forward_program(cfg, strategy: str, padded: int, capacity: int, block: int)
 
     def llada2(params, x, start0, n_cross, n_block):
         def one(_, x):
-            lg = kv.row_slice(kv.full_forward(params, cfg, x, block, dt), start0, block)  # as decode
+            lg = kv.window_logits(params, cfg, x, start0, block, dt)  # as decode
             return x.at[0, 0].set(jnp.where(lg.max() > 1e30, 0, x[0, 0]))  # a true dependency
         return jax.lax.fori_loop(0, n_block, one, x)
 

@@ -80,7 +80,7 @@ def main() -> None:
     opt = make_optimizer(OptimConfig(total_steps=1000, lr=1e-5))
 
     def compiled(mode: str, remat):
-        scfg = StepConfig(mask_id=MASK_ID, mode=mode, block_size=args.block, compute_dtype=args.dtype,
+        scfg = StepConfig(mask_id=MASK_ID, mode=mode, block_length=args.block, compute_dtype=args.dtype,
                           remat=remat, attention_backend=args.attention)
         state = init_train_state(jax.tree.map(jnp.copy, params), opt, 0)  # the step donates its state
         t0 = time.perf_counter()
@@ -88,7 +88,7 @@ def main() -> None:
         return fn, state, time.perf_counter() - t0
 
     # the rollout alone (one no-grad forward): what OPUT adds on top of the MDM step
-    roll_cfg = StepConfig(mask_id=MASK_ID, block_size=args.block, compute_dtype=args.dtype,
+    roll_cfg = StepConfig(mask_id=MASK_ID, block_length=args.block, compute_dtype=args.dtype,
                           attention_backend=args.attention)
     t0 = time.perf_counter()
     roll = jax.jit(lambda p, b: oput_rollout(p, cfg, roll_cfg, b)).lower(params, batch).compile()

@@ -3,8 +3,8 @@
 Public API (documented in the README):
 - ``load_pretrained(path, dtype="float32") -> Pretrained`` (``.config``, ``.params``, ``.tokenizer``,
   ``.forward(...)``, ``.save_pretrained(path)``)
-- ``generate(pretrained, prompt_ids, *, strategy, block_length, gen_length, threshold, steps,
-  accept_threshold, temperature, seed) -> GenerateResult``
+- ``generate(pretrained, prompt_ids, config: DecodeConfig | None = None, **overrides) -> GenerateResult``
+- ``DecodeConfig`` (every decode knob, validated; ``DecodeConfigError`` names the bad field)
 - ``ModelConfig``, ``MaskSpec``
 """
 
@@ -12,11 +12,12 @@ from dmax_jax.config import ModelConfig
 from dmax_jax.model.masks import MaskSpec
 from dmax_jax.pretrained import Pretrained, load_pretrained
 
-__all__ = ["ModelConfig", "MaskSpec", "Pretrained", "load_pretrained", "generate", "GenerateResult"]
+_DECODING = ("generate", "GenerateResult", "DecodeConfig", "DecodeConfigError")
+__all__ = ["ModelConfig", "MaskSpec", "Pretrained", "load_pretrained", *_DECODING]
 
 
 def __getattr__(name):  # decoding is imported lazily: it pulls in kernels and is not needed to load
-    if name in ("generate", "GenerateResult"):
+    if name in _DECODING:
         from dmax_jax import decoding
 
         return getattr(decoding, name)

@@ -66,7 +66,7 @@ def optim_config(**kw):
 def step_config(**kw):
     from dmax_jax.training.step import StepConfig
 
-    return StepConfig(**{"mask_id": MASK_ID, "block_size": BLOCK, **kw})
+    return StepConfig(**{"mask_id": MASK_ID, "block_length": BLOCK, **kw})
 
 
 @functools.cache

@@ -135,7 +135,7 @@ class Oracle:
             if (x[start:end] == self.E).any():
                 x[end:] = self.E
                 break
-        return x, nfe, gen_end, revisions
+        return x, nfe, min(gen_end, len(prompt) + gen_length), revisions  # cut to gen_length
 
     # ---- dInfer threshold decoding, spec §5.5a ---------------------------------------------------
     def threshold(self, prompt, gen_length, threshold, request_id=0, expected_tpf=4, max_unroll=4):
@@ -163,7 +163,7 @@ class Oracle:
             if (x[start:end] == self.E).any():
                 x[end:] = self.E
                 break
-        return x, nfe, gen_end
+        return x, nfe, min(gen_end, len(prompt) + gen_length)  # cut to gen_length
 
     # ---- LLaDA2 HF generate, spec §5.5b ----------------------------------------------------------
     def llada2(self, prompt, gen_length, threshold, steps, request_id=0):
@@ -290,23 +290,23 @@ def test_soft_inputs_match_the_formula_and_keep_hard_rows():
 def test_layout_geometry_buckets_and_validation():
     import pytest
 
-    from dmax_jax.decoding import layout
+    from dmax_jax.decoding import buckets
 
-    assert layout.row_geometry(3, 24, 8) == (0, 32, 4)        # prompt tail inside the first block
-    assert layout.row_geometry(16, 24, 8) == (16, 40, 3)      # prompt ends on a block boundary
-    assert layout.row_geometry(np.array([3, 19]), 20, 8)[2].tolist() == [3, 3]
-    assert layout.shapes([3, 19], 20, 8, 16) == (32, 56)
+    assert buckets.row_geometry(3, 24, 8) == (0, 32, 4)        # prompt tail inside the first block
+    assert buckets.row_geometry(16, 24, 8) == (16, 40, 3)      # prompt ends on a block boundary
+    assert buckets.row_geometry(np.array([3, 19]), 20, 8)[2].tolist() == [3, 3]
+    assert buckets.shapes([3, 19], 20, 8, 16) == (32, 56)
     with pytest.raises(ValueError, match="multiple of block_length"):
-        layout.shapes([3], 20, 8, 12)
-    assert layout.normalize_prompts([4, 5]) == [[4, 5]]
-    assert layout.normalize_prompts(np.array([[4, 5]])) == [[4, 5]]
-    ids, lens = layout.pack_prompts([[4, 5], [6]], 4, M)
+        buckets.shapes([3], 20, 8, 12)
+    assert buckets.normalize_prompts([4, 5]) == [[4, 5]]
+    assert buckets.normalize_prompts(np.array([[4, 5]])) == [[4, 5]]
+    ids, lens = buckets.pack_prompts([[4, 5], [6]], 4, M)
     assert ids.tolist() == [[4, 5, M, M], [6, M, M, M]] and lens.tolist() == [2, 1]
     kw = dict(vocab_size=10, mask_id=M, gen_length=8, block=4, max_positions=16)
     with pytest.raises(ValueError, match="row 1 is empty"):
-        layout.validate_prompts([[4], []], **kw)
+        buckets.validate_prompts([[4], []], **kw)
     with pytest.raises(ValueError, match="row 0 contains the mask token 2 at index 1"):
-        layout.validate_prompts([[4, M]], **kw)
+        buckets.validate_prompts([[4, M]], **kw)
     with pytest.raises(ValueError, match=r"row 0: 9 prompt tokens .* exceed max_position_embeddings 16"):
-        layout.validate_prompts([[4] * 9], **kw)
-    layout.validate_prompts([[4] * 8], **kw)                  # 8 + 8 = 16 positions: fits exactly
+        buckets.validate_prompts([[4] * 9], **kw)
+    buckets.validate_prompts([[4] * 8], **kw)                  # 8 + 8 = 16 positions: fits exactly

@@ -13,7 +13,7 @@ from scripts import load_script
 from test_decoding_cli import _cli
 
 from dmax_jax import demo
-from dmax_jax.tasks.arith import chat_row, write_jsonl
+from dmax_jax.demo.task import chat_row, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from dmax_jax.demo import DEMO_DECODE
-from dmax_jax.tasks import arith
-from dmax_jax.tasks.arith import (
+from dmax_jax.demo import task as arith
+from dmax_jax.demo.task import (
     TEMPLATES,
     final_answer,
     generate_problems,
@@ -25,7 +25,7 @@ from dmax_jax.tasks.arith import (
     sample_problem,
     split_of,
 )
-from dmax_jax.tasks.tokenizer import (
+from dmax_jax.demo.tokenizer import (
     DEMO_VOCAB_SIZE,
     build_task_tokenizer,
     prompt_ids,

@@ -18,7 +18,12 @@ import pytest
 from scripts import load_script
 
 from dmax_jax.checkpoint.hf import load_hf_params
-from dmax_jax.checkpoint.train_state import TrainCheckpointer, abstract_with_shardings
+from dmax_jax.checkpoint.train_state import (
+    TrainCheckpointer,
+    abstract_with_shardings,
+    check_resume_compatible,
+)
+from dmax_jax.demo.data import generate_task_data
 from dmax_jax.training import loop
 from dmax_jax.training.config import (
     TrainConfig,
@@ -87,7 +92,7 @@ def test_reference_presets():
     mini = load_train_config(CONFIGS / "llada2_mini_oput.yaml",
                              ["model.source=hf:/x", "data.paths=[d.jsonl]"])
     assert (mini.optim.lr, mini.data.num_epochs, mini.data.batch_size) == (2e-6, 2, 8)
-    assert mini.step.block_size == 32 and mini.model.source == "hf:/x"
+    assert mini.step.block_length == 32 and mini.model.source == "hf:/x"
     assert (mini.data.noise_low, mini.data.noise_high, mini.data.max_length) == (0.75, 0.75, 2048)
     assert (mini.step.compute_dtype, mini.step.remat, mini.step.mode) == ("bfloat16", "full", "oput")
     pod = load_train_config(CONFIGS / "dmax_16b_pod.yaml", ["model.source=hf:/x"])
@@ -98,29 +103,29 @@ def test_reference_presets():
 # ---- the loop -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def task_data(tmp_path_factory):
-    return loop.generate_task_data("generate:arith:48", tmp_path_factory.mktemp("task"))
+    return generate_task_data("generate:arith:48", tmp_path_factory.mktemp("task"))
 
 
 def test_generated_task_data_follows_the_spec(task_data, tmp_path):
-    from dmax_jax.tasks.arith import chat_row, generate_problems
+    from dmax_jax.demo.task import chat_row, generate_problems
 
     train_file, _ = task_data
     rows = [json.loads(line) for line in Path(train_file).read_text().splitlines()]
     assert rows == [chat_row(p) for p in generate_problems(48)]
-    varied_file, tok = loop.generate_task_data("generate:arith_varied:48", tmp_path / "varied")
+    varied_file, tok = generate_task_data("generate:arith_varied:48", tmp_path / "varied")
     varied = [json.loads(line) for line in Path(varied_file).read_text().splitlines()]
     assert varied == [chat_row(p) for p in generate_problems(48, phrasing="varied")] != rows
     assert (Path(tok) / "tokenizer.json").is_file()
     for bad in ("generate:arith:x", "generate:algebra:4", "generate:arith:4:5", "generate:arith:0"):
         with pytest.raises(TrainConfigError, match="data.paths"):
-            loop.generate_task_data(bad, tmp_path / "bad")
+            generate_task_data(bad, tmp_path / "bad")
 
 
 def _cfg(task_data, out: Path, *overrides: str) -> TrainConfig:
     train_file, tok = task_data
     base = [f"data.paths=[{train_file}]", f"model.tokenizer={tok}", "model.overrides.num_hidden_layers=1",
             "model.overrides.first_k_dense_replace=0", "data.max_length=64", "data.batch_size=8",
-            "data.num_epochs=1", "step.block_size=8",
+            "data.num_epochs=1", "step.block_length=8",
             "optim.total_steps=4", "optim.warmup_ratio=0.25", "run.log_every=1", "run.progress_bar=false",
             "run.export_hf_at_end=false", f"run.out_dir={out}"]
     return load_train_config(CONFIGS / "tiny.yaml", base + list(overrides))
@@ -206,10 +211,10 @@ def test_resume_accepts_the_same_data_file_named_relatively(task_data, tmp_path,
     monkeypatch.chdir(train_file.parent.parent)
     rel = _cfg(task_data, tmp_path, f"data.paths=[{train_file.parent.name}/{train_file.name}]")
     meta = {"config": rel.to_dict()}
-    loop._check_resume_compatible(meta, _cfg(task_data, tmp_path), "ckpt")
+    check_resume_compatible(meta, _cfg(task_data, tmp_path).to_dict(), "ckpt")
     other = tmp_path / "other.jsonl"
     with pytest.raises(ResumeMismatchError, match="data.paths"):
-        loop._check_resume_compatible(meta, _cfg(task_data, tmp_path, f"data.paths=[{other}]"), "ckpt")
+        check_resume_compatible(meta, _cfg(task_data, tmp_path, f"data.paths=[{other}]").to_dict(), "ckpt")
 
 
 @pytest.mark.parametrize("save_every, kept", [(1, [1, 2]), (2, [2])])
@@ -265,7 +270,7 @@ def test_train_py_end_to_end(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, str(REPO / "train.py"), "--config", str(CONFIGS / "tiny.yaml"),
             f"run.out_dir={out}",
-            "data.paths=[generate:arith:32]", "data.max_length=64", "step.block_size=8",
+            "data.paths=[generate:arith:32]", "data.max_length=64", "step.block_length=8",
             "model.overrides.num_hidden_layers=1", "run.log_every=1", "run.progress_bar=false"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.run(args + ["run.num_steps=2"], env=env, capture_output=True, text=True, timeout=600)

@@ -103,7 +103,7 @@ def test_batch_and_config_errors_name_the_culprit(setup):
         loss_fn(params, cfg, step_config(), {**batch, "labels": batch["labels"][:, :-1]})
     with pytest.raises(ValueError, match="mask_id"):
         loss_fn(params, cfg, step_config(mask_id=cfg.vocab_size), batch)
-    for bad in ({"mode": "sft"}, {"compute_dtype": "float16"}, {"remat": "some"}, {"block_size": 0}):
+    for bad in ({"mode": "sft"}, {"compute_dtype": "float16"}, {"remat": "some"}, {"block_length": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             StepConfig(mask_id=MASK_ID, **bad)
 

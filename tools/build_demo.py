@@ -3,8 +3,9 @@
     python tools/build_demo.py [--work runs/build_demo] [--assets dmax_jax/assets/demo] [--eval-limit N]
 
 Stages (each timed; the times go to ``WORK/build_times.json``):
-1. data + tokenizer: ``configs/demo_base.yaml`` names ``generate:arith:N``; the loop writes the train
-   problems (chat rows, spec §5.4 prompt) and trains the 640-token task BPE under ``WORK/base/task_data``;
+1. data + tokenizer: ``dmax_jax/demo/configs/base.yaml`` names ``generate:arith_varied:N``; the demo's
+   data step writes the train problems (chat rows, spec §5.4 prompt) and trains the 640-token task BPE
+   under ``WORK/base/task_data``;
 2. ``base``: block-diffusion masked-diffusion pretraining from a random init (step mode "mdm",
    ``[noisy | clean]`` layout, noise ratio drawn per sequence) → ``ASSETS/base``;
 3. trajectories: ``base`` decodes the first ``--distill-rows`` train questions (threshold decoding,
@@ -39,8 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--assets", type=Path, default=ROOT / "dmax_jax" / "assets" / "demo",
                     help="where the HF model folders base/ and dmax/ are written")
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "demo", help="evaluation output")
-    ap.add_argument("--base-config", type=Path, default=ROOT / "configs" / "demo_base.yaml")
-    ap.add_argument("--dmax-config", type=Path, default=ROOT / "configs" / "demo_dmax.yaml")
+    ap.add_argument("--base-config", type=Path, default=None,
+                    help="base pretraining YAML (default: dmax_jax/demo/configs/base.yaml)")
+    ap.add_argument("--dmax-config", type=Path, default=None,
+                    help="OPUT fine-tune YAML (default: dmax_jax/demo/configs/dmax.yaml)")
     ap.add_argument("--base-override", action="append", default=[], metavar="key=value",
                     help="override for the base pretraining config (repeatable)")
     ap.add_argument("--dmax-override", action="append", default=[], metavar="key=value",
@@ -54,7 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="evaluate only the first N held-out problems (default: all 1,000, as results/demo)")
     ap.add_argument("--resume", action="store_true",
                     help="keep existing run folders (resume their checkpoints)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    from dmax_jax.demo import config_path
+
+    args.base_config = args.base_config or config_path("base.yaml")
+    args.dmax_config = args.dmax_config or config_path("dmax.yaml")
+    return args
 
 
 def _fresh(path: Path, resume: bool) -> None:
@@ -65,13 +73,13 @@ def _fresh(path: Path, resume: bool) -> None:
 def run_stage(config: Path, overrides: list[str]):
     """Train with the project loop; returns ``(summary, model_config, tokenizer)``."""
     from dmax_jax.data.chat import load_tokenizer
+    from dmax_jax.demo.data import materialize
     from dmax_jax.training.config import load_train_config
-    from dmax_jax.training.loop import prepare_data, resolve_model_config, train
+    from dmax_jax.training.loop import resolve_model_config, train
 
-    cfg = load_train_config(config, overrides)
+    cfg = materialize(load_train_config(config, overrides))  # generate: data → files (the demo's data step)
     summary = train(cfg)
-    _, tok_dir = prepare_data(cfg)  # generated data is reused (stamp), so this only resolves the path
-    return summary, resolve_model_config(cfg), load_tokenizer(tok_dir)
+    return summary, resolve_model_config(cfg), load_tokenizer(cfg.model.tokenizer or cfg.model.location)
 
 
 def export(summary, model_config, tokenizer, out: Path) -> Path:
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.distill_rows > 0:
         t0 = time.time()
-        from dmax_jax.demo import distill_file
+        from dmax_jax.demo.distill import distill_file
 
         train_file = distill_file(assets / "base", train_file, work / "distill", args.distill_rows,
                                   resume=args.resume)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dmax_jax.tasks.arith import TEMPLATES, generate_problems, write_jsonl  # noqa: E402
-from dmax_jax.tasks.tokenizer import (  # noqa: E402
+from dmax_jax.demo.task import TEMPLATES, generate_problems, write_jsonl  # noqa: E402
+from dmax_jax.demo.tokenizer import (  # noqa: E402
     DEMO_VOCAB_SIZE,
     build_task_tokenizer,
     format_length_stats,

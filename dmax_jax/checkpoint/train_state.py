@@ -161,3 +161,70 @@ def export_hf(params: Any, config: ModelConfig, path: str | os.PathLike, *, dtyp
     out = Path(path)
     save_hf_params(gathered, config, out, dtype=dtype, overwrite=overwrite)
     return out
+
+
+# ---- resume checks -------------------------------------------------------------------------------------
+class ResumeMismatchError(ValueError):
+    """The checkpoint in ``out_dir`` was written by a run with a different config."""
+
+
+# Sections whose change makes a checkpoint's data position or params meaningless: never resumable.
+RESUME_SENSITIVE = ("model", "data")
+# Sections and run keys whose change alters the numbers of the continued run (its records would
+# describe a run that never happened): resumable only when the run explicitly allows it.
+RESUME_RECORDED = ("step", "optim")
+RESUME_RECORDED_RUN_KEYS = ("seed",)
+RESUME_IGNORED_DATA_KEYS = ("read_threads", "prefetch_buffer")
+
+
+def _comparable(section: str, key: str, value: Any) -> Any:
+    """Data files compare by resolved path: the same file named relatively or absolutely is no change."""
+    if section == "data" and key == "paths" and isinstance(value, list):
+        return [os.path.realpath(v) for v in value]
+    return value
+
+
+def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any], section: str,
+                   keys: tuple[str, ...] | None = None) -> list[str]:
+    """``"section.key: checkpoint A vs now B"`` for every key of ``section`` that differs."""
+    a, b = saved.get(section, {}) or {}, now.get(section, {}) or {}
+    out = []
+    for key in sorted(set(a) | set(b)) if keys is None else keys:
+        if section == "data" and key in RESUME_IGNORED_DATA_KEYS:
+            continue
+        if _comparable(section, key, a.get(key)) != _comparable(section, key, b.get(key)):
+            out.append(f"{section}.{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}")
+    return out
+
+
+def check_resume_compatible(meta: Mapping[str, Any], now: Mapping[str, Any], step_dir: str, *,
+                            allow_changes: bool = False) -> list[str]:
+    """Refuse to resume ``step_dir`` (its ``meta``) with the config dict ``now`` when they differ.
+
+    Model and data changes always raise; step / optim / run.seed changes raise unless
+    ``allow_changes`` (then they are returned, for the run's records). Mesh, logging, checkpointing
+    and ``run.num_steps`` may change freely (a longer run, another topology).
+    """
+    saved = meta.get("config")
+    if not isinstance(saved, Mapping):
+        raise ResumeMismatchError(f"{step_dir}: metadata has no run config; cannot check it matches")
+    fatal = [d for s in RESUME_SENSITIVE for d in config_changes(saved, now, s)]
+    if fatal:
+        raise ResumeMismatchError(
+            f"cannot resume from {step_dir}: the config changed:\n  " + "\n  ".join(fatal)
+            + "\n(use a new run.out_dir, or set run.resume=false with an empty out_dir)")
+    recorded = [d for s in RESUME_RECORDED for d in config_changes(saved, now, s)]
+    recorded += config_changes(saved, now, "run", RESUME_RECORDED_RUN_KEYS)
+    if recorded and not allow_changes:
+        raise ResumeMismatchError(
+            f"cannot resume from {step_dir}: the config changed:\n  " + "\n  ".join(recorded)
+            + "\n(a resumed run with these changes is not the run its records describe: use a new "
+              "run.out_dir, or set run.allow_config_change=true to resume with them anyway)")
+    return recorded
+
+
+def check_restored_step(micro_steps: int, update: int, grad_accum_steps: int) -> None:
+    """A restored state's micro-step counter must match the checkpoint's update number."""
+    if micro_steps != update * grad_accum_steps:
+        raise ResumeMismatchError(f"checkpoint {update} holds {micro_steps} micro-steps, "
+                                  f"expected {update} updates × grad_accum_steps {grad_accum_steps}")

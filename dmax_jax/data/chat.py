@@ -16,7 +16,7 @@ from dmax_jax.config import LLADA2_MASK_ID, ModelConfig
 
 Messages = Sequence[dict[str, str]]
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) -> Any:
@@ -24,8 +24,8 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) 
     p = os.fspath(path)
     if not os.path.isdir(p):
         raise FileNotFoundError(f"tokenizer directory {p!r} does not exist")
-    if not any(os.path.exists(os.path.join(p, f)) for f in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"{p!r} holds no tokenizer (looked for {', '.join(_TOKENIZER_FILES)})")
+    if not any(os.path.exists(os.path.join(p, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{p!r} holds no tokenizer (looked for {', '.join(TOKENIZER_FILES)})")
     import warnings
 
     from transformers import AutoTokenizer

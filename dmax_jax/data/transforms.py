@@ -53,6 +53,8 @@ def row_messages(row: Any, mask_text: str | None = None) -> list[dict[str, str]]
             raise BadRow(f"last message has role {messages[-1]['role']!r}, expected 'assistant'")
     elif has_qa:
         for key in ("question", "answer"):
+            if key not in row:
+                raise BadRow(f"'{key}' must be a string, but the row has no '{key}'")
             if not isinstance(row.get(key), str):
                 raise BadRow(f"'{key}' must be a string, got {type(row.get(key)).__name__}")
         messages = [{"role": "user", "content": row["question"]},

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from dmax_jax.decoding.strategies import STATE_NAMES
+from dmax_jax.decoding.trace_schema import STATE_NAMES
 
 DecodeTrace = dict[str, Any]  # JSON-serialisable, schema in docs/internals.md
 

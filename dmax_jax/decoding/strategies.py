@@ -18,18 +18,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-STRATEGIES = ("spd", "threshold", "llada2")
-# trace state codes (docs/internals.md "Decoding results and traces")
-STATE_NAMES = ("prompt", "masked", "soft", "committed", "revised")
-PROMPT, MASKED, SOFT, COMMITTED, REVISED = range(5)
+from dmax_jax.decoding.config import STRATEGIES  # noqa: F401  (re-exported: the rules are per strategy)
+from dmax_jax.decoding.trace_schema import COMMITTED, MASKED, PROMPT, REVISED, SOFT
+
+
+def per_row(v) -> jax.Array:
+    """A scalar or per-row ``[b]`` knob as a column ``[b, 1]`` that broadcasts against ``[b, B]``."""
+    v = jnp.asarray(v)
+    return v[:, None] if v.ndim == 1 else v
 
 
 # ---- token choice --------------------------------------------------------------------------------
 def row_keys(seed: jax.Array, request_ids: jax.Array, counters: jax.Array) -> jax.Array:
     """One PRNG key per row from ``(seed, request id, the row's own forward counter)`` so a row's
-    samples never depend on which batch it is in."""
-    base = jax.random.key(seed)
-    return jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(base, r), c))(request_ids, counters)
+    samples never depend on which batch it is in. ``seed``: scalar or per row."""
+    seed = jnp.broadcast_to(jnp.asarray(seed, jnp.int32), request_ids.shape)
+    return jax.vmap(lambda s, r, c: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r), c))(
+        seed, request_ids, counters)
 
 
 def argmax_first(x: jax.Array) -> jax.Array:
@@ -53,7 +58,8 @@ def choose_tokens(logits: jax.Array, *, greedy: bool, temperature: jax.Array, ke
         base = logits
         x0 = argmax_first(logits)
     else:
-        scaled = logits / temperature
+        t = jnp.asarray(temperature)
+        scaled = logits / (t[:, None, None] if t.ndim == 1 else t)
         noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[1:], logits.dtype))(keys)
         x0 = argmax_first(scaled + noise)
         base = scaled if tempered_confidence else logits
@@ -81,14 +87,14 @@ def first_true(m: jax.Array) -> jax.Array:
 def spd_update(xb, active, x0, conf, threshold, accept_threshold, mask_id: int) -> SpdUpdate:
     """The ``decode_uniform`` update (spec §5.2 step 3-4)."""
     mask = xb == mask_id
-    low = mask & (conf < threshold)
+    low = mask & (conf < per_row(threshold))
     cut = jnp.cumsum(low, axis=-1) > 0             # from the first low-confidence masked position on
     cand = mask & ~cut
     cand = jnp.where(cand.any(-1, keepdims=True), cand, first_true(mask))
     update = jnp.where(mask.any(-1, keepdims=True), cand | (active & ~mask), active)
     changed = update & (x0 != xb)
     tokens = jnp.where(update, x0, xb)
-    converged = jnp.all(~active | (conf >= accept_threshold), axis=-1)
+    converged = jnp.all(~active | (conf >= per_row(accept_threshold)), axis=-1)
     stop = converged | ~changed.any(-1)
     soft = active & (tokens != mask_id)
     return SpdUpdate(tokens=tokens, changed=changed, revised=changed & ~mask, soft=soft, stop=stop)
@@ -127,7 +133,7 @@ def threshold_update(xb, x0, conf, threshold, mask_id: int):
     Returns ``(tokens, transfer)``."""
     eligible = (xb == mask_id) & (x0 != mask_id)
     c = jnp.where(eligible, conf, -jnp.inf)
-    cut = jnp.clip(c.max(-1, keepdims=True) - 1e-5, -1000.0, threshold)
+    cut = jnp.clip(c.max(-1, keepdims=True) - 1e-5, -1000.0, per_row(threshold))
     transfer = eligible & (c >= cut)
     return jnp.where(transfer, x0, xb), transfer
 
@@ -166,7 +172,8 @@ def llada2_update(xb, x0, conf, threshold, n_transfer, mask_id: int):
     otherwise the ``min(n_transfer, #masked)`` most confident (ties: lowest index). ``(tokens, transfer)``."""
     active = xb == mask_id
     c = jnp.where(active, conf, -jnp.inf)
-    high = c > threshold
+    high = c > per_row(threshold)
+    n_transfer = per_row(n_transfer)
     # rank of each position in descending confidence, ties by index (a [B, B] count, not a sort)
     idx = jnp.arange(c.shape[-1])
     other, this = c[..., None, :], c[..., :, None]

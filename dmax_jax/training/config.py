@@ -29,6 +29,8 @@ EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 # MASK id from the model config + tokenizer. Until then they hold a placeholder and are listed in
 # ``TrainConfig.auto``; ``TrainConfig.resolve`` fills them.
 AUTO_FIELDS = {"optim.total_steps": 1, "step.mask_id": 0}
+# Keys that were renamed: an old config gets an error naming the new key instead of "unknown key".
+RENAMED_KEYS = {"step.block_size": "step.block_length"}
 
 
 class TrainConfigError(ValueError):
@@ -75,6 +77,8 @@ class RunSection:
 
     ``num_steps`` None = ``data.num_epochs`` × steps per epoch. ``save_every`` 0 = save only at the
     end. ``keep_last`` checkpoints are kept. ``export_hf_at_end`` writes ``<out_dir>/hf_final``.
+    ``allow_config_change``: resume although ``step`` / ``optim`` / ``seed`` differ from the
+    checkpoint's (the previous ``train_config.yaml`` is kept as ``train_config.before_<step>.yaml``).
     """
 
     out_dir: str = "runs/tiny"
@@ -84,6 +88,7 @@ class RunSection:
     keep_last: int = 3
     async_save: bool = True
     resume: bool = True
+    allow_config_change: bool = False
     export_hf_at_end: bool = False
     export_dtype: str | None = None
     seed: int = 0
@@ -230,6 +235,10 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "auto"}
     prefix = f"{where}." if where else ""
     unknown = [k for k in data if k not in fields]
+    for k in unknown:
+        if f"{prefix}{k}" in RENAMED_KEYS:
+            raise TrainConfigError(f"{prefix}{k} was renamed {RENAMED_KEYS[prefix + k]} (the project's one "
+                                   "name for the block size); rename the key in your config")
     if unknown:
         k = unknown[0]
         close = difflib.get_close_matches(str(k), list(fields), n=1)

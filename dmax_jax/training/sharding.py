@@ -216,21 +216,16 @@ def _dict_keys(path) -> tuple:
     return tuple(reversed(out))
 
 
-def shard_train_state(state: TrainState, params_shardings, mesh: Mesh) -> tuple[TrainState, TrainState]:
-    """Place ``state`` on ``mesh``; returns ``(sharded_state, state_shardings)``. Every process must
-    pass the same values (multi-host: build params with ``jax.jit(..., out_shardings=)`` instead when
-    they do not fit one host)."""
-    shardings = train_state_shardings(state, params_shardings, mesh)
-    return jax.device_put(state, shardings), shardings
-
-
 def make_global_batch(local_batch: dict, shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
     """Global batch arrays from this process's rows (``local_batch``: numpy ``[rows_here, ...]``, the
-    data pipeline's per-process batch). Keys must match ``shardings`` exactly."""
-    if set(local_batch) != set(shardings):
-        raise ValueError(f"batch keys {sorted(local_batch)} != sharding keys {sorted(shardings)}")
-    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-            for k, v in local_batch.items()}
+    data pipeline's per-process batch; process-major along the batch axis). One array per key of
+    ``shardings``; extra keys of ``local_batch`` (e.g. ``example_index``) stay on the host."""
+    missing = sorted(set(shardings) - set(local_batch))
+    if missing:
+        raise ValueError(f"batch lacks {missing} (has {sorted(local_batch)}; "
+                         f"shardings for {sorted(shardings)})")
+    return {k: jax.make_array_from_process_local_data(s, np.asarray(local_batch[k]))
+            for k, s in shardings.items()}
 
 
 def jit_train_step(train_step: Callable, state_shardings: TrainState, batch_shardings_: dict, mesh: Mesh,

@@ -27,13 +27,13 @@ import jax.numpy as jnp
 import optax
 
 from dmax_jax.config import ModelConfig
+from dmax_jax.data.transforms import IGNORE_INDEX
 from dmax_jax.model.llada2 import REMAT_POLICIES, forward
 from dmax_jax.model.masks import MaskSpec
 from dmax_jax.training.optim import current_lr
 from dmax_jax.training.sharding import constrain
 from dmax_jax.training.state import TrainState
 
-IGNORE_INDEX = -100
 MODES = ("oput", "mdm")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REQUIRED_KEYS = ("input_ids", "noisy_input_ids", "labels", "flag")
@@ -46,7 +46,7 @@ class StepConfig:
 
     mask_id: int
     mode: str = "oput"
-    block_size: int = 32
+    block_length: int = 32
     compute_dtype: str = "float32"
     remat: str | None = None
     attention_backend: str = "xla_dense"
@@ -60,8 +60,8 @@ class StepConfig:
                              f"{tuple(COMPUTE_DTYPES)}")
         if self.remat is not None and self.remat not in REMAT_POLICIES:
             raise ValueError(f"StepConfig.remat {self.remat!r} is not None or one of {tuple(REMAT_POLICIES)}")
-        if self.block_size <= 0:
-            raise ValueError(f"StepConfig.block_size must be positive, got {self.block_size}")
+        if self.block_length <= 0:
+            raise ValueError(f"StepConfig.block_length must be positive, got {self.block_length}")
         if int(self.mask_id) < 0:
             raise ValueError(f"StepConfig.mask_id must be a token id >= 0, got {self.mask_id}")
 
@@ -92,7 +92,7 @@ def _logits(params, model_config: ModelConfig, step_cfg: StepConfig, noisy, clea
     """Noisy-half logits ``[batch, L, vocab]`` (f32) of the ``[noisy | clean]`` forward."""
     half = noisy.shape[1]
     ids = constrain(jnp.concatenate([noisy, clean], axis=1).astype(jnp.int32), ("batch", "length"))
-    logits, _ = forward(params, model_config, ids, mask=MaskSpec("noisy_clean", step_cfg.block_size),
+    logits, _ = forward(params, model_config, ids, mask=MaskSpec("noisy_clean", step_cfg.block_length),
                         dtype=step_cfg.dtype, attention_backend=step_cfg.attention_backend,
                         moe_impl=step_cfg.moe_impl, remat=remat, logits_prefix=half)
     return constrain(logits, ("batch", "length", "vocab"))

@@ -19,11 +19,9 @@ import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from dmax_jax.decoding.trace_schema import STATE_NAMES, STEP_KEYS, TRACE_KEYS
 from dmax_jax.viz._static import CSS, JS
 
-STATES = ("prompt", "masked", "soft", "committed", "revised")
-_TRACE_KEYS = ("prompt_len", "block_length", "mask_id", "eos_id", "steps")
-_STEP_KEYS = ("block", "block_start", "step", "cross", "tokens", "confidence", "state")
 _HI_CONFIDENCE = 0.55  # above this the shaded chip background is dark enough for white text
 _LEGEND = (  # (classes, sample text, confidence for the shade, description)
     ("prompt", "abc", 0, "prompt tail inside the first block"),
@@ -76,7 +74,7 @@ def _validate(trace: Any, row: int) -> list[list[dict[str, Any]]]:
     where = f"trace[{row}]"
     if not isinstance(trace, Mapping):
         raise TypeError(f"{where} must be a dict (DecodeTrace), got {type(trace).__name__}")
-    for key in _TRACE_KEYS:
+    for key in TRACE_KEYS:
         if key not in trace:
             raise ValueError(f"{where} is missing key {key!r}")
     try:
@@ -94,15 +92,15 @@ def _validate(trace: Any, row: int) -> list[list[dict[str, Any]]]:
         sw = f"{where}['steps'][{k}]"
         if not isinstance(st, Mapping):
             raise TypeError(f"{sw} must be a dict, got {type(st).__name__}")
-        for key in _STEP_KEYS:
+        for key in STEP_KEYS:
             if key not in st:
                 raise ValueError(f"{sw} is missing key {key!r}")
         for key in ("tokens", "confidence", "state"):
             if len(st[key]) != blen:
                 raise ValueError(f"{sw}[{key!r}] has length {len(st[key])}, expected block_length={blen}")
-        bad = [s for s in st["state"] if s not in STATES]
+        bad = [s for s in st["state"] if s not in STATE_NAMES]
         if bad:
-            raise ValueError(f"{sw}['state'] has unknown state {bad[0]!r}; expected one of {STATES}")
+            raise ValueError(f"{sw}['state'] has unknown state {bad[0]!r}; expected one of {STATE_NAMES}")
         b = int(st["block"])
         if blocks and int(blocks[-1][0]["block"]) == b:
             if int(st["block_start"]) != int(blocks[-1][0]["block_start"]):

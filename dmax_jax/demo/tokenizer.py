@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from dmax_jax.data.tokenizer_build import build_tokenizer
-from dmax_jax.tasks.arith import generate_problems, gsm8k_prompt
+from dmax_jax.demo.task import generate_problems, gsm8k_prompt
 
 DEMO_VOCAB_SIZE = 640
 # Role names live between the <role> special tokens, so the BPE must learn them as ordinary text.

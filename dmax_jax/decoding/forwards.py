@@ -1,4 +1,4 @@
-"""The model calls of block decoding against the fixed-capacity KV cache (spec §5.1-5.3).
+"""The model forwards of block decoding, against the fixed-capacity KV cache (spec §5.1-5.3).
 
 Cache invariant (per row): slots ``[0, length)`` hold the K/V of *final hard tokens* of every
 position before the current block, computed under the block-causal mask. Three forwards keep it:
@@ -13,7 +13,12 @@ position before the current block, computed under the block-causal mask. Three f
                 current-block logits are used.
 * ``block``     the current block alone (hard or soft input embeddings), nothing committed.
 
-``full`` is the cache-free recompute of the whole sequence (LLaDA2 HF ``generate``).
+``first_block``  the LLaDA2 HF ``generate``'s first forward (prompt bucket + one block): the first
+                block's logits and the prompt's K/V. That schedule recomputes ``[0, end)`` every
+                step (spec §5.5b); under block-causal attention the K/V of a finished block never
+                change, so its later steps are ``cross`` (first step of a block) and ``block``
+                forwards against the cache — the same logits for a fraction of the work.
+``window_logits`` is the cache-free recompute itself (kept as the reference for tests and benches).
 """
 
 from __future__ import annotations
@@ -52,6 +57,20 @@ def prefill(params, config: ModelConfig, prompt_ids: jax.Array, s0: jax.Array, c
     return cache.replace(length=s0.astype(jnp.int32))
 
 
+def first_block(params, config: ModelConfig, x: jax.Array, s0: jax.Array, padded_len: int, capacity: int,
+                block: int, dtype) -> tuple[jax.Array, KVCache]:
+    """Forward of ``x[:, :padded_len + B]`` (prompt bucket + MASKs; holds every row's first block
+    ``[s0, s0 + B)``) → ``(first-block logits [b, B, V], cache valid on [0, s0))``. Positions past a
+    row's first block cannot influence it (block-causal), so the logits are the reference's first
+    step's; the K/V written past ``s0`` stay invisible (``length = s0``)."""
+    b, length = x.shape[0], padded_len + block
+    cache = init_cache(config, b, capacity, dtype)
+    pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    logits, cache = forward(params, config, x[:, :length], positions=pos,
+                            mask=MaskSpec("block_causal", block), cache=cache, commit=True, dtype=dtype)
+    return row_slice(logits, s0, block), cache.replace(length=s0.astype(jnp.int32))
+
+
 def cross_forward(params, config: ModelConfig, x: jax.Array, start: jax.Array, cache: KVCache, block: int,
                   dtype) -> tuple[jax.Array, KVCache]:
     """Previous + current block from ``x`` (hard ids) against ``cache[:start − B]``; commits the
@@ -72,8 +91,10 @@ def block_forward(params, config: ModelConfig, embeds: jax.Array, start: jax.Arr
     return logits
 
 
-def full_forward(params, config: ModelConfig, x: jax.Array, block: int, dtype) -> jax.Array:
-    """Cache-free block-causal forward of the whole sequence ``[b, C]``. Positions past a row's
-    current window cannot influence it (block-causal), so this equals recomputing ``[0, window)``."""
+def window_logits(params, config: ModelConfig, x: jax.Array, start: jax.Array, block: int,
+                  dtype) -> jax.Array:
+    """Logits ``[b, B, V]`` of the current block ``x[:, start:start+B]`` from a cache-free
+    block-causal forward of the whole sequence ``[b, C]``. Positions past a row's current window
+    cannot influence it (block-causal), so this equals recomputing ``[0, window)``."""
     logits, _ = forward(params, config, x, mask=MaskSpec("block_causal", block), dtype=dtype)
-    return logits
+    return row_slice(logits, start, block)

@@ -21,14 +21,15 @@ import numpy as np
 DEFAULT_PROMPT_BUCKET = 128
 
 
-def round_up(n: int, m: int) -> int:
-    return -(-int(n) // int(m)) * int(m)
+def round_up(n, m):
+    """Smallest multiple of ``m`` that is ``>= n`` (ints and integer arrays, traced ones too)."""
+    return -(-n // m) * m
 
 
 def row_geometry(prompt_len, gen_length, block: int):
     """``(s0, T, n_blocks)`` for prompt length(s) ``P`` (spec §5.1)."""
     s0 = (prompt_len // block) * block
-    end = -(-(prompt_len + gen_length) // block) * block
+    end = round_up(prompt_len + gen_length, block)
     return s0, end, (end - s0) // block
 
 
