@@ -43,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from dmax_jax.checkpoint.hf import param_shapes  # noqa: E402
 from dmax_jax.config import PRESETS, ModelConfig  # noqa: E402
-from dmax_jax.decoding import cache as kv  # noqa: E402
+from dmax_jax.decoding import forwards as kv  # noqa: E402
 from dmax_jax.model.kv_cache import KVCache  # noqa: E402
 from dmax_jax.model.llada2 import forward  # noqa: E402
 from dmax_jax.model.masks import MaskSpec  # noqa: E402

@@ -21,8 +21,8 @@ Install and run on the GPU machine (repo root; ``bench/h200.sh`` does both, ≤ 
    the rest single-block).
 
 Exits with status 1 and a one-line message when no GPU is present, unless ``--allow-cpu --tiny``.
-Backend names must be ``moe_impl`` values this build knows (``model.moe.MOE_IMPLS``) or agreed
-ones not built yet (``AGREED_BACKENDS``, recorded as unavailable); anything else is an error.
+Backend names must be ``moe_impl`` values (``model.experts.MOE_IMPLS``); one the platform cannot
+run raises ``MoEBackendError`` when traced and is recorded as unavailable with its message.
 """
 
 from __future__ import annotations
@@ -43,16 +43,14 @@ import jax.numpy as jnp  # noqa: E402
 
 from dmax_jax.checkpoint.hf import param_shapes  # noqa: E402
 from dmax_jax.config import ModelConfig, llada2_mini_config, tiny_config  # noqa: E402
-from dmax_jax.decoding import cache as kv  # noqa: E402
-from dmax_jax.model import moe  # noqa: E402
+from dmax_jax.decoding import forwards as kv  # noqa: E402
+from dmax_jax.model.experts import MOE_IMPLS, MoEBackendError, resolve_moe_impl  # noqa: E402
 from dmax_jax.model.kv_cache import KVCache  # noqa: E402
 from dmax_jax.model.llada2 import forward  # noqa: E402
 from dmax_jax.model.masks import MaskSpec  # noqa: E402
 from dmax_jax.perf import roofline as rf  # noqa: E402
 
-GPU_BACKENDS = "auto,tokamax,ragged,dense"
-AGREED_BACKENDS = ("auto", "ragged", "tokamax", "megablox", "dense", "ep")  # /work COORD: the moe_impl switch
-BACKEND_ERRORS = tuple(e for e in (getattr(moe, "MoEBackendError", None),) if e is not None)
+GPU_BACKENDS = "tokamax,ragged,dense,megablox"  # auto = tokamax on GPU (recorded in the JSON)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -141,20 +139,16 @@ def time_call(fn, args, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def backends(text: str) -> tuple[list[str], dict[str, str]]:
-    """(names to measure, {agreed name not in this build: why})."""
+def backends(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [n for n in names if n not in moe.MOE_IMPLS and n not in AGREED_BACKENDS]
+    bad = [n for n in names if n not in MOE_IMPLS]
     if not names or bad:
-        raise SystemExit(f"h200: --backends {text!r}: unknown moe_impl {bad}; known {moe.MOE_IMPLS}")
-    missing = {n: f"not in this build's moe_impl list {moe.MOE_IMPLS}"
-               for n in names if n not in moe.MOE_IMPLS}
-    return [n for n in names if n in moe.MOE_IMPLS], missing
+        raise SystemExit(f"h200: --backends {text!r}: unknown moe_impl {bad}; known {MOE_IMPLS}")
+    return names
 
 
 def measure_decode(cfg, params, args, deadline: float) -> tuple[list[dict], dict[str, str]]:
-    impls, unavailable = backends(args.backends)
-    rows = []
+    impls, unavailable, rows = backends(args.backends), {}, []
     for b in [int(x) for x in args.batch.split(",")]:
         cache = full_cache(cfg, b, args.cache, seed=b)
         embeds = 0.02 * jax.random.normal(jax.random.key(b), (b, args.block, cfg.hidden_size), jnp.bfloat16)
@@ -169,7 +163,7 @@ def measure_decode(cfg, params, args, deadline: float) -> tuple[list[dict], dict
             fn = decode_forward_fn(cfg, args.block, impl)
             try:
                 first, ms = time_call(fn, (params, embeds, start, cache), args.repeats)
-            except BACKEND_ERRORS as e:  # the platform lacks this backend: recorded, never replaced
+            except MoEBackendError as e:  # the platform lacks this backend: recorded, never replaced
                 unavailable[impl] = f"{type(e).__name__}: {e}"
                 print(f"  {impl}: unavailable ({unavailable[impl]})", flush=True)
                 continue
@@ -223,6 +217,7 @@ def main(argv=None) -> dict:
               "device": jax.devices()[0].device_kind, "platform": platform, "jax": jax.__version__,
               "config": "tiny" if args.tiny else "dmax_16b", "block": args.block, "cache": args.cache,
               "decode": decode, "unavailable_backends": unavailable, "spd": spd,
+              "auto_moe_impl": resolve_moe_impl("auto"),
               "roofline_source": rf.DATA_SHEET, "wall_s": time.perf_counter() - t0}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

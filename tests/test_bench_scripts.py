@@ -67,12 +67,14 @@ def test_h200_refuses_to_run_without_a_gpu(tmp_path):
 def test_h200_smoke_on_cpu(tmp_path):
     h200 = load_script("bench/h200.py")
     path = tmp_path / "h200.json"
-    h200.main(["--out", str(path), "--allow-cpu", "--tiny", "--backends", "ragged,dense", "--batch", "1,2",
-               "--repeats", "1", "--cache", "64", "--gen-length", "64", "--prompt-length", "32"])
+    h200.main(["--out", str(path), "--allow-cpu", "--tiny", "--backends", "ragged,dense,megablox",
+               "--batch", "1,2", "--repeats", "1", "--cache", "64", "--gen-length", "64",
+               "--prompt-length", "32"])
     got = json.loads(path.read_text())
     assert got["platform"] == "cpu" and got["config"] == "tiny"
     want = {(b, n) for b in ("ragged", "dense") for n in (1, 2)}
     assert {(r["backend"], r["batch"]) for r in got["decode"]} == want
+    assert "TPU kernel" in got["unavailable_backends"]["megablox"]  # recorded, not replaced
     for r in got["decode"]:
         assert r["ms"] > 0 and r["floor_ms"] == pytest.approx(rf.floor(tiny_config(), r["batch"], 32, 64).ms)
     spd = got["spd"]
