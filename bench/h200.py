@@ -60,10 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", default="1,8,32")
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--cache", type=int, default=2048)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--gen-length", type=int, default=256, help="SPD: generated tokens (blocks x block)")
     ap.add_argument("--prompt-length", type=int, default=128)
-    ap.add_argument("--max-minutes", type=float, default=7.0,
+    ap.add_argument("--max-minutes", type=float, default=6.0,
                     help="stop starting new measurements after this long (recorded as skipped)")
     ap.add_argument("--tiny", action="store_true", help="the tiny test config instead of DMax-16B")
     ap.add_argument("--allow-cpu", action="store_true", help="with --tiny: run on CPU (smoke test)")
