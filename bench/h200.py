@@ -147,8 +147,10 @@ def backends(text: str) -> list[str]:
     return names
 
 
-def measure_decode(cfg, params, args, deadline: float) -> tuple[list[dict], dict[str, str]]:
-    impls, unavailable, rows = backends(args.backends), {}, []
+def measure_decode(cfg, params, args, deadline: float, result: dict, save) -> None:
+    """Fill ``result["decode"]`` / ``["unavailable_backends"]``, saving after every measurement (a
+    crash or an out-of-memory keeps what came before; a failed run is recorded with its error)."""
+    impls, unavailable, rows = backends(args.backends), result["unavailable_backends"], result["decode"]
     for b in [int(x) for x in args.batch.split(",")]:
         cache = full_cache(cfg, b, args.cache, seed=b)
         embeds = 0.02 * jax.random.normal(jax.random.key(b), (b, args.block, cfg.hidden_size), jnp.bfloat16)
@@ -167,12 +169,17 @@ def measure_decode(cfg, params, args, deadline: float) -> tuple[list[dict], dict
                 unavailable[impl] = f"{type(e).__name__}: {e}"
                 print(f"  {impl}: unavailable ({unavailable[impl]})", flush=True)
                 continue
+            except jax.errors.JaxRuntimeError as e:  # e.g. out of memory: record it, measure the rest
+                rows.append({"backend": impl, "batch": b, "failed": str(e)[:2000]})
+                print(f"  {impl:8s} batch {b:3d}: FAILED {str(e).splitlines()[0][:200]}", flush=True)
+                save()
+                continue
             rows.append({"backend": impl, "batch": b, "ms": ms, "compile_and_first_s": first,
                          "floor_ms": floor.ms, "floor_bytes": floor.bytes, "ratio_to_floor": ms / floor.ms})
             print(f"  {impl:8s} batch {b:3d}: {ms:8.2f} ms (floor {floor.ms:.2f}, x{ms / floor.ms:.2f})",
                   flush=True)
+            save()
         del cache
-    return rows, unavailable
 
 
 def measure_spd(cfg, params, args) -> dict:
@@ -206,22 +213,34 @@ def main(argv=None) -> dict:
     platform = check_platform(args)
     backends(args.backends)  # bad names fail before 32 GB of weights are made
     cfg = tiny_config() if args.tiny else llada2_mini_config()
-    params = random_params(cfg)
-    jax.block_until_ready(params)
-    name = "tiny" if args.tiny else "DMax-16B"
-    print(f"h200: {jax.devices()[0].device_kind} ({platform}), random bf16 {name} params in "
-          f"{time.perf_counter() - t0:.1f} s", flush=True)
-    decode, unavailable = measure_decode(cfg, params, args, deadline)
-    spd = measure_spd(cfg, params, args) if time.perf_counter() < deadline else {"skipped": "time budget"}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": jax.devices()[0].device_kind, "platform": platform, "jax": jax.__version__,
               "config": "tiny" if args.tiny else "dmax_16b", "block": args.block, "cache": args.cache,
-              "decode": decode, "unavailable_backends": unavailable, "spd": spd,
-              "auto_moe_impl": resolve_moe_impl("auto"),
-              "roofline_source": rf.DATA_SHEET, "wall_s": time.perf_counter() - t0}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+              "auto_moe_impl": resolve_moe_impl("auto"), "roofline_source": rf.DATA_SHEET,
+              "decode": [], "unavailable_backends": {}, "spd": None, "complete": False}
+
+    def save() -> None:
+        result["wall_s"] = time.perf_counter() - t0
+        out.write_text(json.dumps(result, indent=1))
+
+    params = random_params(cfg)
+    jax.block_until_ready(params)
+    result["params_s"] = time.perf_counter() - t0
+    print(f"h200: {result['device']} ({platform}), random bf16 {result['config']} params in "
+          f"{result['params_s']:.1f} s", flush=True)
+    measure_decode(cfg, params, args, deadline, result, save)
+    if time.perf_counter() < deadline:
+        try:
+            result["spd"] = measure_spd(cfg, params, args)
+        except jax.errors.JaxRuntimeError as e:
+            result["spd"] = {"failed": str(e)[:2000]}
+    else:
+        result["spd"] = {"skipped": "time budget"}
+    result["complete"] = True
+    save()
+    spd = result["spd"]
     if "ms_per_forward" in spd:
         print(f"  spd batch 1: {spd['nfe']} forwards, {spd['ms_per_forward']:.2f} ms/forward "
               f"(floor {spd['floor_ms_per_forward']:.2f}), {spd['tokens_per_s']:.0f} tokens/s")

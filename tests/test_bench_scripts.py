@@ -71,7 +71,7 @@ def test_h200_smoke_on_cpu(tmp_path):
                "--batch", "1,2", "--repeats", "1", "--cache", "64", "--gen-length", "64",
                "--prompt-length", "32"])
     got = json.loads(path.read_text())
-    assert got["platform"] == "cpu" and got["config"] == "tiny"
+    assert got["platform"] == "cpu" and got["config"] == "tiny" and got["complete"]
     want = {(b, n) for b in ("ragged", "dense") for n in (1, 2)}
     assert {(r["backend"], r["batch"]) for r in got["decode"]} == want
     assert "TPU kernel" in got["unavailable_backends"]["megablox"]  # recorded, not replaced
