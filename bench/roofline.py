@@ -76,7 +76,8 @@ def rows(cfg: ModelConfig, args: argparse.Namespace, measured: dict[int, float] 
     return out
 
 
-def print_table(cfg_name: str, args: argparse.Namespace, table: list[dict], spd_ms: float) -> None:
+def print_table(cfg: ModelConfig, cfg_name: str, args: argparse.Namespace, table: list[dict],
+                spd_ms: float) -> None:
     chip = rf.get_chip(args.chip)
     print(f"{cfg_name}: block {args.block}, cache {args.cache}, weights {args.weight_dtype}, "
           f"{args.chips} x {chip.name} ({chip.hbm_bytes_per_s / 1e12:.3g} TB/s, "
@@ -100,6 +101,9 @@ def print_table(cfg_name: str, args: argparse.Namespace, table: list[dict], spd_
             cells += [f"{r['measured_distinct_experts']:.1f}" if got else "-",
                       f"{r['measured_floor_ms']:.2f}" if got else "-"]
         print("  ".join(str(c).rjust(w) for c, w in zip(cells, widths)))
+    need = rf.weight_bytes(cfg, args.weight_dtype)
+    print(f"weights {need / 1e9:.1f} GB: {'fit' if need < args.chips * chip.hbm_bytes else 'do NOT fit'} in "
+          f"{args.chips} x {chip.hbm_bytes / 1e9:.0f} GB (KV cache and activations not counted)")
     print(f"spd mean per forward at batch 1, TPF {args.tpf}: {spd_ms:.2f} ms "
           f"(1 cross-block forward of {2 * args.block} tokens per block of {args.block / args.tpf:.2f} "
           "forwards)")
@@ -183,11 +187,12 @@ def main(argv=None) -> dict:
     result = {"config": name, "block": args.block, "cache": args.cache, "chip": args.chip,
               "chips": args.chips,
               "weight_dtype": args.weight_dtype, "source": rf.DATA_SHEET, "rows": table,
-              "spd_mean_floor_ms": spd_ms, "tpf": args.tpf, "measured_routing": routing}
+              "spd_mean_floor_ms": spd_ms, "tpf": args.tpf, "measured_routing": routing,
+              "weight_bytes": rf.weight_bytes(cfg, args.weight_dtype)}
     if args.json:
         print(json.dumps(result))
     else:
-        print_table(name, args, table, spd_ms)
+        print_table(cfg, name, args, table, spd_ms)
         if routing:
             print(f"measured routing ({routing['block_forward_calls']} block forwards): "
                   f"{routing['block_forward']:.1f} distinct experts per layer per block forward, "

@@ -64,6 +64,11 @@ def test_tiny_bytes_by_hand():
     assert sum(b.values()) == 361_600
 
 
+def test_weight_bytes():
+    assert rf.weight_bytes(tiny_config(), "bfloat16") == (216_624 - 16) * 2 + 16 * 4  # f32 expert_bias
+    assert rf.weight_bytes(llada2_mini_config()) / 1e9 == pytest.approx(32.51, abs=0.01)
+
+
 def test_tiny_flops_by_hand():
     f = rf.forward_flops(tiny_config(), 2, 8, 64)
     t = 16

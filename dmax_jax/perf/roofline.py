@@ -114,6 +114,13 @@ def active_params_per_token(cfg: Any) -> int:
     return c["attention"] + c["dense_mlp"] + c["shared_experts"] + c["router"] + routed + head
 
 
+def weight_bytes(cfg: Any, weight_dtype: str = "bfloat16") -> float:
+    """Bytes of all parameters in ``weight_dtype`` (the f32 ``expert_bias`` at 4 bytes)."""
+    c = param_counts(cfg)
+    bias = cfg.num_moe_layers * cfg.num_experts if cfg.moe_router_enable_expert_bias else 0
+    return (sum(c.values()) - bias) * dtype_bytes(weight_dtype) + 4 * bias
+
+
 # ---- one forward -------------------------------------------------------------------------------------
 def forward_bytes(cfg: Any, batch: int, block: int, cache_length: int, *, weight_dtype: str = "bfloat16",
                   kv_dtype: str | None = None, distinct_experts: float | None = None) -> dict[str, float]:
