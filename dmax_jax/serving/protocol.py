@@ -272,26 +272,26 @@ def _stop(v: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(stops))
 
 
-def _stream_options(v: Any, stream: bool) -> bool:
+def _options_object(v: Any, name: str, known: tuple[str, ...],
+                    unknown_hint: str = "is not supported") -> dict:
+    """An extension object (``stream_options``, ``dmax``): a JSON object holding only ``known`` keys."""
     if not isinstance(v, dict):
-        raise RequestError(f"'stream_options' must be an object, got {_json_type(v)}", "stream_options",
-                           "invalid_type")
+        raise RequestError(f"'{name}' must be an object, got {_json_type(v)}", name, "invalid_type")
+    extra = sorted(set(v) - set(known))
+    if extra:
+        raise RequestError(f"'{name}.{extra[0]}' {unknown_hint}", f"{name}.{extra[0]}", "unknown_parameter")
+    return v
+
+
+def _stream_options(v: Any, stream: bool) -> bool:
+    v = _options_object(v, "stream_options", ("include_usage",))
     if not stream:
         raise RequestError("'stream_options' is only allowed when 'stream' is true", "stream_options")
-    extra = sorted(set(v) - {"include_usage"})
-    if extra:
-        raise RequestError(f"'stream_options.{extra[0]}' is not supported", f"stream_options.{extra[0]}",
-                           "unknown_parameter")
     return _bool(v.get("include_usage", False), "stream_options.include_usage")
 
 
 def _dmax_options(v: Any) -> bool:
-    if not isinstance(v, dict):
-        raise RequestError(f"'dmax' must be an object, got {_json_type(v)}", "dmax", "invalid_type")
-    extra = sorted(set(v) - {"provisional"})
-    if extra:
-        raise RequestError(f"'dmax.{extra[0]}' is not a DMax option (known: provisional)", f"dmax.{extra[0]}",
-                           "unknown_parameter")
+    v = _options_object(v, "dmax", ("provisional",), "is not a DMax option (known: provisional)")
     return _bool(v.get("provisional", False), "dmax.provisional")
 
 

@@ -19,6 +19,11 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+from dmax_jax.decoding.config import DecodeConfig
+
+# A request's knobs default to DecodeConfig's: one source of decode defaults.
+_DEFAULT = DecodeConfig()
+
 FINISH_REASONS = ("eos", "length", "stop", "abort", "error")
 log = logging.getLogger(__name__)
 
@@ -52,11 +57,11 @@ class EngineRequest:
     prompt_ids: Sequence[int]
     max_tokens: int
     strategy: str | None = None
-    threshold: float = 0.5
-    accept_threshold: float = 0.9
-    steps: int | None = None
-    temperature: float = 0.0
-    seed: int = 0
+    threshold: float = _DEFAULT.threshold
+    accept_threshold: float = _DEFAULT.accept_threshold
+    steps: int | None = _DEFAULT.steps
+    temperature: float = _DEFAULT.temperature
+    seed: int = _DEFAULT.seed
     rng_id: int = 0
     provisional: bool = False
     block_length: int | None = None
