@@ -207,7 +207,7 @@ class Engine:
         self._exe = prog.PROGRAMS[key]
         t = time.perf_counter()
         for w in self.widths:
-            self._run(*self._inputs([], [], w))
+            self._run(self._decode_inputs([], w), self._prefill_inputs([]))
         self._counters["compile_seconds"] = time.perf_counter() - t
 
     def compile_count(self) -> int:
@@ -309,10 +309,9 @@ class Engine:
                 handle, prompt, cfg = self._queue.popleft()
                 self._slots[i] = Slot.admit(handle, prompt, cfg, self.strategies.index(cfg.strategy))
 
-    def _inputs(self, decoding: list[int], prefill: list[int], width: int):
-        """Host arrays of one round: ``decoding`` slots (all < ``width``) advance a block, the
-        ``prefill`` slots get their next prompt chunk (their cursors advance here)."""
-        B, M, C = self.block_length, self.spec.mask_id, self.spec.prefill_chunk
+    def _decode_inputs(self, decoding: list[int], width: int) -> prog.SlotRound:
+        """Host arrays for the ``decoding`` slots (all < ``width``) that advance one block this round."""
+        B = self.block_length
         n = width + (width == self.max_batch)  # full width: the scratch row rides along, idle
         f = {k: np.zeros(n, np.int32) for k in ("strategy", "k", "start", "nfe")}
         f["decoding"] = np.zeros(n, bool)
@@ -322,7 +321,11 @@ class Engine:
             f["decoding"][i], f["strategy"][i], f["k"][i], f["start"][i] = True, s.strategy, s.k, s.start(B)
             f["nfe"][i] = s.nfe
             rows[i] = s.row
-        P = self.spec.prefill_batch
+        return prog.SlotRound(rows=jax.tree.map(lambda *a: np.concatenate(a), *rows), **f)
+
+    def _prefill_inputs(self, prefill: list[int]) -> prog.PrefillChunk:
+        """The next prompt chunk of each ``prefill`` slot; their cursors advance here."""
+        M, C, P = self.spec.mask_id, self.spec.prefill_chunk, self.spec.prefill_batch
         pc = dict(slot=np.full(P, self.max_batch, np.int32), start=np.zeros(P, np.int32),
                   ids=np.full((P, C), M, np.int32), forward=np.zeros(P, bool), reset=np.zeros(P, bool),
                   length=np.zeros(P, np.int32))
@@ -334,8 +337,7 @@ class Engine:
             pc["slot"][p], pc["start"][p], pc["forward"][p], pc["reset"][p] = i, c, c < s.s0, c == 0
             pc["length"][p] = min(c + C, s.s0)
             s.cursor = c + C
-        pc = prog.PrefillChunk(**pc)
-        return prog.SlotRound(rows=jax.tree.map(lambda *a: np.concatenate(a), *rows), **f), pc
+        return prog.PrefillChunk(**pc)
 
     def _run(self, r, pc):
         self._state, out = self._exe(self.params, self._state, r, pc)
@@ -346,12 +348,12 @@ class Engine:
             self._admit()
             waiting = [i for i, s in enumerate(self._slots) if s is not None and s.prefilling]
             prefill = sorted(waiting, key=lambda i: self._slots[i].handle.id)[:self.spec.prefill_batch]
-            pc = self._inputs([], prefill, 1)[1]  # advances the cursors: a slot may decode this round
+            pc = self._prefill_inputs(prefill)  # advances the cursors: a slot may decode this round
             decoding = [i for i, s in enumerate(self._slots) if s is not None and not s.prefilling]
             if not prefill and not decoding:
                 return
             width = next(w for w in self.widths if w > max(decoding, default=-1))
-            r = self._inputs(decoding, [], width)[0]
+            r = self._decode_inputs(decoding, width)
             plan = {i: self._slots[i] for i in decoding}
         t = time.perf_counter()
         out = self._run(r, pc)
