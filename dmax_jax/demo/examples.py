@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dmax_jax.decoding import STRATEGIES
+from dmax_jax.decoding import STRATEGIES, model_defaults
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo"
 MODEL_NAMES = ("base", "dmax")
@@ -59,7 +59,6 @@ class DemoDecode:
 
 
 DEMO_DECODE = DemoDecode()
-DECODE_DEFAULTS_FILE = "dmax_decode.json"  # read by dmax_jax.decoding.model_defaults (decode.py, eval CLI)
 
 
 def decode_defaults(strategy: str, decode: DemoDecode = DEMO_DECODE) -> dict[str, Any]:
@@ -68,7 +67,8 @@ def decode_defaults(strategy: str, decode: DemoDecode = DEMO_DECODE) -> dict[str
     the demo models the way the demo does."""
     from dmax_jax.demo.task import GSM8K_PROMPT
 
-    return {"format": "dmax_decode/1", "prompt_template": GSM8K_PROMPT.replace("{question}", "{prompt}"),
+    return {"format": model_defaults.FORMAT,
+            "prompt_template": GSM8K_PROMPT.replace("{question}", model_defaults.PLACEHOLDER),
             "chat": True,
             "decode": {"strategy": strategy, "block_length": decode.block_length,
                        "gen_length": decode.gen_length, "prompt_bucket": decode.prompt_bucket,
@@ -83,7 +83,7 @@ def write_decode_defaults(model_dir: str | os.PathLike, strategy: str,
     """Write :func:`decode_defaults` into ``model_dir`` (``tools/build_demo.py`` after each export)."""
     import json
 
-    path = Path(model_dir) / DECODE_DEFAULTS_FILE
+    path = Path(model_dir) / model_defaults.FILE_NAME
     path.write_text(json.dumps(decode_defaults(strategy, decode), indent=2) + "\n", encoding="utf-8")
     return path
 
