@@ -18,12 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dmax_jax.model.layers import round_up  # noqa: F401  (re-exported: decoding's callers)
+
 DEFAULT_PROMPT_BUCKET = 128
-
-
-def round_up(n, m):
-    """Smallest multiple of ``m`` that is ``>= n`` (ints and integer arrays, traced ones too)."""
-    return -(-n // m) * m
 
 
 def row_geometry(prompt_len, gen_length, block: int):

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 Dtype = jnp.dtype
 
 
-def round_up(x: int, multiple: int) -> int:
-    """Smallest multiple of ``multiple`` >= ``x`` (the model's one ceil-division helper)."""
-    return -(-int(x) // int(multiple)) * int(multiple)
+def round_up(x, multiple):
+    """Smallest multiple of ``multiple`` >= ``x``: the project's one ceil-division helper (Python ints
+    for static shapes, integer arrays — traced ones too — for per-row geometry in decoding)."""
+    return -(-x // multiple) * multiple
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: tuple):
