@@ -28,6 +28,7 @@ from typing import Any
 # transformers serves tokenizers and configs here (no torch models): keep its torch advisory quiet
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from dmax_jax.cli import OneLineParser  # noqa: E402
 from dmax_jax.decoding.cli_args import add_decode_args, config_error_line, flag_name, given_fields  # noqa: E402
 from dmax_jax.decoding.config import DecodeConfig, DecodeConfigError  # noqa: E402
 
@@ -40,7 +41,7 @@ DEMO_REFUSED = ("strategy", "threshold", "accept_threshold", "steps", "top_k", "
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=PROG, description="Decode prompts with Soft Parallel Decoding or a "
+    ap = OneLineParser(prog=PROG, description="Decode prompts with Soft Parallel Decoding or a "
                                  "baseline. Without --model and prompts: the embedded demo, base + threshold "
                                  "decoding side by side with dmax + SPD on four held-out problems.")
     ap.add_argument("--model", help="HF model directory (config.json, *.safetensors, tokenizer; optional "

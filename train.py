@@ -24,6 +24,7 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
+from dmax_jax.cli import OneLineParser  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 EXIT_CONFIG, EXIT_NON_FINITE, EXIT_INTERRUPTED = 2, 3, 130
@@ -31,7 +32,7 @@ EXIT_CONFIG, EXIT_NON_FINITE, EXIT_INTERRUPTED = 2, 3, 130
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     doc = __doc__.split("\n\n")
-    parser = argparse.ArgumentParser(description="\n\n".join(doc[:2]), epilog=doc[2],
+    parser = OneLineParser(description="\n\n".join(doc[:2]), epilog=doc[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None, metavar="YAML",
                         help="training YAML (default: none = the embedded demo; with overrides or "

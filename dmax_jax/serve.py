@@ -18,15 +18,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dmax_jax.cli import OneLineParser
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 PROG = "python -m dmax_jax.serve"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, status 2 (argparse would print the usage too)
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def _int_at_least(lo: int, hi: int | None = None):
@@ -81,7 +77,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from dmax_jax.decoding import DecodeConfigError
     from dmax_jax.decoding.cli_args import add_decode_args, config_error_line, given_fields
 
-    ap = _Parser(prog=PROG, description="Serve a DMax / LLaDA2-MoE model behind the OpenAI API. Decoding "
+    ap = OneLineParser(
+        prog=PROG, description="Serve a DMax / LLaDA2-MoE model behind the OpenAI API. Decoding "
                  "flags set the defaults of requests that leave a knob out (gen-length: max_tokens); "
                  "unset flags come from the model's dmax_decode.json, then the DecodeConfig defaults.")
     ap.add_argument("--model", help="HF model directory (default: the shipped demo 'dmax' model)")

@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from dmax_jax.checkpoint.hf import CheckpointNotFoundError
+from dmax_jax.cli import OneLineParser
 from dmax_jax.config import ModelConfigError
 from dmax_jax.decoding.cli_args import add_decode_args, decode_config_from_args
 from dmax_jax.decoding.config import DecodeConfig, DecodeConfigError
@@ -21,13 +22,6 @@ PERTURB_RE = re.compile(r"^\s*([\w.]+)\[([\d,\s]+)\]\s*\+=\s*([-+0-9.eE]+)\s*$")
 PROG = "compare_torch.py"
 # The llada2 decode knobs of the comparison, validated by DecodeConfig like every other command line.
 DECODE_DEFAULTS = {"block_length": 32, "gen_length": 64, "threshold": 0.95, "steps": None}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _ranged(cast: Any, ok: Any, want: str) -> Any:
@@ -55,7 +49,8 @@ def _perturbation(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Parity check of dmax_jax against the PyTorch model of the same HF "
+    p = OneLineParser(
+        prog=PROG, description="Parity check of dmax_jax against the PyTorch model of the same HF "
                 "directory (loaded through its auto_map remote code): logits under the three masks and "
                 "from inputs_embeds, and llada2 decoding token for token. Exit 0 PASS, 1 FAIL, 2 bad input.")
     add = p.add_argument

@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from dmax_jax.checkpoint.hf import CheckpointError
+from dmax_jax.cli import OneLineParser
 from dmax_jax.config import DtypeError, ModelConfigError
 from dmax_jax.decoding.cli_args import (
     CLI_FIELDS,
@@ -62,15 +63,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse without the 20-line usage block on a bad flag: one line, then a pointer to --help."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Evaluate a model on a benchmark: accuracy, TPF and TPS per sample "
+    p = OneLineParser(
+        prog=PROG, description="Evaluate a model on a benchmark: accuracy, TPF and TPS per sample "
                 "and in one summary; an interrupted run resumes when the same command is run again.",
                 epilog=f"example: {PROG} --model DIR --benchmark gsm8k --data test.jsonl --out runs/gsm8k")
     add = p.add_argument
