@@ -36,19 +36,25 @@ REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 3000, 500
 
 
-@pytest.fixture(scope="module")
-def train() -> list[arith.Problem]:
-    return generate_records(N_TRAIN, seed=0, split="train")
+@pytest.fixture(scope="module", params=sorted(arith.SCALES))
+def scale(request: pytest.FixtureRequest) -> str:
+    """Every guarantee holds at each number scale ("gsm" and the shipped demo's "small")."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def varied() -> list[arith.Problem]:
-    return generate_records(N_TRAIN, seed=0, split="train", phrasing="varied")
+def train(scale: str) -> list[arith.Problem]:
+    return generate_records(N_TRAIN, seed=0, split="train", scale=scale)
 
 
 @pytest.fixture(scope="module")
-def test_split() -> list[arith.Problem]:
-    return generate_records(N_TEST, seed=0, split="test")
+def varied(scale: str) -> list[arith.Problem]:
+    return generate_records(N_TRAIN, seed=0, split="train", phrasing="varied", scale=scale)
+
+
+@pytest.fixture(scope="module")
+def test_split(scale: str) -> list[arith.Problem]:
+    return generate_records(N_TEST, seed=0, split="test", scale=scale)
 
 
 def _truth(template: str, v: dict[str, int]) -> Fraction:
@@ -82,18 +88,18 @@ def test_generation_is_deterministic_and_prefix_stable() -> None:
     assert all(set(row) == {"question", "answer"} for row in a)
 
 
-def test_splits_are_disjoint(train: list[arith.Problem], test_split: list[arith.Problem]) -> None:
+def test_splits_are_disjoint(train: list[arith.Problem], test_split: list[arith.Problem], scale: str) -> None:
     assert len({p.question for p in test_split}) == N_TEST  # distinct held-out problems
     assert len({p.question for p in train}) == N_TRAIN
     assert all(split_of(p) == "train" for p in train) and all(split_of(p) == "test" for p in test_split)
-    other_seed_train = generate_records(N_TRAIN, seed=1, split="train")
+    other_seed_train = generate_records(N_TRAIN, seed=1, split="train", scale=scale)
     test_skeletons = {p.skeleton for p in test_split}
     for rows in (train, other_seed_train):
         # Not even the same numbers under other names or items may reach train.
         assert not test_skeletons & {p.skeleton for p in rows}
         assert not {p.question for p in test_split} & {p.question for p in rows}
     # The hash split keeps roughly TEST_PER_MILLE / 1000 of the skeletons for test.
-    draws = {p.skeleton: p for p in (sample_problem(random.Random(i), t)
+    draws = {p.skeleton: p for p in (sample_problem(random.Random(i), t, scale=scale)
                                      for i in range(2000) for t in TEMPLATES)}
     frac = sum(split_of(p) == "test" for p in draws.values()) / len(draws)
     assert 0.06 < frac < 0.14
@@ -134,7 +140,7 @@ def test_solution_lines_are_true_steps(train: list[arith.Problem], varied: list[
 
 
 def test_varied_phrasing_changes_wording_never_the_problem(train: list[arith.Problem],
-                                                           varied: list[arith.Problem]) -> None:
+                                                           varied: list[arith.Problem], scale: str) -> None:
     # Several wordings of every step are in use, per template (the multi-modality the demo relies on).
     def shape(p: arith.Problem, line: str) -> str:
         for word in sorted(p.words.values(), key=len, reverse=True):
@@ -155,7 +161,8 @@ def test_varied_phrasing_changes_wording_never_the_problem(train: list[arith.Pro
     swapped = sum(p.words["item2"] in p.answer.split("\n")[0] for p in shopping)
     assert 0.3 < swapped / len(shopping) < 0.7  # the order of the independent purchases varies too
     # The phrasing is a function of the question alone ...
-    again = {p.question: p.answer for p in generate_records(300, seed=0, split="train", phrasing="varied")}
+    again = {p.question: p.answer
+             for p in generate_records(300, seed=0, split="train", phrasing="varied", scale=scale)}
     assert all(again[p.question] == p.answer for p in varied[:300])
     # ... and never moves the questions, the split or the final answers; "fixed" is each step's first
     # wording (the text the shipped demo models were trained on), in the template's order.
@@ -186,13 +193,15 @@ def test_invalid_arguments_raise() -> None:
         generate_problems(-1)
     with pytest.raises(ValueError, match="unknown template"):
         sample_problem(random.Random(0), "geometry")
+    with pytest.raises(ValueError, match="scale must be one of"):
+        generate_problems(3, scale="huge")
     with pytest.raises(ValueError, match="####"):
         final_answer("The answer is 4.")
     assert final_answer("2+2=4.\n#### 4") == 4
 
 
 def test_exhausted_template_space_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    def constant(rng: random.Random) -> arith._Rendered:
+    def constant(rng: random.Random, scale: arith.Scale) -> arith._Rendered:
         return {"a": 2}, {}, "What is 2 times 2?", ["2*2=4."]
 
     monkeypatch.setattr(arith, "TEMPLATES", {"constant": constant})
@@ -204,10 +213,10 @@ def test_exhausted_template_space_raises(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+def tokenizer(tmp_path_factory: pytest.TempPathFactory, scale: str):
     from transformers import AutoTokenizer
 
-    out = build_task_tokenizer(tmp_path_factory.mktemp("tok"), n_problems=1500, seed=0)
+    out = build_task_tokenizer(tmp_path_factory.mktemp("tok"), n_problems=1500, seed=0, scale=scale)
     return AutoTokenizer.from_pretrained(out)
 
 
@@ -230,7 +239,7 @@ def test_tokenizer_round_trips_held_out_text(tokenizer, test_split: list[arith.P
             assert tokenizer.decode(ids) == text
 
 
-def test_sequence_lengths_fit_demo_budget(tokenizer, test_split: list[arith.Problem]) -> None:
+def test_sequence_lengths_fit_demo_budget(tokenizer, test_split: list[arith.Problem], scale: str) -> None:
     rows = [p.to_gsm8k() for p in test_split]
     lengths = sequence_lengths(tokenizer, rows)
     first = tokenizer.apply_chat_template(
@@ -241,7 +250,8 @@ def test_sequence_lengths_fit_demo_budget(tokenizer, test_split: list[arith.Prob
     assert lengths["total"].max() <= 128  # configs/demo_*.yaml data.max_length
     # Answer + EOS fit the demo's generation budget (decode and eval), so no answer is cut short.
     assert lengths["answer"].max() + 1 <= DEMO_DECODE.gen_length
-    assert lengths["answer"].max() <= 50 and lengths["answer"].mean() <= 42
+    if scale == "gsm":
+        assert lengths["answer"].max() <= 50 and lengths["answer"].mean() <= 42
     assert lengths["prompt"].max() <= 64 and lengths["answer"].min() >= 10
     with pytest.raises(ValueError, match="at least one"):
         sequence_lengths(tokenizer, [])
@@ -275,3 +285,17 @@ def test_make_task_data_is_byte_deterministic(tmp_path: Path) -> None:
     small = subprocess.run([sys.executable, str(REPO / "tools" / "make_task_data.py"), "--out",
                             str(tmp_path / "small"), "--n-test", "10"], capture_output=True, text=True)
     assert small.returncode != 0 and "--n-test must be >= 500" in small.stderr
+
+
+def test_small_scale_keeps_numbers_small_and_gsm_unchanged() -> None:
+    """"small" (the shipped demo's task) bounds every number; "gsm" draws exactly what it drew before
+    scales existed (its first held-out problem is pinned), so old models keep their splits."""
+    small = generate_records(2000, seed=0, split="test", scale="small")
+    for p in small:
+        numbers = [int(n) for n in re.findall(r"\d+", p.answer)]
+        assert max(numbers) <= 60, p.answer
+    assert {p.template for p in small} == set(TEMPLATES)
+    first = generate_problems(1, seed=0, split="test")[0]
+    assert first["question"] == ("Zoe buys 3 toys for $3 each and 2 hats for $8 each. "
+                                 "How many dollars does she spend?")
+    assert generate_problems(5, split="test", scale="small") != generate_problems(5, split="test")

@@ -3,8 +3,9 @@
 Why here and not in the training library: training reads files and never imports the demo; a client
 (``train.py``, ``tools/build_demo.py``, the quick demo) calls :func:`materialize` before ``train`` for a
 config that asks for generated demo data. ``generate:arith[:N]`` (or ``generate:arith_varied[:N]``,
-several wordings per solution step) writes N (default 2000) train problems as chat rows (user turn =
-the spec §5.4 GSM8K prompt, as the demo evaluates) plus the 640-token task tokenizer.
+several wordings per solution step; ``generate:arith_small[:N]``, varied wordings over small numbers,
+the shipped demo's task) writes N (default 2000) train problems as chat rows (user turn = the spec §5.4
+GSM8K prompt, as the demo evaluates) plus the 640-token task tokenizer.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from pathlib import Path
 from dmax_jax.training.config import TrainConfig, TrainConfigError
 
 GENERATE_PREFIX = "generate:"
-# generate:<task> names → the arithmetic task's solution phrasing (dmax_jax.demo.task.PHRASINGS).
-GENERATED_TASKS = {"arith": "fixed", "arith_varied": "varied"}
+# generate:<task> names → the arithmetic task's (solution phrasing, number scale): dmax_jax.demo.task's
+# PHRASINGS and SCALES.
+GENERATED_TASKS = {"arith": ("fixed", "gsm"), "arith_varied": ("varied", "gsm"),
+                   "arith_small": ("varied", "small")}
 DEFAULT_PROBLEMS = 2000
 TOKENIZER_PROBLEMS = 5000  # the BPE is trained on at most this many train problems
 
 
-def parse_spec(spec: str) -> tuple[str, int]:
-    """``generate:TASK[:N]`` → ``(phrasing, N)``; anything else is a ``TrainConfigError`` naming
+def parse_spec(spec: str) -> tuple[tuple[str, str], int]:
+    """``generate:TASK[:N]`` → ``((phrasing, scale), N)``; anything else is a ``TrainConfigError`` naming
     data.paths."""
     parts = spec[len(GENERATE_PREFIX):].split(":") if spec.startswith(GENERATE_PREFIX) else []
     if (not parts or parts[0] not in GENERATED_TASKS or len(parts) > 2
@@ -47,14 +50,15 @@ def generate_task_data(spec: str, out: Path) -> tuple[str, str]:
     from dmax_jax.demo.task import chat_row, generate_problems, write_jsonl
     from dmax_jax.demo.tokenizer import build_task_tokenizer
 
-    phrasing, n = parse_spec(spec)
+    (phrasing, scale), n = parse_spec(spec)
     out = Path(out)
     train_file, tok_dir, stamp = out / "train.jsonl", out / "tokenizer", out / "stamp.json"
     if jax.process_index() == 0 and not (stamp.is_file() and json.loads(stamp.read_text()) == {"spec": spec}):
         out.mkdir(parents=True, exist_ok=True)
         write_jsonl(train_file, (chat_row(p) for p in generate_problems(n, seed=0, split="train",
-                                                                        phrasing=phrasing)))
-        build_task_tokenizer(tok_dir, n_problems=min(n, TOKENIZER_PROBLEMS), seed=0, phrasing=phrasing)
+                                                                        phrasing=phrasing, scale=scale)))
+        build_task_tokenizer(tok_dir, n_problems=min(n, TOKENIZER_PROBLEMS), seed=0, phrasing=phrasing,
+                             scale=scale)
         stamp.write_text(json.dumps({"spec": spec}))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -18,6 +18,9 @@ from dmax_jax.decoding import STRATEGIES, model_defaults
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo"
 MODEL_NAMES = ("base", "dmax")
+# The generate: task the shipped models are trained and evaluated on (dmax_jax.demo.data.GENERATED_TASKS;
+# the YAMLs under demo/configs name the same one).
+DEMO_TASK = "arith_small"
 # The decoders the demo compares (the paper's Table: threshold decoding vs SPD); a subset of
 # dmax_jax.decoding.STRATEGIES, which also holds the LLaDA2 reference decoder the demo does not sweep.
 DEMO_STRATEGIES = tuple(s for s in ("threshold", "spd") if s in STRATEGIES)
@@ -113,11 +116,16 @@ def load_demo_model(name_or_dir: str | os.PathLike = "dmax", dtype: str = "float
     return model
 
 
-def test_problems(n: int = 500, seed: int = 0) -> list[dict[str, str]]:
-    """The held-out problems (``{"question", "answer"}``, never in any training split)."""
+def test_problems(n: int = 500, seed: int = 0, task: str = DEMO_TASK) -> list[dict[str, str]]:
+    """The held-out problems of ``task`` (a ``generate:`` task name; default the shipped models' task)
+    as ``{"question", "answer"}``, never in any training split."""
+    from dmax_jax.demo.data import GENERATED_TASKS
     from dmax_jax.demo.task import generate_problems
 
-    return generate_problems(n, seed=seed, split="test")
+    if task not in GENERATED_TASKS:
+        raise ValueError(f"task must be one of {sorted(GENERATED_TASKS)}, got {task!r}")
+    phrasing, scale = GENERATED_TASKS[task]
+    return generate_problems(n, seed=seed, split="test", phrasing=phrasing, scale=scale)
 
 
 test_problems.__test__ = False  # a data function, not a pytest test

@@ -72,6 +72,29 @@ class Problem:
         return {"question": self.question, "answer": self.answer}
 
 
+@dataclass(frozen=True)
+class Scale:
+    """How large a template's numbers are: the ranges it draws its parameters from.
+
+    Why: on "gsm" numbers (factors up to 9, sums up to ~160) a 0.67 M-parameter model trained for an hour
+    on 2 CPU cores gets ~14 % of the problems right -- every number is one BPE token, so each sum is a
+    separate fact to memorise. "small" keeps the templates, wordings and step dependencies (what makes
+    parallel decoding hard) with operands small enough for such a model to be mostly right.
+    """
+
+    factor: int              # largest multiplication factor / divisor
+    count: int               # largest box size, bag count, speed
+    addend: int              # largest plain price added
+    age: int                 # largest starting age
+    gap: int                 # largest age difference
+    start: int               # largest starting savings / flour cost
+    bills: tuple[int, ...]   # the bills paid with (the largest always leaves change)
+
+
+SCALES = {"gsm": Scale(factor=9, count=12, addend=18, age=15, gap=20, start=30, bills=(20, 50, 100)),
+          "small": Scale(factor=5, count=6, addend=9, age=9, gap=9, start=12, bills=(20, 30, 50))}
+
+
 # A template draws its parameters from ``rng`` and returns (numbers, words, question, solution lines).
 # Each solution line is a tuple of interchangeable phrasings (one equation each, same result), the
 # first being the "fixed" wording; with ``phrasing="varied"`` ``phrase_solution`` picks one per problem
@@ -84,10 +107,10 @@ def _person(rng: random.Random) -> tuple[str, str]:
     return rng.choice(_NAMES)
 
 
-def _shopping(rng: random.Random) -> _Rendered:
+def _shopping(rng: random.Random, r: Scale) -> _Rendered:
     name, pron = _person(rng)
     i1, i2 = rng.sample(_SHOP_ITEMS, 2)
-    a, b, p, q = (rng.randint(2, 9) for _ in range(4))
+    a, b, p, q = (rng.randint(2, r.factor) for _ in range(4))
     x, y = a * p, b * q
     he = pron.capitalize()
     question = (f"{name} buys {a} {i1} for ${p} each and {b} {i2} for ${q} each. "
@@ -105,58 +128,58 @@ def _shopping(rng: random.Random) -> _Rendered:
     return {"a": a, "p": p, "b": b, "q": q}, {"name": name, "item1": i1, "item2": i2}, question, lines
 
 
-def _change(rng: random.Random) -> _Rendered:
+def _change(rng: random.Random, r: Scale) -> _Rendered:
     name, pron = _person(rng)
     item = rng.choice(_SHOP_ITEMS)
     thing = rng.choice(_THINGS)
-    a, p, q = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 18)
+    a, p, q = rng.randint(2, r.factor), rng.randint(2, r.factor), rng.randint(2, r.addend)
     x = a * p
-    y = x + q  # <= 99, so a $100 bill always leaves change
-    bill = rng.choice([v for v in (20, 50, 100) if v > y])
+    y = x + q  # < r.bills[-1], so the largest bill always leaves change
+    bill = rng.choice([v for v in r.bills if v > y])
     he = pron.capitalize()
     question = (f"{name} buys {a} {item} for ${p} each and a {thing} for ${q}. "
                 f"{he} pays with ${bill}. How many dollars of change does {pron} get?")
-    r = bill - y
+    res = bill - y
     lines = [(f"The {item} cost {a}*{p}={x}.", f"{a} {item} at ${p} each is {a}*{p}={x}.",
               f"For the {item} {pron} pays {a}*{p}={x}."),
              (f"With the {thing} {x}+{q}={y}.", f"Adding the {thing} gives {x}+{q}={y}.",
               f"{he} spends {x}+{q}={y} in all."),
-             (f"The change is {bill}-{y}={r}.", f"{he} gets back {bill}-{y}={r}.",
-              f"From ${bill} that leaves {bill}-{y}={r} dollars.")]
+             (f"The change is {bill}-{y}={res}.", f"{he} gets back {bill}-{y}={res}.",
+              f"From ${bill} that leaves {bill}-{y}={res} dollars.")]
     words = {"name": name, "item": item, "thing": thing}
     return {"a": a, "p": p, "q": q, "bill": bill}, words, question, lines
 
 
-def _sharing(rng: random.Random) -> _Rendered:
+def _sharing(rng: random.Random, r: Scale) -> _Rendered:
     name, pron = _person(rng)
     item = rng.choice(_SHARE_ITEMS)
-    a, b = rng.randint(2, 9), rng.randint(2, 12)
+    a, b = rng.randint(2, r.factor), rng.randint(2, r.count)
     t = a * b
     while True:  # c = 2 always has a valid `keep` (t >= 4), so this ends
-        c = rng.randint(2, 9)
-        keeps = [k for k in range(1, min(12, t - c) + 1) if (t - k) % c == 0]
+        c = rng.randint(2, r.factor)
+        keeps = [k for k in range(1, min(r.count, t - c) + 1) if (t - k) % c == 0]
         if keeps:
             break
     keep = rng.choice(keeps)
     he = pron.capitalize()
     question = (f"{name} has {a} boxes of {item} with {b} in each box. {he} keeps {keep} and shares the "
                 f"rest equally among {c} friends. How many {item} does each friend get?")
-    u, r = t - keep, (t - keep) // c
+    u, each = t - keep, (t - keep) // c
     lines = [(f"There are {a}*{b}={t} {item}.", f"{he} has {a}*{b}={t} {item} in all.",
               f"{a} boxes of {b} make {a}*{b}={t}."),
              (f"{he} shares {t}-{keep}={u}.", f"After keeping {keep} there are {t}-{keep}={u} left.",
               f"{t}-{keep}={u} {item} are shared."),
-             (f"Each friend gets {u}/{c}={r}.", f"Split among {c} friends that is {u}/{c}={r} each.",
-              f"So each gets {u}/{c}={r} {item}.")]
+             (f"Each friend gets {u}/{c}={each}.", f"Split among {c} friends that is {u}/{c}={each} each.",
+              f"So each gets {u}/{c}={each} {item}.")]
     return {"a": a, "b": b, "keep": keep, "c": c}, {"name": name, "item": item}, question, lines
 
 
-def _ages(rng: random.Random) -> _Rendered:
+def _ages(rng: random.Random, r: Scale) -> _Rendered:
     n1, n2, n3 = (n for n, _ in rng.sample(_NAMES, 3))
-    a, k = rng.randint(2, 15), rng.randint(2, 5)
+    a, k = rng.randint(2, r.age), rng.randint(2, 5)
     x = a * k
     older = rng.randint(0, 1)
-    d = rng.randint(1, 20) if older else rng.randint(1, min(20, x - 1))
+    d = rng.randint(1, r.gap) if older else rng.randint(1, min(r.gap, x - 1))
     relation, op, result = ("older", "+", x + d) if older else ("younger", "-", x - d)
     question = (f"{n1} is {a} years old. {n2} is {k} times as old as {n1}. "
                 f"{n3} is {d} years {relation} than {n2}. How old is {n3}?")
@@ -166,10 +189,10 @@ def _ages(rng: random.Random) -> _Rendered:
     return {"a": a, "k": k, "d": d, "older": older}, {"name1": n1, "name2": n2, "name3": n3}, question, lines
 
 
-def _speed(rng: random.Random) -> _Rendered:
+def _speed(rng: random.Random, r: Scale) -> _Rendered:
     name, pron = _person(rng)
     vehicle = rng.choice(_VEHICLES)
-    s, h, h2 = rng.randint(3, 12), rng.randint(2, 9), rng.randint(2, 9)
+    s, h, h2 = rng.randint(3, r.count), rng.randint(2, r.factor), rng.randint(2, r.factor)
     dist, dist2 = s * h, s * h2
     ask_hours = rng.randint(0, 1)
     he = pron.capitalize()
@@ -188,10 +211,10 @@ def _speed(rng: random.Random) -> _Rendered:
             question, lines)
 
 
-def _trip(rng: random.Random) -> _Rendered:
+def _trip(rng: random.Random, r: Scale) -> _Rendered:
     name, _ = _person(rng)
     m1, m2 = rng.sample(_MODES, 2)
-    s1, s2 = rng.randint(2, 12), rng.randint(2, 12)
+    s1, s2 = rng.randint(2, r.count), rng.randint(2, r.count)
     h1, h2 = rng.randint(2, 5), rng.randint(2, 5)
     x, y = s1 * h1, s2 * h2
     question = (f"{name} {m1} at {s1} miles per hour for {h1} hours, then {m2} at {s2} miles per hour "
@@ -205,42 +228,42 @@ def _trip(rng: random.Random) -> _Rendered:
     return {"s1": s1, "h1": h1, "s2": s2, "h2": h2}, {"name": name, "mode1": m1, "mode2": m2}, question, lines
 
 
-def _savings(rng: random.Random) -> _Rendered:
+def _savings(rng: random.Random, r: Scale) -> _Rendered:
     name, pron = _person(rng)
     thing = rng.choice(_THINGS)
-    start, a, w = rng.randint(2, 30), rng.randint(2, 9), rng.randint(2, 9)
+    start, a, w = rng.randint(2, r.start), rng.randint(2, r.factor), rng.randint(2, r.factor)
     x = a * w
     y = start + x
     cost = rng.randint(1, y - 1)
     he = pron.capitalize()
     question = (f"{name} has ${start}. {he} saves ${a} each week for {w} weeks, then buys a {thing} "
                 f"for ${cost}. How many dollars does {pron} have left?")
-    r = y - cost
+    res = y - cost
     lines = [(f"{he} saves {a}*{w}={x}.", f"In {w} weeks {pron} saves {a}*{w}={x} dollars.",
               f"Saving ${a} a week gives {a}*{w}={x}."),
              (f"{he} has {start}+{x}={y}.", f"Then {pron} has {start}+{x}={y} dollars.",
               f"With the ${start} that is {start}+{x}={y}."),
-             (f"After the {thing} {y}-{cost}={r}.", f"The {thing} leaves {y}-{cost}={r}.",
-              f"So {pron} has {y}-{cost}={r} dollars left.")]
+             (f"After the {thing} {y}-{cost}={res}.", f"The {thing} leaves {y}-{cost}={res}.",
+              f"So {pron} has {y}-{cost}={res} dollars left.")]
     return {"start": start, "a": a, "w": w, "cost": cost}, {"name": name, "thing": thing}, question, lines
 
 
-def _packing(rng: random.Random) -> _Rendered:
+def _packing(rng: random.Random, r: Scale) -> _Rendered:
     name, pron = _person(rng)
     item = rng.choice(_BAKED)
-    bags, k, p = rng.randint(2, 12), rng.randint(2, 9), rng.randint(2, 9)
+    bags, k, p = rng.randint(2, r.count), rng.randint(2, r.factor), rng.randint(2, r.factor)
     n, money = bags * k, bags * p
-    flour = rng.randint(1, min(30, money - 1))
+    flour = rng.randint(1, min(r.start, money - 1))
     he = pron.capitalize()
     question = (f"{name} bakes {n} {item} and packs them in bags of {k}. {he} sells each bag "
                 f"for ${p} and spent ${flour} on flour. How many dollars of profit does {pron} make?")
-    r = money - flour
+    res = money - flour
     lines = [(f"There are {n}/{k}={bags} bags.", f"{he} makes {n}/{k}={bags} bags.",
               f"In bags of {k} that is {n}/{k}={bags} bags."),
              (f"They sell for {bags}*{p}={money}.", f"The bags bring {bags}*{p}={money} dollars.",
               f"{he} earns {bags}*{p}={money}."),
-             (f"After the flour {money}-{flour}={r}.", f"The profit is {money}-{flour}={r}.",
-              f"Minus the flour that is {money}-{flour}={r} dollars.")]
+             (f"After the flour {money}-{flour}={res}.", f"The profit is {money}-{flour}={res}.",
+              f"Minus the flour that is {money}-{flour}={res} dollars.")]
     return {"n": n, "k": k, "p": p, "flour": flour}, {"name": name, "item": item}, question, lines
 
 
@@ -249,7 +272,7 @@ def _packing(rng: random.Random) -> _Rendered:
 _REORDERABLE = frozenset({"shopping"})
 
 
-TEMPLATES: dict[str, Callable[[random.Random], _Rendered]] = {
+TEMPLATES: dict[str, Callable[[random.Random, Scale], _Rendered]] = {
     "shopping": _shopping, "change": _change, "sharing": _sharing, "ages": _ages,
     "speed": _speed, "trip": _trip, "savings": _savings, "packing": _packing,
 }
@@ -269,16 +292,23 @@ def split_of(problem: Problem) -> str:
     return "test" if int.from_bytes(digest[:8], "big") % 1000 < TEST_PER_MILLE else "train"
 
 
-def sample_problem(rng: random.Random, template: str, phrasing: str = "fixed") -> Problem:
+def sample_problem(rng: random.Random, template: str, phrasing: str = "fixed", scale: str = "gsm") -> Problem:
     """Draw one problem of ``template`` (a key of ``TEMPLATES``) from ``rng``; ``phrasing`` is one of
-    ``PHRASINGS`` ("fixed": one wording per step; "varied": see ``phrase_solution``)."""
+    ``PHRASINGS`` ("fixed": one wording per step; "varied": see ``phrase_solution``), ``scale`` a key of
+    ``SCALES``."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
     _check_phrasing(phrasing)
-    numbers, words, question, alternatives = TEMPLATES[template](rng)
+    numbers, words, question, alternatives = TEMPLATES[template](rng, _scale(scale))
     lines = phrase_solution(question, alternatives, phrasing=phrasing, reorderable=template in _REORDERABLE)
     answer = "\n".join([*lines, f"#### {_last_result(lines[-1])}"])
     return Problem(template, numbers, words, question, answer)
+
+
+def _scale(scale: str) -> Scale:
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
+    return SCALES[scale]
 
 
 def _check_phrasing(phrasing: str) -> None:
@@ -313,14 +343,17 @@ def _last_result(line: str) -> int:
     return int(re.findall(r"=(\d+)", line)[-1])
 
 
-def _rng_for(seed: int, split: str) -> random.Random:
+def _rng_for(seed: int, split: str, scale: str) -> random.Random:
     # The salt keeps the module's old name (dmax_jax.tasks.arith): it fixes every generated problem,
-    # so changing it would silently change the shipped models' train and held-out splits.
-    digest = hashlib.sha256(f"dmax_jax.tasks.arith:{seed}:{split}".encode()).digest()
+    # so changing it would silently change the models' train and held-out splits ("gsm" keeps the
+    # salt it had before scales existed).
+    tag = "" if scale == "gsm" else f"{scale}:"
+    digest = hashlib.sha256(f"dmax_jax.tasks.arith:{tag}{seed}:{split}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def generate_records(n: int, seed: int = 0, split: str = "train", phrasing: str = "fixed") -> list[Problem]:
+def generate_records(n: int, seed: int = 0, split: str = "train", phrasing: str = "fixed",
+                     scale: str = "gsm") -> list[Problem]:
     """``n`` distinct problems of ``split``; templates cycle round-robin so each gets n/len shares.
 
     Draws are rejected when their skeleton belongs to the other split or their question repeats.
@@ -330,13 +363,14 @@ def generate_records(n: int, seed: int = 0, split: str = "train", phrasing: str 
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     _check_phrasing(phrasing)
-    rng, names = _rng_for(seed, split), list(TEMPLATES)
+    _scale(scale)
+    rng, names = _rng_for(seed, split, scale), list(TEMPLATES)
     seen: set[str] = set()
     out: list[Problem] = []
     rejected = 0
     while len(out) < n:
         template = names[len(out) % len(names)]
-        problem = sample_problem(rng, template, phrasing)
+        problem = sample_problem(rng, template, phrasing, scale)
         if problem.question in seen or split_of(problem) != split:
             rejected += 1
             if rejected > _MAX_CONSECUTIVE_REJECTS:
@@ -349,10 +383,10 @@ def generate_records(n: int, seed: int = 0, split: str = "train", phrasing: str 
     return out
 
 
-def generate_problems(n: int, seed: int = 0, split: str = "train",
-                      phrasing: str = "fixed") -> list[dict[str, str]]:
+def generate_problems(n: int, seed: int = 0, split: str = "train", phrasing: str = "fixed",
+                      scale: str = "gsm") -> list[dict[str, str]]:
     """``n`` distinct GSM8K-format rows ``{"question", "answer"}`` of ``split`` ("train" | "test")."""
-    return [p.to_gsm8k() for p in generate_records(n, seed, split, phrasing)]
+    return [p.to_gsm8k() for p in generate_records(n, seed, split, phrasing, scale)]
 
 
 def gsm8k_prompt(question: str) -> str:

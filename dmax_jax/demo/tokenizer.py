@@ -32,12 +32,15 @@ def tokenizer_corpus(problems: Sequence[dict[str, str]]) -> list[str]:
 
 
 def build_task_tokenizer(out_dir: str | os.PathLike, *, n_problems: int = 20_000, seed: int = 0,
-                         vocab_size: int = DEMO_VOCAB_SIZE, phrasing: str = "fixed") -> str:
+                         vocab_size: int = DEMO_VOCAB_SIZE, phrasing: str = "fixed",
+                         scale: str = "gsm") -> str:
     """Train the demo tokenizer on ``n_problems`` train-split problems (solutions worded per
-    ``phrasing``, see ``arith.PHRASINGS``) and save it to ``out_dir``."""
+    ``phrasing``, numbers per ``scale``; see ``task.PHRASINGS`` / ``task.SCALES``) and save it to
+    ``out_dir``."""
     if n_problems < 1:
         raise ValueError(f"n_problems must be >= 1, got {n_problems}")
-    corpus = tokenizer_corpus(generate_problems(n_problems, seed=seed, split="train", phrasing=phrasing))
+    corpus = tokenizer_corpus(generate_problems(n_problems, seed=seed, split="train", phrasing=phrasing,
+                                                scale=scale))
     return build_tokenizer(out_dir, corpus, vocab_size=vocab_size)
 
 
