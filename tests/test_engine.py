@@ -90,14 +90,14 @@ def test_requests_arriving_at_random_blocks_equal_generate_alone(params):
     reqs = random_requests(rng, 5, max_prompt=60)
     eng = engine(params, widths=(1, 2, 3))
     eng.warmup()
-    assert eng.compile_count() == 3
+    assert eng.compile_count() == 3 + len(eng.prefill_widths)
     before = jax.tree.leaves(eng._state)
     handles = serve_with_arrivals(eng, reqs, arrivals=[0, 0, 1, 3, 4])
     assert all(a.is_deleted() for a in before)          # the slot buffers were donated, not copied
     for i, (r, h) in enumerate(zip(reqs, handles)):
         assert_same(h.result(0), alone(params, r), f"request {i}")
     assert eng.stats()["prefill_chunks"] > len(reqs)  # some prompts took several chunks
-    assert eng.compile_count() == 3                  # knobs, arrivals, strategies, widths: no recompilation
+    assert eng.compile_count() == 3 + len(eng.prefill_widths)  # knobs, arrivals, strategies, widths: flat
     assert sum(eng.stats()[f"rounds_width_{w}"] > 0 for w in eng.widths) >= 2  # slots changed widths
 
 
@@ -112,7 +112,7 @@ def test_many_random_requests_equal_generate_alone(params):
     handles = serve_with_arrivals(eng, reqs, arrivals)
     for i, (r, h) in enumerate(zip(reqs, handles)):
         assert_same(h.result(0), alone(params, r), f"request {i}")
-    assert eng.compile_count() == len(eng.widths)
+    assert eng.compile_count() == len(eng.widths) + len(eng.prefill_widths)
 
 
 def test_events_blocks_and_provisional_steps(params):
@@ -183,7 +183,7 @@ def test_abort_queued_prefilling_decoding_then_serve(params):
                                  seed=2))
     eng.run_until_idle()
     assert_same(d.result(0), alone(params, d.request))
-    assert eng.compile_count() == len(eng.widths)
+    assert eng.compile_count() == len(eng.widths) + len(eng.prefill_widths)
 
 
 def test_background_thread_concurrent_clients_and_stop(params):
@@ -209,7 +209,7 @@ def test_background_thread_concurrent_clients_and_stop(params):
         assert seen[i][-1] == results[i]                       # the listener saw every event, in order
     with pytest.raises(EngineClosedError):
         eng.submit(reqs[0])
-    assert eng.compile_count() == len(eng.widths)
+    assert eng.compile_count() == len(eng.widths) + len(eng.prefill_widths)
 
 
 def test_stop_without_drain_aborts_everything(params):

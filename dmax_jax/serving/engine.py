@@ -2,10 +2,11 @@
 
 ``Engine(model, max_batch=8, block_length=32, capacity=...)`` owns ``max_batch`` slots; slot i is
 row i of one fixed-capacity KV cache and token buffer. Every engine *round* is one call of one
-compiled program that (1) prefills one chunk of ``prefill_chunk`` prompt tokens for each of up to
-``prefill_batch`` admitted requests and (2) advances every decoding slot by one block — the step
-loop stays inside ``lax.while_loop``. Between rounds the host admits queued requests into free
-slots, retires finished ones and emits events. Requests are batch-invariant: their tokens equal
+compiled program that advances every decoding slot by one block — the step loop stays inside
+``lax.while_loop`` — preceded, when requests were admitted, by one call of the compiled prefill
+program (one chunk of ``prefill_chunk`` prompt tokens for each of up to ``prefill_batch`` of them).
+Between rounds the host admits queued requests into free slots, retires finished ones and emits
+events. Requests are batch-invariant: their tokens equal
 ``dmax_jax.generate`` on the prompt alone.
 
 Usage::
@@ -81,7 +82,9 @@ class Engine:
     ``llada2`` is not served); ``dtype`` the compute dtype (cache too); ``top_k``, ``max_unroll``,
     ``expected_tpf``, ``soft_embedding_impl`` as in ``generate`` (static); ``mask_id`` / ``eos_id``
     default to the model config's. ``widths``: the batch widths compiled (default 1, max_batch // 4,
-    max_batch): a round computes only the first ``width`` slots that cover every decoding slot.
+    max_batch): a round computes only the first ``width`` slots that cover every decoding slot;
+    likewise the prefill program is compiled for 1 and ``prefill_batch`` chunks (``prefill_widths``),
+    so a lone admission does not pay for ``prefill_batch`` chunk forwards.
     """
 
     def __init__(self, model, *, max_batch: int = 8, block_length: int = 32, capacity: int | None = None,
@@ -121,6 +124,7 @@ class Engine:
         if widths is None:
             widths = {1, max(1, max_batch // 4), max_batch}
         self.widths = tuple(sorted(set(widths)))
+        self.prefill_widths = tuple(sorted({1, self.spec.prefill_batch}))
         if not self.widths or self.widths[-1] != max_batch or self.widths[0] < 1:
             raise ValueError(f"widths {widths} must be positive batch widths ending at max_batch {max_batch}")
         try:
@@ -203,18 +207,22 @@ class Engine:
         if key not in prog.PROGRAMS:
             shard = None if self._sharding is None else (jax.tree.map(lambda a: a.sharding, self._state),
                                                           self._sharding)
-            prog.PROGRAMS[key] = prog.jit_round(key, shard)
-        self._exe = prog.PROGRAMS[key]
+            prog.PROGRAMS[key] = prog.jit_programs(key, shard)
+        self._exe, self._prefill_exe = prog.PROGRAMS[key]
         t = time.perf_counter()
         for w in self.widths:
-            self._run(self._decode_inputs([], w), self._prefill_inputs([]))
+            self._run(self._decode_inputs([], w), None)
+        for p in self.prefill_widths:  # entries on the scratch row only: no slot is touched
+            self._run(None, self._prefill_inputs([], p))
         self._counters["compile_seconds"] = time.perf_counter() - t
 
     def compile_count(self) -> int:
         """Times the round programs of this engine's configuration were traced in this process
-        (engines of one configuration share them): one per width after warm-up, and it stays so."""
+        (engines of one configuration share them): one per block width and one per prefill width after
+        warm-up, and it stays so."""
         key = (self.spec, self.config, self.max_batch, self._sharding)
-        return sum(prog.TRACE_COUNT[(*key, w)] for w in self.widths)
+        return (sum(prog.TRACE_COUNT[(*key, "block", w)] for w in self.widths)
+                + sum(prog.TRACE_COUNT[(*key, "prefill", p)] for p in self.prefill_widths))
 
     def start(self) -> Engine:
         """Compile (if not yet) and run the round loop in a background thread; returns self."""
@@ -323,9 +331,10 @@ class Engine:
             rows[i] = s.row
         return prog.SlotRound(rows=jax.tree.map(lambda *a: np.concatenate(a), *rows), **f)
 
-    def _prefill_inputs(self, prefill: list[int]) -> prog.PrefillChunk:
-        """The next prompt chunk of each ``prefill`` slot; their cursors advance here."""
-        M, C, P = self.spec.mask_id, self.spec.prefill_chunk, self.spec.prefill_batch
+    def _prefill_inputs(self, prefill: list[int], width: int) -> prog.PrefillChunk:
+        """The next prompt chunk of each ``prefill`` slot (at most ``width``) in ``width`` entries;
+        their cursors advance here."""
+        M, C, P = self.spec.mask_id, self.spec.prefill_chunk, width
         pc = dict(slot=np.full(P, self.max_batch, np.int32), start=np.zeros(P, np.int32),
                   ids=np.full((P, C), M, np.int32), forward=np.zeros(P, bool), reset=np.zeros(P, bool),
                   length=np.zeros(P, np.int32))
@@ -339,8 +348,14 @@ class Engine:
             s.cursor = c + C
         return prog.PrefillChunk(**pc)
 
-    def _run(self, r, pc):
-        self._state, out = self._exe(self.params, self._state, r, pc)
+    def _run(self, r: prog.SlotRound | None, pc: prog.PrefillChunk | None) -> dict | None:
+        """The round's prefill call (if ``pc``), then its block call (if ``r``); the block outputs."""
+        if pc is not None:
+            self._state = self._prefill_exe(self.params, self._state, pc)
+        if r is None:
+            jax.block_until_ready(self._state.x)
+            return None
+        self._state, out = self._exe(self.params, self._state, r)
         return jax.device_get(out)
 
     def _round(self) -> None:
@@ -348,12 +363,14 @@ class Engine:
             self._admit()
             waiting = [i for i, s in enumerate(self._slots) if s is not None and s.prefilling]
             prefill = sorted(waiting, key=lambda i: self._slots[i].handle.id)[:self.spec.prefill_batch]
-            pc = self._prefill_inputs(prefill)  # advances the cursors: a slot may decode this round
+            pc = None
+            if prefill:  # advances the cursors: a slot may decode this round
+                pc = self._prefill_inputs(prefill, next(p for p in self.prefill_widths if p >= len(prefill)))
             decoding = [i for i, s in enumerate(self._slots) if s is not None and not s.prefilling]
             if not prefill and not decoding:
                 return
             width = next(w for w in self.widths if w > max(decoding, default=-1))
-            r = self._decode_inputs(decoding, width)
+            r = self._decode_inputs(decoding, width) if decoding else None
             plan = {i: self._slots[i] for i in decoding}
         t = time.perf_counter()
         out = self._run(r, pc)
@@ -361,8 +378,9 @@ class Engine:
             self._counters["rounds"] += 1
             self._counters["busy_seconds"] += time.perf_counter() - t
             self._counters["prefill_chunks"] += len(prefill)
-            self._counters[f"rounds_width_{width}"] += 1
-            self._process(plan, out)
+            if out is not None:
+                self._counters[f"rounds_width_{width}"] += 1
+                self._process(plan, out)
 
     def _process(self, plan: dict, out: dict) -> None:
         B = self.block_length

@@ -1,10 +1,13 @@
-"""The engine's one compiled program: a prefill chunk for one slot, then one block for every decoding slot.
+"""The engine's compiled programs: prefill chunks for admitted slots, then one block for every decoding slot.
 
-Device state (donated every round): ``x [slots + 1, W]`` token rows and the KV cache
-``[.., slots + 1, W, ..]`` with ``W = capacity + scratch`` (the extra row is scratch too). One round::
+Device state (donated every call): ``x [slots + 1, W]`` token rows and the KV cache
+``[.., slots + 1, W, ..]`` with ``W = capacity + scratch`` (the extra row is scratch too). One round
+is up to two calls, each skipped by the host when it has nothing to do::
 
-    prefill (cond): write up to ``prefill_batch`` prompt chunks into their slots' rows and, if any
-                    lies before its slot's first block ``s0``, forward them against the slots' cache rows
+    prefill_program: write ``P`` prompt chunks (P = the smallest compiled prefill width holding this
+                    round's chunks) into their slots' rows and, if any lies before its slot's first
+                    block ``s0``, forward them against the slots' cache rows
+    round_program:
     step-0 logits:  cross-block forward for slots at block k > 0 (commits block k-1), the plain block
                     forward for slots at their first block (k = 0) — each only if some slot needs it
     per strategy:   its step loop (``lax.while_loop``) over the slots decoding with it
@@ -106,7 +109,8 @@ def init_state(spec: RoundSpec, cfg: ModelConfig, slots: int) -> SlotState:
     return SlotState(x=x, cache=init_cache(cfg, slots + 1, spec.width, jnp.dtype(spec.dtype)))
 
 
-def _prefill(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, pc: PrefillChunk) -> SlotState:
+def prefill_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState,
+                    pc: PrefillChunk) -> SlotState:
     """Write the chunks' tokens and, if any chunk lies before its slot's ``s0``, forward all chunks
     as one ``[P, chunk]`` batch against their slots' cache rows (block-causal, committed). K/V past
     a slot's ``s0`` land beyond its valid ``length`` and stay invisible, as in ``generate``'s prefill."""
@@ -253,11 +257,11 @@ def _put_rows(state: SlotState, part: SlotState) -> SlotState:
     return jax.tree.map(put, state, part)
 
 
-def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotRound,
-                  pc: PrefillChunk):
-    """One engine round (wrap in ``jax.jit`` with ``spec``/``config`` bound, ``state`` donated).
+def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotRound):
+    """One block for every decoding slot (wrap in ``jax.jit`` with ``spec``/``config`` bound, ``state``
+    donated), after the round's ``prefill_program`` call if it had chunks.
 
-    The prefill chunks work on the full state; the block step on its first ``n`` slots only, ``n`` =
+    The block step works on the state's first ``n`` slots only, ``n`` =
     the length of ``r``'s arrays (the host picks the smallest compiled width covering every decoding
     slot, so a lightly loaded engine does not compute its idle slots; at full width ``r`` also covers
     the scratch row, as an idle slot, so no slot buffer is copied). Returns ``(state, out)``:
@@ -265,9 +269,6 @@ def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r
     round, ``out["steps"] [S, n, B]`` / ``out["step_valid"] [S, n]`` the block after every forward
     (provisional snapshots)."""
     B, n = spec.block_length, r.start.shape[0]
-    scratch = state.x.shape[0] - 1
-    state = jax.lax.cond((pc.slot < scratch).any(), lambda s: _prefill(spec, cfg, params, s, pc), lambda s: s,
-                         state)
     part = _rows(state, n)
     logits_c, cache, cross = _cross(spec, cfg, params, part, r)
     xb0 = fw.row_slice(part.x, r.start, B)
@@ -294,18 +295,25 @@ def state_sharding(params):
     return None
 
 
-PROGRAMS: dict = {}  # (spec, model config, slots, sharding) -> jitted round program
+PROGRAMS: dict = {}  # (spec, model config, slots, sharding) -> (jitted round, jitted prefill)
 
 
-def jit_round(key: tuple, shardings):
-    """The jitted round program of ``key = (spec, model config, slots, sharding)``, the slot state
-    donated (its buffers are updated in place); traces count in ``TRACE_COUNT[key + (width,)]``."""
+def jit_programs(key: tuple, shardings):
+    """The jitted ``(round_program, prefill_program)`` of ``key = (spec, model config, slots,
+    sharding)``, the slot state donated (its buffers are updated in place); traces count in
+    ``TRACE_COUNT[key + ("block", width)]`` and ``TRACE_COUNT[key + ("prefill", P)]``."""
     spec, cfg, slots = key[:3]
 
-    def traced(params, state, r, pc):
-        TRACE_COUNT[(*key, min(r.start.shape[0], slots))] += 1
-        return round_program(spec, cfg, params, state, r, pc)
+    def block(params, state, r):
+        TRACE_COUNT[(*key, "block", min(r.start.shape[0], slots))] += 1
+        return round_program(spec, cfg, params, state, r)
+
+    def prefill(params, state, pc):
+        TRACE_COUNT[(*key, "prefill", pc.slot.shape[0])] += 1
+        return prefill_program(spec, cfg, params, state, pc)
 
     if shardings is None:
-        return jax.jit(traced, donate_argnums=(1,))
-    return jax.jit(traced, donate_argnums=(1,), out_shardings=shardings)
+        return jax.jit(block, donate_argnums=(1,)), jax.jit(prefill, donate_argnums=(1,))
+    state_sh, out_sh = shardings
+    return (jax.jit(block, donate_argnums=(1,), out_shardings=(state_sh, out_sh)),
+            jax.jit(prefill, donate_argnums=(1,), out_shardings=state_sh))
