@@ -82,7 +82,8 @@ class Engine:
     ``llada2`` is not served); ``dtype`` the compute dtype (cache too); ``top_k``, ``max_unroll``,
     ``expected_tpf``, ``soft_embedding_impl`` as in ``generate`` (static); ``mask_id`` / ``eos_id``
     default to the model config's. ``widths``: the batch widths compiled (default 1, max_batch // 4,
-    max_batch): a round computes only the first ``width`` slots that cover every decoding slot;
+    max_batch): a round computes only the smallest width holding its decoding slots (gathered from
+    wherever they sit);
     likewise the prefill program is compiled for 1 and ``prefill_batch`` chunks (``prefill_widths``),
     so a lone admission does not pay for ``prefill_batch`` chunk forwards.
     """
@@ -119,8 +120,8 @@ class Engine:
             max_unroll=max_unroll, expected_tpf=expected_tpf, soft_impl=soft_embedding_impl,
             dtype=jnp.dtype(dtype).name)
         self.max_batch = max_batch
-        # compiled batch widths: a round computes only the first `width` slots (admission fills the
-        # lowest free slot), so a lightly loaded engine does not pay for its idle slots
+        # compiled batch widths: a round gathers its decoding slots into the smallest width holding
+        # them, so a lightly loaded engine does not pay for its idle slots
         if widths is None:
             widths = {1, max(1, max_batch // 4), max_batch}
         self.widths = tuple(sorted(set(widths)))
@@ -318,17 +319,18 @@ class Engine:
                 self._slots[i] = Slot.admit(handle, prompt, cfg, self.strategies.index(cfg.strategy))
 
     def _decode_inputs(self, decoding: list[int], width: int) -> prog.SlotRound:
-        """Host arrays for the ``decoding`` slots (all < ``width``) that advance one block this round."""
+        """Host arrays for the ``decoding`` slots (at most ``width``) that advance one block this
+        round: entry j works on slot ``decoding[j]``; the rest are idle on the scratch row."""
         B = self.block_length
-        n = width + (width == self.max_batch)  # full width: the scratch row rides along, idle
-        f = {k: np.zeros(n, np.int32) for k in ("strategy", "k", "start", "nfe")}
-        f["decoding"] = np.zeros(n, bool)
-        rows = [self._idle_row] * n
-        for i in decoding:
+        f = {k: np.zeros(width, np.int32) for k in ("strategy", "k", "start", "nfe")}
+        f["slot"] = np.full(width, self.max_batch, np.int32)
+        f["decoding"] = np.zeros(width, bool)
+        rows = [self._idle_row] * width
+        for j, i in enumerate(decoding):
             s = self._slots[i]
-            f["decoding"][i], f["strategy"][i], f["k"][i], f["start"][i] = True, s.strategy, s.k, s.start(B)
-            f["nfe"][i] = s.nfe
-            rows[i] = s.row
+            f["slot"][j], f["decoding"][j], f["strategy"][j], f["k"][j] = i, True, s.strategy, s.k
+            f["start"][j], f["nfe"][j] = s.start(B), s.nfe
+            rows[j] = s.row
         return prog.SlotRound(rows=jax.tree.map(lambda *a: np.concatenate(a), *rows), **f)
 
     def _prefill_inputs(self, prefill: list[int], width: int) -> prog.PrefillChunk:
@@ -369,9 +371,9 @@ class Engine:
             decoding = [i for i, s in enumerate(self._slots) if s is not None and not s.prefilling]
             if not prefill and not decoding:
                 return
-            width = next(w for w in self.widths if w > max(decoding, default=-1))
+            width = next(w for w in self.widths if w >= len(decoding))
             r = self._decode_inputs(decoding, width) if decoding else None
-            plan = {i: self._slots[i] for i in decoding}
+            plan = {j: (i, self._slots[i]) for j, i in enumerate(decoding)}
         t = time.perf_counter()
         out = self._run(r, pc)
         with self._lock:
@@ -384,16 +386,16 @@ class Engine:
 
     def _process(self, plan: dict, out: dict) -> None:
         B = self.block_length
-        for i, slot in plan.items():
+        for j, (i, slot) in plan.items():  # entry j of the round worked on slot i
             if self._slots[i] is not slot:  # aborted while the round ran
                 continue
             h = slot.handle
-            slot.nfe = int(out["nfe"][i])
+            slot.nfe = int(out["nfe"][j])
             if h.request.provisional:
-                for s in np.flatnonzero(out["step_valid"][:, i]):
-                    snap = slot.generated(out["steps"][s, i], B)
+                for s in np.flatnonzero(out["step_valid"][:, j]):
+                    snap = slot.generated(out["steps"][s, j], B)
                     h._emit(ProvisionalStep(h.id, slot.k, int(s), tuple(int(t) for t in snap)))
-            new, reason = slot.commit_block(out["blocks"][i], B, self.eos_id)
+            new, reason = slot.commit_block(out["blocks"][j], B, self.eos_id)
             h._emit(BlockCommitted(h.id, slot.k - 1, tuple(new), slot.nfe))
             self._counters["blocks"] += 1
             if reason is not None:

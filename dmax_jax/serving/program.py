@@ -77,9 +77,11 @@ class SlotState:
 
 @flax.struct.dataclass
 class SlotRound:
-    """Per-slot traced inputs of one round (each ``[slots]``): where the slot is, plus its request's
-    ``RowParams`` (the knobs ``generate`` traces; ``request_ids`` is the sampling stream)."""
+    """Per-entry traced inputs of one round (each ``[width]``): the slot an entry works on, where that
+    slot is, plus its request's ``RowParams`` (the knobs ``generate`` traces; ``request_ids`` is the
+    sampling stream)."""
 
+    slot: jax.Array        # int32: the slot of this entry (unused entries: the scratch row)
     decoding: jax.Array    # bool: advance this slot by one block
     strategy: jax.Array    # int32: index into RoundSpec.strategies
     k: jax.Array           # int32: block index of the request (0 = first block)
@@ -179,14 +181,55 @@ def _record(rec, step, run, tokens):
             "valid": rec["valid"].at[step].set(rec["valid"][step] | run)}
 
 
+COMPACT_FACTOR = 4  # a step loop over n >= 4 rows moves to n // 4 rows once that many are left
+
+
+def _cache_rows(cache: KVCache, idx) -> KVCache:
+    """Rows ``idx`` of a cache (its slot axis is 1)."""
+    return KVCache({n: a[:, idx] for n, a in cache.k.items()}, {n: a[:, idx] for n, a in cache.v.items()},
+                   cache.length[idx])
+
+
+def _take_rows(ctx, idx):
+    """Rows ``idx`` of a loop context ``(cache, r, rows, c0, extra)``."""
+    cache, *rest = ctx
+    return (_cache_rows(cache, idx), *jax.tree.map(lambda a: a[idx], tuple(rest)))
+
+
+def _step_loop(body, ctx, carry, max_steps: int):
+    """``carry = body(ctx, carry)`` while ``step < max_steps`` and a row is live; ``carry = (step,
+    done [n], per-row arrays [n, ..], rec (row axis 1))``.
+
+    Why the second phase: a block's forwards are as many as its slowest row needs, and on a
+    compute-bound device every forward costs all ``n`` rows. Once at most ``n // COMPACT_FACTOR``
+    rows are live, they (with their cache rows and knobs) are gathered into a loop that small (which
+    compacts again, down to one row) and scattered back after it; rows are independent, so each
+    row's arithmetic is unchanged.
+    """
+    small = carry[1].shape[0] // COMPACT_FACTOR
+
+    def live(c):
+        return (c[0] < max_steps) & jnp.any(~c[1])
+
+    if small < 1:
+        return jax.lax.while_loop(live, lambda c: body(ctx, c), carry)
+    carry = jax.lax.while_loop(lambda c: live(c) & ((~c[1]).sum() > small), lambda c: body(ctx, c), carry)
+    step, done, per_row, rec = carry
+    idx = jnp.argsort(done, stable=True)[:small]  # the live rows first
+    sub = (step, done[idx], jax.tree.map(lambda a: a[idx], per_row), jax.tree.map(lambda a: a[:, idx], rec))
+    step, d, p, rc = _step_loop(body, _take_rows(ctx, idx), sub, max_steps)
+    return (step, done.at[idx].set(d), jax.tree.map(lambda a, b: a.at[idx].set(b), per_row, p),
+            jax.tree.map(lambda a, b: a.at[:, idx].set(b), rec, rc))
+
+
 def _spd_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, rows, xb0, c0, nfe, rec):
     """SPD step loop (spec §5.2) over ``rows``, the rules of ``decoding.strategies``."""
     M, dt = spec.mask_id, jnp.dtype(spec.dtype)
     table = embedding_table(params)
-    active = xb0 == M
 
-    def body(ic):
-        step, xb, emb, done, nfe, rec = ic
+    def body(ctx, ic):
+        cache, r, rows, c0, active = ctx
+        step, done, (xb, emb, nfe), rec = ic
         logits = _logits_at(spec, cfg, params, cache, r, rows, c0, step, emb)
         run = ~done
         x0, conf, probs = _pick(spec, r, logits, nfe, spec.top_k > 1)
@@ -197,13 +240,12 @@ def _spd_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, ro
         rec = _record(rec, step, run, u.tokens)
         xb = jnp.where(run[:, None], u.tokens, xb)
         emb = jnp.where(run[:, None, None], emb_next, emb)
-        return step + 1, xb, emb, done | u.stop | (step + 1 >= r.rows.steps), nfe, rec
-
-    def cond(ic):
-        return (ic[0] < spec.spd_max_steps) & jnp.any(~ic[3])
+        return step + 1, done | u.stop | (step + 1 >= r.rows.steps), (xb, emb, nfe), rec
 
     emb0 = jnp.take(table, xb0, axis=0).astype(dt)
-    _, xb, _, _, nfe, rec = jax.lax.while_loop(cond, body, (jnp.int32(0), xb0, emb0, ~rows, nfe, rec))
+    ctx = (cache, r, rows, c0, xb0 == M)
+    _, _, (xb, _, nfe), rec = _step_loop(body, ctx, (jnp.int32(0), ~rows, (xb0, emb0, nfe), rec),
+                                         spec.spd_max_steps)
     return xb, nfe, rec
 
 
@@ -213,8 +255,9 @@ def _threshold_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRou
     M, dt = spec.mask_id, jnp.dtype(spec.dtype)
     table = embedding_table(params)
 
-    def body(ic):
-        step, xb, left, done, nfe, rec = ic
+    def body(ctx, ic):
+        cache, r, rows, c0, _ = ctx
+        step, done, (xb, left, nfe), rec = ic
         emb = jnp.take(table, xb, axis=0).astype(dt)
         logits = _logits_at(spec, cfg, params, cache, r, rows, c0, step, emb)
         run = ~done
@@ -228,48 +271,44 @@ def _threshold_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRou
         left = jnp.where(left == 0, st.unroll_count(n_mask, spec.expected_tpf, spec.max_unroll), left)
         rec = _record(rec, step, run, tokens)
         xb = jnp.where(run[:, None], tokens, xb)
-        return step + 1, xb, left, done | (run & finished), nfe, rec
-
-    def cond(ic):
-        return (ic[0] < spec.threshold_max_steps) & jnp.any(~ic[3])
+        return step + 1, done | (run & finished), (xb, left, nfe), rec
 
     left0 = st.unroll_count((xb0 == M).sum(-1), spec.expected_tpf, spec.max_unroll)
-    _, xb, _, _, nfe, rec = jax.lax.while_loop(cond, body, (jnp.int32(0), xb0, left0, ~rows, nfe, rec))
+    ctx = (cache, r, rows, c0, rows)
+    _, _, (xb, _, nfe), rec = _step_loop(body, ctx, (jnp.int32(0), ~rows, (xb0, left0, nfe), rec),
+                                         spec.threshold_max_steps)
     return xb, nfe, rec
 
 
 LOOPS = {"spd": _spd_loop, "threshold": _threshold_loop}
 
 
-def _rows(state: SlotState, n: int) -> SlotState:
-    """The first ``n`` slots (all of them, scratch row included, without a copy at full width)."""
-    if n == state.x.shape[0]:
-        return state
-    return jax.tree.map(lambda a: a[:, :n] if a.ndim > 2 else a[:n], state)
+def _gather_slots(state: SlotState, slot) -> SlotState:
+    return SlotState(x=state.x[slot], cache=_cache_rows(state.cache, slot))
 
 
-def _put_rows(state: SlotState, part: SlotState) -> SlotState:
-    if part.x.shape[0] == state.x.shape[0]:
-        return part
-
-    def put(a, u):
-        return jax.lax.dynamic_update_slice(a, u, (0,) * a.ndim)
-    return jax.tree.map(put, state, part)
+def _scatter_slots(state: SlotState, part: SlotState, slot) -> SlotState:
+    """``part``'s rows back into their slots (entries on the scratch row may collide: it holds nothing)."""
+    c, pc = state.cache, part.cache
+    cache = KVCache({n: a.at[:, slot].set(pc.k[n]) for n, a in c.k.items()},
+                    {n: a.at[:, slot].set(pc.v[n]) for n, a in c.v.items()}, c.length.at[slot].set(pc.length))
+    return SlotState(x=state.x.at[slot].set(part.x), cache=cache)
 
 
 def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotRound):
     """One block for every decoding slot (wrap in ``jax.jit`` with ``spec``/``config`` bound, ``state``
     donated), after the round's ``prefill_program`` call if it had chunks.
 
-    The block step works on the state's first ``n`` slots only, ``n`` =
-    the length of ``r``'s arrays (the host picks the smallest compiled width covering every decoding
-    slot, so a lightly loaded engine does not compute its idle slots; at full width ``r`` also covers
-    the scratch row, as an idle slot, so no slot buffer is copied). Returns ``(state, out)``:
+    The block step works on ``n`` = the length of ``r``'s arrays entries, entry j on slot
+    ``r.slot[j]`` (gathered, then scattered back): the host packs the decoding slots into the
+    smallest compiled width holding them, so a lightly loaded engine does not compute its idle slots
+    wherever they sit (unused entries are idle on the scratch row). Returns ``(state, out)``, per
+    entry:
     ``out["blocks"] [n, B]`` the decoded blocks, ``out["nfe"] [n]`` the forward counters after the
     round, ``out["steps"] [S, n, B]`` / ``out["step_valid"] [S, n]`` the block after every forward
     (provisional snapshots)."""
     B, n = spec.block_length, r.start.shape[0]
-    part = _rows(state, n)
+    part = _gather_slots(state, r.slot)
     logits_c, cache, cross = _cross(spec, cfg, params, part, r)
     xb0 = fw.row_slice(part.x, r.start, B)
     rec = {"tokens": jnp.zeros((spec.max_steps, n, B), jnp.int32),
@@ -281,7 +320,7 @@ def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r
         xb = jnp.where(rows[:, None], xb_s, xb)
     x = jnp.where(r.decoding[:, None], fw.row_update(part.x, r.start, xb), part.x)
     out = {"blocks": xb, "nfe": nfe, "steps": rec["tokens"], "step_valid": rec["valid"]}
-    return _put_rows(state, SlotState(x=x, cache=cache)), out
+    return _scatter_slots(state, SlotState(x=x, cache=cache), r.slot), out
 
 
 def state_sharding(params):
