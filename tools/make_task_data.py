@@ -1,6 +1,7 @@
 """Write the embedded demo's data: GSM8K-format train/test JSONL and the task tokenizer.
 
-Usage: ``python tools/make_task_data.py --out data/arith [--n-train 30000 --n-test 1000 --seed 0]``.
+Usage: ``python tools/make_task_data.py --out data/arith [--task arith_small --n-train 30000 --n-test 1000
+--seed 0]`` (``--task``: a ``generate:`` task name; default the shipped demo's).
 Output (byte-identical for the same arguments): ``OUT/train.jsonl``, ``OUT/test.jsonl`` (rows
 ``{"question", "answer"}``, answers end with ``#### N``) and ``OUT/tokenizer/`` (load it with
 ``transformers.AutoTokenizer.from_pretrained``). Prints prompt/answer token-length statistics under
@@ -15,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from dmax_jax.demo.data import GENERATED_TASKS  # noqa: E402
+from dmax_jax.demo.examples import DEMO_TASK  # noqa: E402
 from dmax_jax.demo.task import TEMPLATES, generate_problems, write_jsonl  # noqa: E402
 from dmax_jax.demo.tokenizer import (  # noqa: E402
     DEMO_VOCAB_SIZE,
@@ -29,6 +32,8 @@ MIN_TEST = 500
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (created; files are overwritten)")
+    parser.add_argument("--task", choices=sorted(GENERATED_TASKS), default=DEMO_TASK,
+                        help="which generated task (default: %(default)s, the shipped demo's)")
     parser.add_argument("--n-train", type=int, default=30_000, help="train problems")
     parser.add_argument("--n-test", type=int, default=1000, help=f"held-out test problems (>= {MIN_TEST})")
     parser.add_argument("--seed", type=int, default=0)
@@ -45,13 +50,15 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train = generate_problems(args.n_train, seed=args.seed, split="train")
-    test = generate_problems(args.n_test, seed=args.seed, split="test")
+    phrasing, scale = GENERATED_TASKS[args.task]
+    train = generate_problems(args.n_train, seed=args.seed, split="train", phrasing=phrasing, scale=scale)
+    test = generate_problems(args.n_test, seed=args.seed, split="test", phrasing=phrasing, scale=scale)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "test.jsonl", test)
     # generate_problems(k) is a prefix of generate_problems(n >= k): the BPE sees train.jsonl's head.
     tok_dir = build_task_tokenizer(out / "tokenizer", n_problems=min(args.tokenizer_problems, args.n_train),
-                                   seed=args.seed, vocab_size=args.vocab_size)
+                                   seed=args.seed, vocab_size=args.vocab_size, phrasing=phrasing,
+                                   scale=scale)
 
     from transformers import AutoTokenizer
 
