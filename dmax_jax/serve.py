@@ -165,13 +165,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = uvicorn.Server(config)
     # uvicorn handles SIGTERM / SIGINT (graceful shutdown), then restores the previous handlers and
     # re-raises the signal; with these no-op handlers restored, the re-raise does not kill the process
-    # before the engine is stopped, and a requested shutdown exits 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+    # before the engine is stopped, and a requested shutdown exits 0. The caller's handlers come back
+    # afterwards (main may run inside another program, e.g. a test process).
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run()
     finally:
         engine.stop(drain=False)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if not server.started:
         print(f"{PROG}: error: could not listen on {args.host}:{args.port}", file=sys.stderr)
         return 2

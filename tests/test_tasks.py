@@ -280,8 +280,9 @@ def test_make_task_data_is_byte_deterministic(tmp_path: Path) -> None:
     assert first == second
     test_rows = [json.loads(line) for line in first["test.jsonl"].decode().splitlines()]
     train_rows = [json.loads(line) for line in first["train.jsonl"].decode().splitlines()]
-    assert test_rows == generate_problems(500, seed=3, split="test")
-    assert train_rows == generate_problems(1200, seed=3, split="train")
+    # the tool's default task is the shipped demo's (arith_small: varied wording, small numbers)
+    assert test_rows == generate_problems(500, seed=3, split="test", phrasing="varied", scale="small")
+    assert train_rows == generate_problems(1200, seed=3, split="train", phrasing="varied", scale="small")
     small = subprocess.run([sys.executable, str(REPO / "tools" / "make_task_data.py"), "--out",
                             str(tmp_path / "small"), "--n-test", "10"], capture_output=True, text=True)
     assert small.returncode != 0 and "--n-test must be >= 500" in small.stderr

@@ -188,8 +188,12 @@ def test_ctrl_c_prints_the_last_checkpoint_and_the_resume_command(task, tmp_path
     assert _main(argv, capsys)[0] == 0 and _steps(out) == [1, 2, 3, 4]
 
 
-def test_ctrl_c_between_steps_saves_the_update_and_stops(task, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_between_steps_saves_the_update_and_stops(task, tmp_path, capsys, monkeypatch, request):
     """A real SIGINT (to this process) during update 3: the loop finishes it, saves it, exits 130."""
+    # The loop only takes over Ctrl-C from Python's default handler (never from an embedding program's):
+    # start from that, whatever an earlier test in this worker process left installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     real_build = loop._build
 
     def build_signalling_in_update_3(model_config, cfg):
