@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dmax_jax.demo import DEMO_DECODE
+from dmax_jax.demo import DEMO_DECODE, templates
 from dmax_jax.demo import task as arith
 from dmax_jax.demo.task import (
     TEMPLATES,
@@ -201,7 +201,7 @@ def test_invalid_arguments_raise() -> None:
 
 
 def test_exhausted_template_space_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    def constant(rng: random.Random, scale: arith.Scale) -> arith._Rendered:
+    def constant(rng: random.Random, scale: templates.Scale) -> templates.Rendered:
         return {"a": 2}, {}, "What is 2 times 2?", ["2*2=4."]
 
     monkeypatch.setattr(arith, "TEMPLATES", {"constant": constant})

@@ -6,8 +6,7 @@ compiled program that advances every decoding slot by one block — the step loo
 ``lax.while_loop`` — preceded, when requests were admitted, by one call of the compiled prefill
 program (one chunk of ``prefill_chunk`` prompt tokens for each of up to ``prefill_batch`` of them).
 Between rounds the host admits queued requests into free slots, retires finished ones and emits
-events. Requests are batch-invariant: their tokens equal
-``dmax_jax.generate`` on the prompt alone.
+events. Requests are batch-invariant: their tokens equal ``dmax_jax.generate`` on the prompt alone.
 
 Usage::
 
@@ -82,10 +81,8 @@ class Engine:
     ``llada2`` is not served); ``dtype`` the compute dtype (cache too); ``top_k``, ``max_unroll``,
     ``expected_tpf``, ``soft_embedding_impl`` as in ``generate`` (static); ``mask_id`` / ``eos_id``
     default to the model config's. ``widths``: the batch widths compiled (default 1, max_batch // 4,
-    max_batch): a round computes only the smallest width holding its decoding slots (gathered from
-    wherever they sit);
-    likewise the prefill program is compiled for 1 and ``prefill_batch`` chunks (``prefill_widths``),
-    so a lone admission does not pay for ``prefill_batch`` chunk forwards.
+    max_batch): a round computes only the smallest width holding its decoding slots, wherever they
+    sit; the prefill program likewise for 1 or ``prefill_batch`` chunks (``prefill_widths``).
     """
 
     def __init__(self, model, *, max_batch: int = 8, block_length: int = 32, capacity: int | None = None,

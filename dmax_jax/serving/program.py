@@ -111,6 +111,18 @@ def init_state(spec: RoundSpec, cfg: ModelConfig, slots: int) -> SlotState:
     return SlotState(x=x, cache=init_cache(cfg, slots + 1, spec.width, jnp.dtype(spec.dtype)))
 
 
+def _cache_rows(cache: KVCache, idx) -> KVCache:
+    """Rows ``idx`` of a cache (its slot axis is 1)."""
+    return KVCache({n: a[:, idx] for n, a in cache.k.items()}, {n: a[:, idx] for n, a in cache.v.items()},
+                   cache.length[idx])
+
+
+def _put_cache_rows(cache: KVCache, idx, part: KVCache) -> KVCache:
+    """``cache`` with ``part``'s K/V written into rows ``idx`` (lengths untouched)."""
+    return cache.replace(k={n: a.at[:, idx].set(part.k[n]) for n, a in cache.k.items()},
+                         v={n: a.at[:, idx].set(part.v[n]) for n, a in cache.v.items()})
+
+
 def prefill_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState,
                     pc: PrefillChunk) -> SlotState:
     """Write the chunks' tokens and, if any chunk lies before its slot's ``s0``, forward all chunks
@@ -121,13 +133,11 @@ def prefill_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState,
     x = state.x.at[pc.slot].set(fw.row_update(rows, pc.start, pc.ids))
 
     def chunk_forward(cache: KVCache) -> KVCache:
-        part = KVCache({n: a[:, pc.slot] for n, a in cache.k.items()},
-                       {n: a[:, pc.slot] for n, a in cache.v.items()}, pc.start)
+        part = _cache_rows(cache, pc.slot).replace(length=pc.start)
         mask = MaskSpec("block_causal", spec.block_length)
         pos = fw.positions(pc.start, spec.prefill_chunk)
         _, part = forward(params, cfg, pc.ids, positions=pos, mask=mask, cache=part, commit=True, dtype=dt)
-        return cache.replace(k={n: a.at[:, pc.slot].set(part.k[n]) for n, a in cache.k.items()},
-                             v={n: a.at[:, pc.slot].set(part.v[n]) for n, a in cache.v.items()})
+        return _put_cache_rows(cache, pc.slot, part)
 
     cache = jax.lax.cond(pc.forward.any(), chunk_forward, lambda c: c, state.cache)
     cache = cache.replace(length=cache.length.at[pc.slot].set(pc.length))
@@ -182,12 +192,6 @@ def _record(rec, step, run, tokens):
 
 
 COMPACT_FACTOR = 4  # a step loop over n >= 4 rows moves to n // 4 rows once that many are left
-
-
-def _cache_rows(cache: KVCache, idx) -> KVCache:
-    """Rows ``idx`` of a cache (its slot axis is 1)."""
-    return KVCache({n: a[:, idx] for n, a in cache.k.items()}, {n: a[:, idx] for n, a in cache.v.items()},
-                   cache.length[idx])
 
 
 def _take_rows(ctx, idx):
@@ -289,9 +293,8 @@ def _gather_slots(state: SlotState, slot) -> SlotState:
 
 def _scatter_slots(state: SlotState, part: SlotState, slot) -> SlotState:
     """``part``'s rows back into their slots (entries on the scratch row may collide: it holds nothing)."""
-    c, pc = state.cache, part.cache
-    cache = KVCache({n: a.at[:, slot].set(pc.k[n]) for n, a in c.k.items()},
-                    {n: a.at[:, slot].set(pc.v[n]) for n, a in c.v.items()}, c.length.at[slot].set(pc.length))
+    c = _put_cache_rows(state.cache, slot, part.cache)
+    cache = c.replace(length=c.length.at[slot].set(part.cache.length))
     return SlotState(x=state.x.at[slot].set(part.x), cache=cache)
 
 
