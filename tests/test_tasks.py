@@ -26,8 +26,8 @@ from dmax_jax.demo.task import (
     split_of,
 )
 from dmax_jax.demo.tokenizer import (
-    DEMO_VOCAB_SIZE,
     build_task_tokenizer,
+    demo_vocab_size,
     prompt_ids,
     sequence_lengths,
 )
@@ -220,15 +220,44 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory, scale: str):
     return AutoTokenizer.from_pretrained(out)
 
 
-def test_tokenizer_loads_with_demo_special_ids(tokenizer) -> None:
+def test_tokenizer_loads_with_demo_special_ids(tokenizer, scale: str) -> None:
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id) == (1, 1, 2)
-    assert len(tokenizer) == DEMO_VOCAB_SIZE
+    assert 500 < len(tokenizer) <= demo_vocab_size(scale)
     ids = prompt_ids(tokenizer, "Tom has 3 apples.")
     expected = f"<role>HUMAN</role>{gsm8k_prompt('Tom has 3 apples.')}<|role_end|><role>ASSISTANT</role>"
     assert tokenizer.decode(ids) == expected
     for word in ("HUMAN", "ASSISTANT", "Question", " think", " dollars"):
         assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1, word
-    assert len(tokenizer("1234", add_special_tokens=False)["input_ids"]) == 4  # one token per digit
+    if arith.SCALES[scale].whole_numbers:  # every number the task draws is one token, in any context
+        numbers = _numbers(generate_problems(1500, seed=0, split="train", scale=scale))  # its corpus
+        assert len(numbers) >= 40
+        for n in numbers:
+            for text in (n, f"=${n}.", f" {n}+"):
+                pieces = tokenizer.tokenize(text)
+                assert sum(any(c.isdigit() for c in piece) for piece in pieces) == 1, (text, pieces)
+                assert n in [tokenizer.convert_tokens_to_string([piece]) for piece in pieces], (text, pieces)
+    else:
+        assert len(tokenizer("1234", add_special_tokens=False)["input_ids"]) == 4  # one token per digit
+
+
+def _numbers(problems: list[dict[str, str]]) -> set[str]:
+    return {n for p in problems for n in re.findall(r"\d+", p["question"] + p["answer"])}
+
+
+def test_held_out_numbers_are_all_whole_tokens_of_the_demo_tokenizer() -> None:
+    """A whole-number tokenizer has 0..99 whole; every number the task draws is in that range."""
+    from dmax_jax.demo.tokenizer import WHOLE_NUMBERS
+
+    for scale in (s for s in sorted(arith.SCALES) if arith.SCALES[s].whole_numbers):
+        for split in ("train", "test"):
+            drawn = {int(n) for n in _numbers(generate_problems(3000, split=split, phrasing="varied",
+                                                                scale=scale))}
+            assert drawn <= set(WHOLE_NUMBERS), (scale, split, sorted(drawn - set(WHOLE_NUMBERS)))
+
+
+def test_whole_number_tokenizer_refuses_a_vocab_too_small_for_its_numbers(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="too small to keep every number whole"):
+        build_task_tokenizer(tmp_path / "tok", n_problems=300, scale="small", vocab_size=420)
 
 
 def test_tokenizer_round_trips_held_out_text(tokenizer, test_split: list[arith.Problem]) -> None:

@@ -20,7 +20,6 @@ from dmax_jax.demo.data import GENERATED_TASKS  # noqa: E402
 from dmax_jax.demo.examples import DEMO_TASK  # noqa: E402
 from dmax_jax.demo.task import TEMPLATES, generate_problems, write_jsonl  # noqa: E402
 from dmax_jax.demo.tokenizer import (  # noqa: E402
-    DEMO_VOCAB_SIZE,
     build_task_tokenizer,
     format_length_stats,
     sequence_lengths,
@@ -37,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-train", type=int, default=30_000, help="train problems")
     parser.add_argument("--n-test", type=int, default=1000, help=f"held-out test problems (>= {MIN_TEST})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vocab-size", type=int, default=DEMO_VOCAB_SIZE)
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="tokenizer size (default: the task's demo size, 640 digit / 768 whole-number)")
     parser.add_argument("--tokenizer-problems", type=int, default=20_000,
                         help="train the BPE on the first this-many train problems")
     parser.add_argument("--stats-sample", type=int, default=5000,

@@ -31,17 +31,19 @@ _BASE_ALPHABET = (
 
 
 def build_tokenizer(out_dir: str | os.PathLike, corpus: Iterable[str] | None = None,
-                    vocab_size: int = 384) -> str:
-    """Train a byte-level BPE tokenizer (digits split one per token) and save it as an HF directory.
+                    vocab_size: int = 384, *, whole_numbers: bool = False) -> str:
+    """Train a byte-level BPE tokenizer and save it as an HF directory.
 
-    ``corpus`` defaults to a tiny built-in text so tests need no data. Returns ``out_dir``.
+    Digits are split one per token, or with ``whole_numbers`` a run of digits is kept as one
+    pre-token so that the BPE can merge each frequent number into a single piece (the caller checks
+    that it did). ``corpus`` defaults to a tiny built-in text so tests need no data. Returns ``out_dir``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Digits(individual_digits=not whole_numbers),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()

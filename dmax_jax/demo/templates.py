@@ -26,12 +26,15 @@ _THINGS = ("game", "book", "bag", "lamp", "watch", "kite", "ball", "jacket")
 
 @dataclass(frozen=True)
 class Scale:
-    """How large a template's numbers are: the ranges it draws its parameters from.
+    """How large a template's numbers are (the ranges it draws its parameters from), and how the task
+    tokenizer cuts them.
 
-    Why: on "gsm" numbers (factors up to 9, sums up to ~160, carries) a 0.67 M-parameter model trained
-    for an hour on 2 CPU cores gets ~14 % of the varied-wording problems right, mostly for wrong step
-    arithmetic. "small" keeps the templates, wordings and step dependencies (what makes parallel
-    decoding hard) with every number <= 60; the same model gets ~26 % (docs/experiments.md §5).
+    Why: on "gsm" numbers (factors up to 9, sums up to ~160, carries, one token per digit) a
+    0.67 M-parameter model trained for an hour on 2 CPU cores gets ~14 % of the varied-wording
+    problems right, mostly for wrong step arithmetic. "small" keeps the templates, wordings and step
+    dependencies (what makes parallel decoding hard) with every number <= 60, and makes each number
+    one token (``whole_numbers``): a step's result is then one position to predict from two, not two
+    digit positions that must agree (docs/experiments.md §5-6).
     """
 
     factor: int              # largest multiplication factor / divisor
@@ -41,10 +44,13 @@ class Scale:
     gap: int                 # largest age difference
     start: int               # largest starting savings / flour cost
     bills: tuple[int, ...]   # the bills paid with (the largest always leaves change)
+    whole_numbers: bool      # the task BPE keeps each number as one token (else one token per digit)
 
 
-SCALES = {"gsm": Scale(factor=9, count=12, addend=18, age=15, gap=20, start=30, bills=(20, 50, 100)),
-          "small": Scale(factor=5, count=6, addend=9, age=9, gap=9, start=12, bills=(20, 30, 50))}
+SCALES = {"gsm": Scale(factor=9, count=12, addend=18, age=15, gap=20, start=30, bills=(20, 50, 100),
+                       whole_numbers=False),
+          "small": Scale(factor=5, count=6, addend=9, age=9, gap=9, start=12, bills=(20, 30, 50),
+                         whole_numbers=True)}
 
 
 Line = tuple[str, ...]

@@ -3,21 +3,26 @@
 Why: with a generic byte-level vocabulary every word would cost several tokens and the demo's
 prompt + answer would not fit its 128-token budget. Training ``build_tokenizer`` (spec §3 special
 tokens, eos = pad = 1, mask = 2, LLaDA2 chat template) on the task's own train text makes every word
-one piece, while digits stay one token each so the arithmetic is visible to the model.
+one piece. Numbers are one token per digit, or (scales with ``whole_numbers``) one token each: the
+build then checks that every number of the corpus became a single piece.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from dmax_jax.data.tokenizer_build import build_tokenizer
-from dmax_jax.demo.task import generate_problems, gsm8k_prompt
+from dmax_jax.demo.task import SCALES, generate_problems, gsm8k_prompt
 
-DEMO_VOCAB_SIZE = 640
+# Tokenizer sizes: digit tokenizers keep the 640 of the earlier demo (configs/tiny.yaml's vocab_size);
+# a whole-number one needs room for ~660 word pieces and 0..99 (the model's vocab_size must cover it).
+DEMO_VOCAB_SIZES = {False: 640, True: 768}
+WHOLE_NUMBERS = range(100)  # one token each in a ``whole_numbers`` tokenizer (the task draws <= 60)
 # Role names live between the <role> special tokens, so the BPE must learn them as ordinary text.
 _CHAT_WORDS = ("HUMAN", "ASSISTANT", "SYSTEM")
 
@@ -32,16 +37,42 @@ def tokenizer_corpus(problems: Sequence[dict[str, str]]) -> list[str]:
 
 
 def build_task_tokenizer(out_dir: str | os.PathLike, *, n_problems: int = 20_000, seed: int = 0,
-                         vocab_size: int = DEMO_VOCAB_SIZE, phrasing: str = "fixed",
+                         vocab_size: int | None = None, phrasing: str = "fixed",
                          scale: str = "gsm") -> str:
     """Train the demo tokenizer on ``n_problems`` train-split problems (solutions worded per
     ``phrasing``, numbers per ``scale``; see ``task.PHRASINGS`` / ``task.SCALES``) and save it to
-    ``out_dir``."""
+    ``out_dir``. ``vocab_size`` defaults to ``demo_vocab_size(scale)``."""
     if n_problems < 1:
         raise ValueError(f"n_problems must be >= 1, got {n_problems}")
+    vocab_size = demo_vocab_size(scale) if vocab_size is None else vocab_size
+    whole = SCALES[scale].whole_numbers
     corpus = tokenizer_corpus(generate_problems(n_problems, seed=seed, split="train", phrasing=phrasing,
                                                 scale=scale))
-    return build_tokenizer(out_dir, corpus, vocab_size=vocab_size)
+    if whole:  # every 0..99 as often as a frequent word, so rare numbers (held-out ones too) merge
+        corpus += [str(n) for n in WHOLE_NUMBERS for _ in range(max(1, n_problems // 10))]
+    build_tokenizer(out_dir, corpus, vocab_size=vocab_size, whole_numbers=whole)
+    if whole:
+        _check_whole_numbers(out_dir, corpus, vocab_size)
+    return os.fspath(out_dir)
+
+
+def demo_vocab_size(scale: str) -> int:
+    """Size of the demo tokenizer of ``scale`` (a key of ``task.SCALES``)."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
+    return DEMO_VOCAB_SIZES[SCALES[scale].whole_numbers]
+
+
+def _check_whole_numbers(out_dir: str | os.PathLike, corpus: Sequence[str], vocab_size: int) -> None:
+    """Refuse a tokenizer whose BPE did not merge 0..99 and every number of the corpus into one piece."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    numbers = sorted({int(n) for text in corpus for n in re.findall(r"\d+", text)} | set(WHOLE_NUMBERS))
+    split = [n for n in numbers if len(tok(str(n), add_special_tokens=False)["input_ids"]) != 1]
+    if split:
+        raise ValueError(f"vocab_size {vocab_size} is too small to keep every number whole: "
+                         f"{split[:8]}{' ...' if len(split) > 8 else ''} are still split; raise vocab_size")
 
 
 def prompt_ids(tokenizer: Any, question: str) -> list[int]:
