@@ -262,9 +262,11 @@ N_EXAMPLES = 4
 
 def decode_demo_pairs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[tuple]]:
     """Every ``DEMO_PAIRS`` (model, strategy) over the first ``N_EXAMPLES`` held-out problems, scored
-    like the demo's evaluation (the GSM8K answer checker)."""
+    strictly: right when the last ``#### N`` line is the gold number (``correct_reference``: the
+    reference's top-2 GSM8K checker, which the evaluation tables use)."""
     from dmax_jax.demo import default_model_dir, test_problems
     from dmax_jax.eval.benchmarks import get_benchmark
+    from dmax_jax.eval.extract import canonicalize, final_answer
 
     bench = get_benchmark("gsm8k")
     problems = test_problems(N_EXAMPLES)
@@ -283,8 +285,11 @@ def decode_demo_pairs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], l
                                 batch_size=args.batch_size, trace=args.html is not None,
                                 desc=f"{name} + {strategy}")
         for row, prob in zip(rows, problems):
+            answer = final_answer(row["text"])
             row.update(model=name, strategy=strategy, threshold=cfg.threshold, gold=bench.gold(prob),
-                       correct=bool(bench.score(row["text"], prob).correct))
+                       answer=answer, correct=answer is not None
+                       and canonicalize(answer) == canonicalize(bench.gold(prob)),
+                       correct_reference=bool(bench.score(row["text"], prob).correct))
         results.extend(rows)
         traces.append((f"{name} + {strategy} (tau {cfg.threshold:g})", model.tokenizer, questions, tr))
     return results, traces
@@ -315,8 +320,8 @@ def format_pairs(results: list[dict[str, Any]]) -> str:
         for r in rows:
             mark = "right" if r["correct"] else f"wrong (gold {r['gold']})"
             answer = " | ".join(line.strip() for line in r["text"].strip().splitlines()) or "(empty)"
-            lines.append(f"  {label[(r['model'], r['strategy'])]:<{width}}  {mark:<16} NFE {r['nfe']:>3}  "
-                         f"TPF {r['tpf']:5.2f}  {answer}")
+            lines.append(f"  {label[(r['model'], r['strategy'])]:<{width}}  answer {r['answer'] or '-':>4}  "
+                         f"{mark:<16} NFE {r['nfe']:>3}  TPF {r['tpf']:5.2f}  {answer}")
         lines.append("")
     means = {}
     for p in pairs:

@@ -49,11 +49,11 @@ def test_unknown_or_missing_model_is_a_clear_error(tmp_path):
 
 
 def test_dmax_spd_solves_held_out_problems(shipped):
-    # The shipped 0.67M-parameter model solves ~26 % of held-out problems (README); 13 of these 50 at the
-    # time of shipping. A broken model, decoder or extraction solves ~none of them.
+    # The shipped 0.67M-parameter model solves ~77 % of held-out problems (README). A broken model,
+    # decoder or extraction solves ~none of them.
     results = demo.decode_examples(shipped["dmax"], n=50, strategy="spd")
     assert len(results) == 50
-    assert sum(r["correct"] for r in results) >= 8, demo.format_examples(results)
+    assert sum(r["correct"] for r in results) >= 30, demo.format_examples(results)
     for r in results:
         assert "####" in r["response"]
         assert r["nfe"] >= 2 and r["tpf"] == pytest.approx(r["tokens"] / r["nfe"])

@@ -140,3 +140,13 @@ def test_gsm8k_gold() -> None:
     assert gsm8k_gold("Total: 1,234\n#### 1,234") == "1234"
     with pytest.raises(ValueError, match="####"):
         gsm8k_gold("no final line 18")
+
+
+def test_final_answer_is_the_last_marked_number_only() -> None:
+    from dmax_jax.eval.extract import final_answer, is_correct
+
+    text = "She gets back 30-13=17.\n#### 13"
+    assert final_answer(text) == "13"
+    assert is_correct(text, "17")  # the reference's top-2 rule also takes the last step's result
+    assert final_answer("#### 5\n#### 7 dollars") == "7"
+    assert final_answer("So 3+4=7.") is None

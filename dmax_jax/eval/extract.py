@@ -261,6 +261,14 @@ def is_correct(response: str, gold: str, mode: Mode = "numeric", top_k: int = 2)
     return score_answer(response, gold, mode, top_k)[0]
 
 
+def final_answer(response: str) -> str | None:
+    """The number on a response's last ``#### N`` line, or None: the strict reading of a GSM8K
+    response (the reference scorer, ``score_answer``, also accepts the gold as its second candidate,
+    e.g. a last step's result when the ``####`` line disagrees with it)."""
+    marks = re.findall(r"####\s*([^\n]+)", str(response or ""))
+    return last_number(marks[-1]) if marks else None
+
+
 def gsm8k_gold(answer_field: str) -> str:
     """The gold number of a GSM8K ``answer`` field: the text after ``####`` (commas removed)."""
     if "####" not in answer_field:
