@@ -3,7 +3,7 @@
     python tools/build_demo.py [--work runs/build_demo] [--assets dmax_jax/assets/demo] [--eval-limit N]
 
 Stages (each timed; the times go to ``WORK/build_times.json``):
-1. data + tokenizer: ``dmax_jax/demo/configs/base.yaml`` names ``generate:arith_varied:N``; the demo's
+1. data + tokenizer: ``dmax_jax/demo/configs/base.yaml`` names ``generate:arith_small:N``; the demo's
    data step writes the train problems (chat rows, spec §5.4 prompt) and trains the task BPE (768 tokens, numbers whole)
    under ``WORK/base/task_data``;
 2. ``base``: block-diffusion masked-diffusion pretraining from a random init (step mode "mdm",
