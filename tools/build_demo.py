@@ -4,8 +4,8 @@
 
 Stages (each timed; the times go to ``WORK/build_times.json``):
 1. data + tokenizer: ``dmax_jax/demo/configs/base.yaml`` names ``generate:arith_small:N``; the demo's
-   data step writes the train problems (chat rows, spec §5.4 prompt) and trains the task BPE (768 tokens, numbers whole)
-   under ``WORK/base/task_data``;
+   data step writes the train problems (chat rows, spec §5.4 prompt) and trains the task BPE (768
+   tokens, numbers whole) under ``WORK/base/task_data``;
 2. ``base``: block-diffusion masked-diffusion pretraining from a random init (step mode "mdm",
    ``[noisy | clean]`` layout, noise ratio drawn per sequence) → ``ASSETS/base``;
 3. trajectories: ``base`` decodes the first ``--distill-rows`` train questions (threshold decoding,
