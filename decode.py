@@ -285,10 +285,9 @@ def decode_demo_pairs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], l
                                 batch_size=args.batch_size, trace=args.html is not None,
                                 desc=f"{name} + {strategy}")
         for row, prob in zip(rows, problems):
-            answer = final_answer(row["text"])
-            row.update(model=name, strategy=strategy, threshold=cfg.threshold, gold=bench.gold(prob),
-                       answer=answer, correct=answer is not None
-                       and canonicalize(answer) == canonicalize(bench.gold(prob)),
+            answer, gold = final_answer(row["text"]), bench.gold(prob)
+            row.update(model=name, strategy=strategy, threshold=cfg.threshold, gold=gold, answer=answer,
+                       correct=answer is not None and canonicalize(answer) == canonicalize(gold),
                        correct_reference=bool(bench.score(row["text"], prob).correct))
         results.extend(rows)
         traces.append((f"{name} + {strategy} (tau {cfg.threshold:g})", model.tokenizer, questions, tr))

@@ -35,8 +35,9 @@ Mode = Literal["numeric", "math"]
 # ("16-3-4" gives 16, 3, 4 rather than -3, -4).
 _NUMBER_RE = re.compile(r"(?:(?<![\w)\]}.])-)?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+)?")
 _THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_HASH_SPAN_RE = re.compile(r"####\s*([^\n]+)")  # GSM8K's final "#### N" line
 _SPAN_PATTERNS = [
-    re.compile(r"####\s*([^\n]+)"),
+    _HASH_SPAN_RE,
     re.compile(r"(?is)<answer>\s*(.*?)\s*</answer>"),
     re.compile(r"(?is)Final Answer\s*[:：]\s*(.*?)(?=\n\s*\n|$)"),
     re.compile(r"(?is)The final answer is\s*(.*?)(?:\.?\s*I hope it is correct\.?|$)"),
@@ -265,7 +266,7 @@ def final_answer(response: str) -> str | None:
     """The number on a response's last ``#### N`` line, or None: the strict reading of a GSM8K
     response (the reference scorer, ``score_answer``, also accepts the gold as its second candidate,
     e.g. a last step's result when the ``####`` line disagrees with it)."""
-    marks = re.findall(r"####\s*([^\n]+)", str(response or ""))
+    marks = _HASH_SPAN_RE.findall(str(response or ""))
     return last_number(marks[-1]) if marks else None
 
 
