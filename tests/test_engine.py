@@ -115,6 +115,25 @@ def test_many_random_requests_equal_generate_alone(params):
     assert eng.compile_count() == len(eng.widths) + len(eng.prefill_widths)
 
 
+def test_forward_count_is_nfe_alone_and_shared_in_a_batch(params):
+    """``stats()["forwards"]`` counts the model forwards a round ran one after another: a lone request
+    (prompt in one prefill chunk) runs exactly its NFE; requests decoding together share forwards,
+    so the count is below the sum of their NFEs and at least the slowest one's."""
+    reqs = [EngineRequest(list(range(10 + i, 22 + i)), 24, strategy=s, threshold=t, seed=i)
+            for i, (s, t) in enumerate([("spd", 0.3), ("threshold", 0.3), ("spd", 0.9), ("spd", 0.05)])]
+    eng = engine(params, max_batch=1)
+    for r in reqs:
+        f0 = eng.stats()["forwards"]
+        h = eng.submit(r)
+        eng.run_until_idle()
+        assert eng.stats()["forwards"] - f0 == h.result(0).usage.nfe == alone(params, r).nfe[0]
+    eng = engine(params, max_batch=4)
+    handles = [eng.submit(r) for r in reqs]
+    eng.run_until_idle()
+    nfe = [h.result(0).usage.nfe for h in handles]
+    assert max(nfe) <= eng.stats()["forwards"] < sum(nfe)
+
+
 def test_events_blocks_and_provisional_steps(params):
     eng = engine(params)
     req = EngineRequest(list(range(10, 29)), 20, threshold=0.6, provisional=True)

@@ -144,7 +144,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._drain = True
-        self._counters = collections.Counter()
+        self._counters = collections.Counter(rounds=0, forwards=0, blocks=0, finished=0)
         self.error: Exception | None = None  # what ended the background thread, if a round failed
 
     # ---- properties --------------------------------------------------------------------------------
@@ -264,7 +264,8 @@ class Engine:
         return n
 
     def stats(self) -> dict:
-        """Counters: rounds, busy seconds, queued / prefilling / decoding / free slots, finished."""
+        """Counters: rounds, busy seconds, ``forwards`` (model forwards run one after another,
+        ``program.round_forwards``), blocks, queued / prefilling / decoding / free slots, finished."""
         with self._lock:
             live = [s for s in self._slots if s is not None]
             return {**self._counters, "queued": len(self._queue),
@@ -377,8 +378,10 @@ class Engine:
             self._counters["rounds"] += 1
             self._counters["busy_seconds"] += time.perf_counter() - t
             self._counters["prefill_chunks"] += len(prefill)
+            self._counters["forwards"] += int(pc is not None and bool(pc.forward.any()))
             if out is not None:
                 self._counters[f"rounds_width_{width}"] += 1
+                self._counters["forwards"] += prog.round_forwards(r, out["step_valid"], len(self.strategies))
                 self._process(plan, out)
 
     def _process(self, plan: dict, out: dict) -> None:

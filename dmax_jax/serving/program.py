@@ -27,6 +27,7 @@ import dataclasses
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dmax_jax.config import ModelConfig
@@ -324,6 +325,25 @@ def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r
     x = jnp.where(r.decoding[:, None], fw.row_update(part.x, r.start, xb), part.x)
     out = {"blocks": xb, "nfe": nfe, "steps": rec["tokens"], "step_valid": rec["valid"]}
     return _scatter_slots(state, SlotState(x=x, cache=cache), r.slot), out
+
+
+def round_forwards(r: SlotRound, step_valid, n_strategies: int) -> int:
+    """How many model forwards ``round_program`` ran one after another for host inputs ``r`` and its
+    ``out["step_valid"]``: the cross forward (if a decoding slot is past its first block), then per
+    strategy its loop's forwards — step 0's block forward only if one of its slots is at its first
+    block (the others use the cross logits), one per later step any of its rows took.
+
+    Why count them: on an accelerator whose forward over a few rows is bound by reading the weights
+    (DMax-16B at these batch sizes), a forward costs about the same for 1 row or 16, so generated
+    tokens per sequential forward is what batching buys there, independent of this host's speed."""
+    dec, k, strat = np.asarray(r.decoding), np.asarray(r.k), np.asarray(r.strategy)
+    valid = np.asarray(step_valid)
+    n = int((dec & (k > 0)).any())
+    for i in range(n_strategies):
+        rows = dec & (strat == i)
+        if rows.any():
+            n += int((rows & (k == 0)).any()) + int(valid[1:, rows].any(axis=1).sum())
+    return n
 
 
 def state_sharding(params):
