@@ -208,3 +208,19 @@ def test_build_demo_rebuilds_both_models_end_to_end(tmp_path):
     dmax_cfg = yaml.safe_load((work / "dmax" / "train_config.yaml").read_text())
     assert dmax_cfg["data"]["paths"] == [str(work / "distill" / "train.jsonl")]
     assert build_demo.parse_args([]).distill_rows == 8000  # the shipped dmax's recipe
+
+
+def test_accept_threshold_validation_split_is_disjoint_from_the_reported_problems():
+    sweep = load_script("tools/sweep_accept_threshold.py")
+    val = sweep.validation_rows(200)
+    reported = {r["question"] for r in demo.test_problems(1000, seed=0)}
+    assert len(val) == 200 and len({r["question"] for r in val}) == 200
+    assert not reported & {r["question"] for r in val}
+
+
+def test_eval_demo_takes_one_accept_threshold(capsys, tmp_path):
+    eval_demo = load_script("tools/eval_demo.py")
+    assert eval_demo.main(["--out", str(tmp_path), "--accept-threshold", "0.5,0.7"]) == 2
+    assert "--accept-threshold takes one value" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_demo.main(["--out", str(tmp_path), "--accept-threshold", "1.5"])

@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="comma-separated decoders among threshold,spd (default: %(default)s)")
     ap.add_argument("--spd-threshold", type=float, default=demo.DEMO_DECODE.spd_threshold,
                     help="τ_dec of the headline dmax + SPD cell (default: %(default)s)")
+    ap.add_argument("--accept-threshold", type=_floats, default=(demo.DEMO_DECODE.accept_threshold,),
+                    help="SPD's τ_acc (its block ends once every position is this confident; "
+                         "default: %(default)s, the reference's)")
     ap.add_argument("--batch-size", type=int, default=demo.DEMO_DECODE.batch_size,
                     help="problems decoded together (default: %(default)s)")
     ap.add_argument("--dtype", default="float32", help="parameter/compute dtype (default: %(default)s)")
@@ -99,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     data = Path(args.data) if args.data else demo.write_test_jsonl(out / "test.jsonl", n=args.n_test)
     rows = get_benchmark("gsm8k").load(data)
+    if len(args.accept_threshold) != 1:
+        print(f"eval_demo: --accept-threshold takes one value, got {args.accept_threshold}", file=sys.stderr)
+        return 2
     decode = dataclasses.replace(demo.DEMO_DECODE, batch_size=args.batch_size,
-                                 spd_threshold=args.spd_threshold)
+                                 spd_threshold=args.spd_threshold, accept_threshold=args.accept_threshold[0])
     thresholds = tuple(dict.fromkeys((*args.thresholds, decode.spd_threshold, decode.baseline_threshold)))
     models = {name: demo.load_demo_model(path, dtype=args.dtype) for name, path in args.models.items()}
     n = len(rows) if args.limit is None else min(args.limit, len(rows))
