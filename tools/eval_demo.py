@@ -99,12 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         return regenerate(args.from_results)
     from dmax_jax.eval.benchmarks import get_benchmark
 
-    out = Path(args.out)
-    data = Path(args.data) if args.data else demo.write_test_jsonl(out / "test.jsonl", n=args.n_test)
-    rows = get_benchmark("gsm8k").load(data)
     if len(args.accept_threshold) != 1:
         print(f"eval_demo: --accept-threshold takes one value, got {args.accept_threshold}", file=sys.stderr)
         return 2
+    out = Path(args.out)
+    data = Path(args.data) if args.data else demo.write_test_jsonl(out / "test.jsonl", n=args.n_test)
+    rows = get_benchmark("gsm8k").load(data)
     decode = dataclasses.replace(demo.DEMO_DECODE, batch_size=args.batch_size,
                                  spd_threshold=args.spd_threshold, accept_threshold=args.accept_threshold[0])
     thresholds = tuple(dict.fromkeys((*args.thresholds, decode.spd_threshold, decode.baseline_threshold)))

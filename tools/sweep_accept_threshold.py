@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dmax_jax import demo  # noqa: E402
-from dmax_jax.demo.grid import KEPT_ACCURACY_POINTS  # noqa: E402
+from dmax_jax.demo.grid import fastest_kept  # noqa: E402
 
 
 def validation_rows(n: int) -> list[dict[str, str]]:
@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             cells.append({"accept_threshold": acc, **r})
             print(f"dmax + SPD τ_acc={acc:g} τ={r['threshold']:g}: {100 * r['accuracy']:.1f}% @ "
                   f"{r['tpf']:.2f} TPF ({r['tpf'] / base['tpf']:.2f}x)", flush=True)
-    kept = [c for c in cells if 100 * (base["accuracy"] - c["accuracy"]) <= KEPT_ACCURACY_POINTS]
-    best = max(kept, key=lambda c: c["tpf"], default=None)
+    best = fastest_kept(cells, base)
     sweep = {"base": base, "dmax_spd": cells, "chosen": best}
     (args.out / "sweep.json").write_text(json.dumps(sweep, indent=1))
     if best is None:

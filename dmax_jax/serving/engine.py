@@ -375,13 +375,10 @@ class Engine:
         t = time.perf_counter()
         out = self._run(r, pc)
         with self._lock:
-            self._counters["rounds"] += 1
-            self._counters["busy_seconds"] += time.perf_counter() - t
-            self._counters["prefill_chunks"] += len(prefill)
-            self._counters["forwards"] += int(pc is not None and bool(pc.forward.any()))
+            self._counters.update(rounds=1, busy_seconds=time.perf_counter() - t, prefill_chunks=len(prefill),
+                                  forwards=prog.round_forwards(r, out, pc, len(self.strategies)))
             if out is not None:
                 self._counters[f"rounds_width_{width}"] += 1
-                self._counters["forwards"] += prog.round_forwards(r, out["step_valid"], len(self.strategies))
                 self._process(plan, out)
 
     def _process(self, plan: dict, out: dict) -> None:

@@ -327,18 +327,22 @@ def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r
     return _scatter_slots(state, SlotState(x=x, cache=cache), r.slot), out
 
 
-def round_forwards(r: SlotRound, step_valid, n_strategies: int) -> int:
-    """How many model forwards ``round_program`` ran one after another for host inputs ``r`` and its
-    ``out["step_valid"]``: the cross forward (if a decoding slot is past its first block), then per
+def round_forwards(r: SlotRound | None, out: dict | None, pc: PrefillChunk | None, n_strategies: int) -> int:
+    """How many model forwards one engine round ran one after another: the prefill call's forward
+    (if one of its chunks lies before its slot's ``s0``), then, for ``round_program``'s host inputs
+    ``r`` and its ``out``, the cross forward (if a decoding slot is past its first block) and per
     strategy its loop's forwards — step 0's block forward only if one of its slots is at its first
     block (the others use the cross logits), one per later step any of its rows took.
 
     Why count them: on an accelerator whose forward over a few rows is bound by reading the weights
     (DMax-16B at these batch sizes), a forward costs about the same for 1 row or 16, so generated
     tokens per sequential forward is what batching buys there, independent of this host's speed."""
+    n = int(pc is not None and bool(np.asarray(pc.forward).any()))
+    if r is None or out is None:
+        return n
     dec, k, strat = np.asarray(r.decoding), np.asarray(r.k), np.asarray(r.strategy)
-    valid = np.asarray(step_valid)
-    n = int((dec & (k > 0)).any())
+    valid = np.asarray(out["step_valid"])
+    n += int((dec & (k > 0)).any())
     for i in range(n_strategies):
         rows = dec & (strat == i)
         if rows.any():
