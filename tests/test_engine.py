@@ -88,7 +88,7 @@ def serve_with_arrivals(eng: Engine, reqs, arrivals):
 def test_requests_arriving_at_random_blocks_equal_generate_alone(params):
     rng = np.random.default_rng(0)
     reqs = random_requests(rng, 5, max_prompt=60)
-    eng = engine(params, widths=(1, 2, 3))
+    eng = engine(params, widths=(1, 2, 3), exit_factor=2)  # a round ends once 1 of 3 rows is left
     eng.warmup()
     assert eng.compile_count() == 3 + len(eng.prefill_widths)
     before = jax.tree.leaves(eng._state)
@@ -99,6 +99,7 @@ def test_requests_arriving_at_random_blocks_equal_generate_alone(params):
     assert eng.stats()["prefill_chunks"] > len(reqs)  # some prompts took several chunks
     assert eng.compile_count() == 3 + len(eng.prefill_widths)  # knobs, arrivals, strategies, widths: flat
     assert sum(eng.stats()[f"rounds_width_{w}"] > 0 for w in eng.widths) >= 2  # slots changed widths
+    assert eng.stats()["paused"] > 0  # blocks left mid-way resumed beside others' new blocks
 
 
 @pytest.mark.slow
@@ -108,11 +109,12 @@ def test_many_random_requests_equal_generate_alone(params):
     reqs += [EngineRequest([7] * 5, 20, steps=3, threshold=0.05, seed=4),                 # spd step cap
              EngineRequest(list(range(3, 67)), 17, threshold=0.05, rng_id=5, temperature=0.5)]
     arrivals = sorted(int(a) for a in rng.integers(0, 30, len(reqs)))
-    eng = Engine((params, CFG), max_batch=4, block_length=B, capacity=128, prefill_chunk=CHUNK)
+    eng = Engine((params, CFG), max_batch=4, block_length=B, capacity=128, prefill_chunk=CHUNK, exit_factor=2)
     handles = serve_with_arrivals(eng, reqs, arrivals)
     for i, (r, h) in enumerate(zip(reqs, handles)):
         assert_same(h.result(0), alone(params, r), f"request {i}")
     assert eng.compile_count() == len(eng.widths) + len(eng.prefill_widths)
+    assert eng.stats()["paused"] > 0  # rounds end once half their rows are left
 
 
 def test_forward_count_is_nfe_alone_and_shared_in_a_batch(params):
@@ -134,8 +136,9 @@ def test_forward_count_is_nfe_alone_and_shared_in_a_batch(params):
     assert max(nfe) <= eng.stats()["forwards"] < sum(nfe)
 
 
-def test_events_blocks_and_provisional_steps(params):
-    eng = engine(params)
+@pytest.mark.parametrize("exit_factor", [4, 1])  # 1: every round one forward, every block paused
+def test_events_blocks_and_provisional_steps(params, exit_factor):
+    eng = engine(params, exit_factor=exit_factor)
     req = EngineRequest(list(range(10, 29)), 20, threshold=0.6, provisional=True)
     quiet = eng.submit(EngineRequest(list(range(30, 35)), 20, strategy="threshold", threshold=0.3))
     h = eng.submit(req)
@@ -155,6 +158,8 @@ def test_events_blocks_and_provisional_steps(params):
     assert any(M in s.tokens for s in events if isinstance(s, ProvisionalStep))  # snapshots are provisional
     assert not any(isinstance(e, ProvisionalStep) for e in quiet)                # only when asked for
     assert_same(fin, alone(params, req))
+    assert_same(quiet.result(0), alone(params, quiet.request))
+    assert (eng.stats()["paused"] > 0) == (exit_factor == 1)
 
 
 def test_eos_and_max_tokens_free_the_slot(params):
@@ -271,6 +276,8 @@ def test_bad_engine_settings(params):
         Engine((params, CFG), block_length=8, prefill_chunk=12, capacity=CAP)
     with pytest.raises(ValueError, match="capacity"):
         Engine((params, CFG), block_length=8, capacity=CFG.max_position_embeddings + 8)
+    with pytest.raises(ValueError, match="exit_factor"):
+        engine(params, exit_factor=0)
 
 
 def test_a_failing_round_ends_every_request_with_the_error(params):

@@ -43,27 +43,9 @@ from dmax_jax.serving.requests import (
     RequestHandle,
     Usage,
 )
-from dmax_jax.serving.slots import Limits, Slot, validate
+from dmax_jax.serving.slots import SERVED_STRATEGIES, Limits, Slot, check_settings, round_forwards, validate
 
-SERVED_STRATEGIES = ("spd", "threshold")
 log = logging.getLogger(__name__)
-
-
-def _check_settings(strategies: tuple[str, ...], **ints: int) -> None:
-    """Engine settings: served strategies, positive integers, chunks made of whole blocks."""
-    for s in strategies:
-        if s not in SERVED_STRATEGIES:
-            why = " (llada2 recomputes the whole prefix every step)" if s == "llada2" else ""
-            raise ValueError(f"strategy {s!r} is not served by the engine{why}; "
-                             f"served: {SERVED_STRATEGIES}")
-    if not strategies or len(set(strategies)) != len(strategies):
-        raise ValueError(f"strategies must be a non-empty tuple without repeats, got {strategies}")
-    for name, v in ints.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if ints["prefill_chunk"] % ints["block_length"]:
-        raise ValueError(f"prefill_chunk {ints['prefill_chunk']} must be a multiple of block_length "
-                         f"{ints['block_length']}")
 
 
 class Engine:
@@ -83,6 +65,9 @@ class Engine:
     default to the model config's. ``widths``: the batch widths compiled (default 1, max_batch // 4,
     max_batch): a round computes only the smallest width holding its decoding slots, wherever they
     sit; the prefill program likewise for 1 or ``prefill_batch`` chunks (``prefill_widths``).
+    ``exit_factor``: a round's step loop ends once at most ``1/exit_factor`` of the slots that
+    entered it are still decoding their block; those pause and resume next round beside the slots
+    that start new blocks (1: one forward per round; large: every block runs to its end).
     """
 
     def __init__(self, model, *, max_batch: int = 8, block_length: int = 32, capacity: int | None = None,
@@ -90,13 +75,13 @@ class Engine:
                  strategies: tuple[str, ...] = SERVED_STRATEGIES, dtype=None,
                  top_k: int = 1, max_unroll: int = 4, expected_tpf: int = 4,
                  soft_embedding_impl: str = "auto", mask_id: int | None = None, eos_id: int | None = None,
-                 widths: tuple[int, ...] | None = None):
+                 widths: tuple[int, ...] | None = None, exit_factor: int = 4):
         self.params, self.config = _model_parts(model)
         cfg = self.config
         strategies = tuple(strategies)
-        _check_settings(strategies, max_batch=max_batch, block_length=block_length,
+        check_settings(strategies, max_batch=max_batch, block_length=block_length,
                         prefill_chunk=prefill_chunk, prefill_batch=prefill_batch, top_k=top_k,
-                        max_unroll=max_unroll, expected_tpf=expected_tpf)
+                        max_unroll=max_unroll, expected_tpf=expected_tpf, exit_factor=exit_factor)
         if soft_embedding_impl not in SOFT_IMPLS:
             raise ValueError(f"soft_embedding_impl {soft_embedding_impl!r} is not one of {SOFT_IMPLS}")
         cap = cfg.max_position_embeddings if capacity is None else int(capacity)
@@ -115,7 +100,7 @@ class Engine:
             mask_id=mask_id, spd_max_steps=block_length,
             threshold_max_steps=threshold_max_forwards(block_length, expected_tpf, max_unroll), top_k=top_k,
             max_unroll=max_unroll, expected_tpf=expected_tpf, soft_impl=soft_embedding_impl,
-            dtype=jnp.dtype(dtype).name)
+            dtype=jnp.dtype(dtype).name, exit_factor=exit_factor)
         self.max_batch = max_batch
         # compiled batch widths: a round gathers its decoding slots into the smallest width holding
         # them, so a lightly loaded engine does not pay for its idle slots
@@ -144,7 +129,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._drain = True
-        self._counters = collections.Counter(rounds=0, forwards=0, blocks=0, finished=0)
+        self._counters = collections.Counter(rounds=0, forwards=0, blocks=0, paused=0, finished=0)
         self.error: Exception | None = None  # what ended the background thread, if a round failed
 
     # ---- properties --------------------------------------------------------------------------------
@@ -265,7 +250,8 @@ class Engine:
 
     def stats(self) -> dict:
         """Counters: rounds, busy seconds, ``forwards`` (model forwards run one after another,
-        ``program.round_forwards``), blocks, queued / prefilling / decoding / free slots, finished."""
+        ``slots.round_forwards``), blocks, ``paused`` (blocks a round left mid-way), queued /
+        prefilling / decoding / free slots, finished."""
         with self._lock:
             live = [s for s in self._slots if s is not None]
             return {**self._counters, "queued": len(self._queue),
@@ -320,14 +306,15 @@ class Engine:
         """Host arrays for the ``decoding`` slots (at most ``width``) that advance one block this
         round: entry j works on slot ``decoding[j]``; the rest are idle on the scratch row."""
         B = self.block_length
-        f = {k: np.zeros(width, np.int32) for k in ("strategy", "k", "start", "nfe")}
+        f = {k: np.zeros(width, np.int32) for k in ("strategy", "k", "start", "nfe", "bstep", "left")}
         f["slot"] = np.full(width, self.max_batch, np.int32)
-        f["decoding"] = np.zeros(width, bool)
+        f["decoding"], f["resume"] = np.zeros(width, bool), np.zeros(width, bool)
         rows = [self._idle_row] * width
         for j, i in enumerate(decoding):
             s = self._slots[i]
             f["slot"][j], f["decoding"][j], f["strategy"][j], f["k"][j] = i, True, s.strategy, s.k
             f["start"][j], f["nfe"][j] = s.start(B), s.nfe
+            f["resume"][j], f["bstep"][j], f["left"][j] = s.bstep > 0, s.bstep, s.left
             rows[j] = s.row
         return prog.SlotRound(rows=jax.tree.map(lambda *a: np.concatenate(a), *rows), **f)
 
@@ -376,7 +363,7 @@ class Engine:
         out = self._run(r, pc)
         with self._lock:
             self._counters.update(rounds=1, busy_seconds=time.perf_counter() - t, prefill_chunks=len(prefill),
-                                  forwards=prog.round_forwards(r, out, pc, len(self.strategies)))
+                                  forwards=round_forwards(r, out, pc, len(self.strategies)))
             if out is not None:
                 self._counters[f"rounds_width_{width}"] += 1
                 self._process(plan, out)
@@ -388,10 +375,16 @@ class Engine:
                 continue
             h = slot.handle
             slot.nfe = int(out["nfe"][j])
+            ran = np.flatnonzero(out["step_valid"][:, j])
             if h.request.provisional:
-                for s in np.flatnonzero(out["step_valid"][:, j]):
+                for s in ran:
                     snap = slot.generated(out["steps"][s, j], B)
-                    h._emit(ProvisionalStep(h.id, slot.k, int(s), tuple(int(t) for t in snap)))
+                    h._emit(ProvisionalStep(h.id, slot.k, slot.bstep + int(s), tuple(int(t) for t in snap)))
+            if not out["finished"][j]:  # paused mid-block: it resumes next round
+                slot.bstep, slot.left = slot.bstep + ran.size, int(out["left"][j])
+                self._counters["paused"] += 1
+                continue
+            slot.bstep = 0
             new, reason = slot.commit_block(out["blocks"][j], B, self.eos_id)
             h._emit(BlockCommitted(h.id, slot.k - 1, tuple(new), slot.nfe))
             self._counters["blocks"] += 1

@@ -8,10 +8,12 @@ is up to two calls, each skipped by the host when it has nothing to do::
                     round's chunks) into their slots' rows and, if any lies before its slot's first
                     block ``s0``, forward them against the slots' cache rows
     round_program:
-    step-0 logits:  cross-block forward for slots at block k > 0 (commits block k-1), the plain block
-                    forward for slots at their first block (k = 0) — each only if some slot needs it
-    per strategy:   its step loop (``lax.while_loop``) over the slots decoding with it
-    write back:     the block's tokens into ``x``; outputs the blocks, forwards per slot, step snapshots
+    step-0 logits:  cross-block forward for slots starting block k > 0 (commits block k-1), the plain
+                    block forward for the others (first block, or a paused block resumed) — each only
+                    if some slot needs it
+    per strategy:   its step loop (``lax.while_loop``) over the slots decoding with it, until their
+                    blocks are done or too few are left (``_step_loop``: the rest pause, in ``x``/``emb``)
+    write back:     the block tokens into ``x``; outputs blocks, finished flags, forwards, step snapshots
 
 Every slot carries its own block start, block index, knobs and forward counter, so slots at different
 blocks share the batch and each row's arithmetic matches ``generate`` decoding it alone. Slots that
@@ -27,7 +29,6 @@ import dataclasses
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dmax_jax.config import ModelConfig
@@ -58,6 +59,7 @@ class RoundSpec:
     expected_tpf: int
     soft_impl: str
     dtype: str
+    exit_factor: int = 4   # a round's step loop ends once at most 1/exit_factor of its rows are live
 
     @property
     def width(self) -> int:
@@ -72,8 +74,9 @@ class RoundSpec:
 
 @flax.struct.dataclass
 class SlotState:
-    x: jax.Array       # [slots, W] int32
+    x: jax.Array       # [slots, W] int32; a paused block's partly decoded tokens stay in place
     cache: KVCache
+    emb: jax.Array     # [slots, B, H] a paused spd block's next input embeddings (soft)
 
 
 @flax.struct.dataclass
@@ -88,6 +91,9 @@ class SlotRound:
     k: jax.Array           # int32: block index of the request (0 = first block)
     start: jax.Array       # int32: first position of the block
     nfe: jax.Array         # int32: forwards so far (prefill = 1); the sampling key counter
+    resume: jax.Array      # bool: the slot's block was paused mid-way by an earlier round
+    bstep: jax.Array       # int32: forwards of the current block run so far (0 unless resume)
+    left: jax.Array        # int32: threshold's forwards left before its next progress check (resume)
     rows: RowParams        # temperature 0 = greedy row
 
 
@@ -109,7 +115,9 @@ class PrefillChunk:
 def init_state(spec: RoundSpec, cfg: ModelConfig, slots: int) -> SlotState:
     """``slots`` rows plus the scratch row of unused prefill entries."""
     x = jnp.full((slots + 1, spec.width), spec.mask_id, jnp.int32)
-    return SlotState(x=x, cache=init_cache(cfg, slots + 1, spec.width, jnp.dtype(spec.dtype)))
+    dt = jnp.dtype(spec.dtype)
+    emb = jnp.zeros((slots + 1, spec.block_length, cfg.hidden_size), dt)
+    return SlotState(x=x, cache=init_cache(cfg, slots + 1, spec.width, dt), emb=emb)
 
 
 def _cache_rows(cache: KVCache, idx) -> KVCache:
@@ -142,22 +150,22 @@ def prefill_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState,
 
     cache = jax.lax.cond(pc.forward.any(), chunk_forward, lambda c: c, state.cache)
     cache = cache.replace(length=cache.length.at[pc.slot].set(pc.length))
-    return SlotState(x=x, cache=cache)
+    return SlotState(x=x, cache=cache, emb=state.emb)
 
 
 def _cross(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotRound):
     """The cross-block forward of the slots at block k > 0 (commits their block k-1): ``(their
     block logits, the cache, the mask of those slots)``."""
     B, dt, b = spec.block_length, jnp.dtype(spec.dtype), r.start.shape[0]
-    cross = r.decoding & (r.k > 0)
+    cross = r.decoding & (r.k > 0) & ~r.resume
 
     def do_cross(cache):
         start = jnp.where(cross, r.start, spec.capacity + B)  # idle slots: scratch at [capacity, +2B)
         logits, new = fw.cross_forward(params, cfg, state.x, start, cache, B, dt)
         return logits, new.replace(length=jnp.where(cross, new.length, cache.length))
 
-    zeros = jnp.zeros((b, B, cfg.vocab_size), jnp.float32)
-    logits, cache = jax.lax.cond(cross.any(), do_cross, lambda c: (zeros, c), state.cache)
+    idle = (jnp.zeros((b, B, cfg.vocab_size), jnp.float32),)
+    logits, cache = jax.lax.cond(cross.any(), do_cross, lambda c: (*idle, c), state.cache)
     return logits, cache, cross
 
 
@@ -188,47 +196,35 @@ def _pick(spec: RoundSpec, r: SlotRound, logits, nfe, need_probs: bool):
 
 
 def _record(rec, step, run, tokens):
-    return {"tokens": rec["tokens"].at[step].set(jnp.where(run[:, None], tokens, rec["tokens"][step])),
-            "valid": rec["valid"].at[step].set(rec["valid"][step] | run)}
+    t, v = rec["tokens"], rec["valid"]
+    return {"tokens": t.at[step].set(jnp.where(run[:, None], tokens, t[step])),
+            "valid": v.at[step].set(v[step] | run)}
 
 
-COMPACT_FACTOR = 4  # a step loop over n >= 4 rows moves to n // 4 rows once that many are left
+def _step_loop(body, ctx, carry, max_steps: int, exit_factor: int):
+    """``carry = body(ctx, carry)`` while ``step < max_steps`` and a row is live, but no longer than
+    more than ``1 / exit_factor`` of the rows that entered live are still live (after at least one
+    step); ``carry = (step, done [n], per-row arrays [n, ..], rec (row axis 1))``.
 
-
-def _take_rows(ctx, idx):
-    """Rows ``idx`` of a loop context ``(cache, r, rows, c0, extra)``."""
-    cache, *rest = ctx
-    return (_cache_rows(cache, idx), *jax.tree.map(lambda a: a[idx], tuple(rest)))
-
-
-def _step_loop(body, ctx, carry, max_steps: int):
-    """``carry = body(ctx, carry)`` while ``step < max_steps`` and a row is live; ``carry = (step,
-    done [n], per-row arrays [n, ..], rec (row axis 1))``.
-
-    Why the second phase: a block's forwards are as many as its slowest row needs, and on a
-    compute-bound device every forward costs all ``n`` rows. Once at most ``n // COMPACT_FACTOR``
-    rows are live, they (with their cache rows and knobs) are gathered into a loop that small (which
-    compacts again, down to one row) and scattered back after it; rows are independent, so each
-    row's arithmetic is unchanged.
+    Why the early exit: a block's forwards are as many as its slowest row needs, and on a
+    compute-bound device every forward costs all ``n`` rows. Rows still live at the exit are paused
+    (their block tokens, soft inputs and counters are saved) and resume in the next round, while the
+    rows that finished commit and start their next block beside them: nobody waits for a straggler.
+    A paused row's forwards are exactly those it would have run without the pause.
     """
-    small = carry[1].shape[0] // COMPACT_FACTOR
+    live0 = (~carry[1]).sum()
 
-    def live(c):
-        return (c[0] < max_steps) & jnp.any(~c[1])
+    def go_on(c):
+        live = (~c[1]).sum()
+        return (c[0] < max_steps) & (live > 0) & ((c[0] == 0) | (live * exit_factor > live0))
 
-    if small < 1:
-        return jax.lax.while_loop(live, lambda c: body(ctx, c), carry)
-    carry = jax.lax.while_loop(lambda c: live(c) & ((~c[1]).sum() > small), lambda c: body(ctx, c), carry)
-    step, done, per_row, rec = carry
-    idx = jnp.argsort(done, stable=True)[:small]  # the live rows first
-    sub = (step, done[idx], jax.tree.map(lambda a: a[idx], per_row), jax.tree.map(lambda a: a[:, idx], rec))
-    step, d, p, rc = _step_loop(body, _take_rows(ctx, idx), sub, max_steps)
-    return (step, done.at[idx].set(d), jax.tree.map(lambda a, b: a.at[idx].set(b), per_row, p),
-            jax.tree.map(lambda a, b: a.at[:, idx].set(b), rec, rc))
+    return jax.lax.while_loop(go_on, lambda c: body(ctx, c), carry)
 
 
-def _spd_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, rows, xb0, c0, nfe, rec):
-    """SPD step loop (spec §5.2) over ``rows``, the rules of ``decoding.strategies``."""
+def _spd_loop(spec: RoundSpec, cfg: ModelConfig, params, part: SlotState, r: SlotRound, rows, xb0, c0, nfe,
+              rec):
+    """SPD step loop (spec §5.2) over ``rows``, the rules of ``decoding.strategies``; a resumed row
+    starts from its saved soft inputs. Returns the rows' tokens, counters, records, next inputs."""
     M, dt = spec.mask_id, jnp.dtype(spec.dtype)
     table = embedding_table(params)
 
@@ -245,18 +241,20 @@ def _spd_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, ro
         rec = _record(rec, step, run, u.tokens)
         xb = jnp.where(run[:, None], u.tokens, xb)
         emb = jnp.where(run[:, None, None], emb_next, emb)
-        return step + 1, done | u.stop | (step + 1 >= r.rows.steps), (xb, emb, nfe), rec
+        return step + 1, done | u.stop | (r.bstep + step + 1 >= r.rows.steps), (xb, emb, nfe), rec
 
-    emb0 = jnp.take(table, xb0, axis=0).astype(dt)
-    ctx = (cache, r, rows, c0, xb0 == M)
-    _, _, (xb, _, nfe), rec = _step_loop(body, ctx, (jnp.int32(0), ~rows, (xb0, emb0, nfe), rec),
-                                         spec.spd_max_steps)
-    return xb, nfe, rec
+    emb0 = jnp.where(r.resume[:, None, None], part.emb, jnp.take(table, xb0, axis=0).astype(dt))
+    ctx = (part.cache, r, rows, c0, _decoded_positions(spec, r))
+    _, done, (xb, emb, nfe), rec = _step_loop(body, ctx, (jnp.int32(0), ~rows, (xb0, emb0, nfe), rec),
+                                              spec.spd_max_steps, spec.exit_factor)
+    return xb, nfe, rec, done, emb
 
 
-def _threshold_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, rows, xb0, c0, nfe, rec):
+def _threshold_loop(spec: RoundSpec, cfg: ModelConfig, params, part: SlotState, r: SlotRound, rows, xb0, c0,
+                    nfe, rec):
     """dInfer threshold step loop (spec §5.5a) over ``rows``; as ``generate``, a greedy row whose
-    forward transfers nothing while masks remain ends its block."""
+    forward transfers nothing while masks remain ends its block; a resumed row keeps its unroll
+    counter. Returns the rows' tokens, counters, records, unroll counters."""
     M, dt = spec.mask_id, jnp.dtype(spec.dtype)
     table = embedding_table(params)
 
@@ -278,76 +276,69 @@ def _threshold_loop(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRou
         xb = jnp.where(run[:, None], tokens, xb)
         return step + 1, done | (run & finished), (xb, left, nfe), rec
 
-    left0 = st.unroll_count((xb0 == M).sum(-1), spec.expected_tpf, spec.max_unroll)
-    ctx = (cache, r, rows, c0, rows)
-    _, _, (xb, _, nfe), rec = _step_loop(body, ctx, (jnp.int32(0), ~rows, (xb0, left0, nfe), rec),
-                                         spec.threshold_max_steps)
-    return xb, nfe, rec
+    fresh = st.unroll_count((xb0 == M).sum(-1), spec.expected_tpf, spec.max_unroll)
+    left0 = jnp.where(r.resume, r.left, fresh)
+    ctx = (part.cache, r, rows, c0, rows)
+    _, done, (xb, left, nfe), rec = _step_loop(body, ctx, (jnp.int32(0), ~rows, (xb0, left0, nfe), rec),
+                                               spec.threshold_max_steps, spec.exit_factor)
+    return xb, nfe, rec, done, left
 
 
 LOOPS = {"spd": _spd_loop, "threshold": _threshold_loop}
 
 
+def _decoded_positions(spec: RoundSpec, r: SlotRound) -> jax.Array:
+    """``[n, B]`` the positions spd decodes, past the prompt: at a block's start exactly its MASKs (a
+    prompt holds none; ``generate`` finds them so), in a resumed block also those decoded already."""
+    return fw.positions(r.start, spec.block_length) >= r.rows.prompt_lens[:, None]
+
+
 def _gather_slots(state: SlotState, slot) -> SlotState:
-    return SlotState(x=state.x[slot], cache=_cache_rows(state.cache, slot))
+    return SlotState(x=state.x[slot], cache=_cache_rows(state.cache, slot), emb=state.emb[slot])
 
 
 def _scatter_slots(state: SlotState, part: SlotState, slot) -> SlotState:
     """``part``'s rows back into their slots (entries on the scratch row may collide: it holds nothing)."""
     c = _put_cache_rows(state.cache, slot, part.cache)
     cache = c.replace(length=c.length.at[slot].set(part.cache.length))
-    return SlotState(x=state.x.at[slot].set(part.x), cache=cache)
+    return SlotState(x=state.x.at[slot].set(part.x), cache=cache, emb=state.emb.at[slot].set(part.emb))
 
 
 def round_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotRound):
-    """One block for every decoding slot (wrap in ``jax.jit`` with ``spec``/``config`` bound, ``state``
-    donated), after the round's ``prefill_program`` call if it had chunks.
+    """Advance every decoding slot through (the rest of) its block, or until its loop exits early
+    (``_step_loop``); wrap in ``jax.jit`` with ``spec``/``config`` bound, ``state`` donated, after the
+    round's ``prefill_program`` call if it had chunks.
 
     The block step works on ``n`` = the length of ``r``'s arrays entries, entry j on slot
     ``r.slot[j]`` (gathered, then scattered back): the host packs the decoding slots into the
     smallest compiled width holding them, so a lightly loaded engine does not compute its idle slots
     wherever they sit (unused entries are idle on the scratch row). Returns ``(state, out)``, per
-    entry:
-    ``out["blocks"] [n, B]`` the decoded blocks, ``out["nfe"] [n]`` the forward counters after the
-    round, ``out["steps"] [S, n, B]`` / ``out["step_valid"] [S, n]`` the block after every forward
-    (provisional snapshots)."""
+    entry: ``out["blocks"] [n, B]`` the block's tokens, ``out["finished"] [n]`` whether the block is
+    decoded (else it is paused: tokens, soft inputs and ``out["left"]`` resume it next round),
+    ``out["nfe"] [n]`` the forward counters after the round, ``out["steps"] [S, n, B]`` /
+    ``out["step_valid"] [S, n]`` the block after every forward of this round (provisional snapshots)."""
     B, n = spec.block_length, r.start.shape[0]
     part = _gather_slots(state, r.slot)
     logits_c, cache, cross = _cross(spec, cfg, params, part, r)
+    part = part.replace(cache=cache)
     xb0 = fw.row_slice(part.x, r.start, B)
     rec = {"tokens": jnp.zeros((spec.max_steps, n, B), jnp.int32),
            "valid": jnp.zeros((spec.max_steps, n), bool)}
-    xb, nfe = xb0, r.nfe
+    xb, nfe, finished, emb, left = xb0, r.nfe, jnp.ones(n, bool), part.emb, r.left
     for i, name in enumerate(spec.strategies):
         rows = r.decoding & (r.strategy == i)
-        xb_s, nfe, rec = LOOPS[name](spec, cfg, params, cache, r, rows, xb0, (logits_c, cross), nfe, rec)
+        xb_s, nfe, rec, done, resume = LOOPS[name](spec, cfg, params, part, r, rows, xb0, (logits_c, cross),
+                                                   nfe, rec)
         xb = jnp.where(rows[:, None], xb_s, xb)
+        finished = jnp.where(rows, done, finished)
+        if name == "spd":
+            emb = jnp.where(rows[:, None, None], resume, emb)
+        else:
+            left = jnp.where(rows, resume, left)
     x = jnp.where(r.decoding[:, None], fw.row_update(part.x, r.start, xb), part.x)
-    out = {"blocks": xb, "nfe": nfe, "steps": rec["tokens"], "step_valid": rec["valid"]}
-    return _scatter_slots(state, SlotState(x=x, cache=cache), r.slot), out
-
-
-def round_forwards(r: SlotRound | None, out: dict | None, pc: PrefillChunk | None, n_strategies: int) -> int:
-    """How many model forwards one engine round ran one after another: the prefill call's forward
-    (if one of its chunks lies before its slot's ``s0``), then, for ``round_program``'s host inputs
-    ``r`` and its ``out``, the cross forward (if a decoding slot is past its first block) and per
-    strategy its loop's forwards — step 0's block forward only if one of its slots is at its first
-    block (the others use the cross logits), one per later step any of its rows took.
-
-    Why count them: on an accelerator whose forward over a few rows is bound by reading the weights
-    (DMax-16B at these batch sizes), a forward costs about the same for 1 row or 16, so generated
-    tokens per sequential forward is what batching buys there, independent of this host's speed."""
-    n = int(pc is not None and bool(np.asarray(pc.forward).any()))
-    if r is None or out is None:
-        return n
-    dec, k, strat = np.asarray(r.decoding), np.asarray(r.k), np.asarray(r.strategy)
-    valid = np.asarray(out["step_valid"])
-    n += int((dec & (k > 0)).any())
-    for i in range(n_strategies):
-        rows = dec & (strat == i)
-        if rows.any():
-            n += int((rows & (k == 0)).any()) + int(valid[1:, rows].any(axis=1).sum())
-    return n
+    out = {"blocks": xb, "finished": finished, "left": left, "nfe": nfe, "steps": rec["tokens"],
+           "step_valid": rec["valid"]}
+    return _scatter_slots(state, SlotState(x=x, cache=cache, emb=emb), r.slot), out
 
 
 def state_sharding(params):

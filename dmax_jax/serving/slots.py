@@ -15,6 +15,7 @@ from dmax_jax.decoding.buckets import row_geometry
 from dmax_jax.decoding.config import INT32_MAX, INT32_MIN, DecodeConfig, DecodeConfigError, RowParams
 from dmax_jax.serving.requests import EngineRequest, EngineRequestError, RequestHandle, Usage
 
+SERVED_STRATEGIES = ("spd", "threshold")
 FIELDS = {"gen_length": "max_tokens"}  # DecodeConfig field -> EngineRequest field
 
 
@@ -94,6 +95,25 @@ def validate(req: EngineRequest, lim: Limits) -> tuple[np.ndarray, DecodeConfig]
     return ids, cfg
 
 
+
+
+def check_settings(strategies: tuple[str, ...], **ints: int) -> None:
+    """Engine settings: served strategies, positive integers, chunks made of whole blocks."""
+    for s in strategies:
+        if s not in SERVED_STRATEGIES:
+            why = " (llada2 recomputes the whole prefix every step)" if s == "llada2" else ""
+            raise ValueError(f"strategy {s!r} is not served by the engine{why}; "
+                             f"served: {SERVED_STRATEGIES}")
+    if not strategies or len(set(strategies)) != len(strategies):
+        raise ValueError(f"strategies must be a non-empty tuple without repeats, got {strategies}")
+    for name, v in ints.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if ints["prefill_chunk"] % ints["block_length"]:
+        raise ValueError(f"prefill_chunk {ints['prefill_chunk']} must be a multiple of block_length "
+                         f"{ints['block_length']}")
+
+
 @dataclasses.dataclass
 class Slot:
     """One request in a slot: its layout, prefill cursor, block index and what it produced."""
@@ -106,6 +126,8 @@ class Slot:
     n_blocks: int
     cursor: int = 0                 # next prompt position to prefill
     k: int = 0                      # current block index
+    bstep: int = 0                  # forwards of block k run so far (> 0: paused mid-block)
+    left: int = 0                   # threshold's unroll counter of a paused block
     nfe: int = 1                    # the prefill forward counts once (spec §6), however many chunks
     tokens: list = dataclasses.field(default_factory=list)
     tokens_ref: int = 0
@@ -149,3 +171,28 @@ class Slot:
     def usage(self) -> Usage:
         return Usage(prompt_tokens=self.plen, tokens=len(self.tokens), tokens_ref=self.tokens_ref,
                      nfe=self.nfe, blocks=self.k)
+
+
+def round_forwards(r, out: dict | None, pc, n_strategies: int) -> int:
+    """How many model forwards one engine round ran one after another: the prefill call's forward
+    (if one of its chunks ``pc``, a ``program.PrefillChunk``, lies before its slot's ``s0``), then,
+    for ``program.round_program``'s host inputs ``r`` (a ``SlotRound``) and its ``out``, the cross
+    forward (if a decoding slot starts a block past its first) and per strategy its loop's
+    forwards — step 0's block forward only if one of its slots is at its first block or resumes a
+    paused one (the others use the cross logits), one per later step any of its rows took.
+
+    Why count them: on an accelerator whose forward over a few rows is bound by reading the weights
+    (DMax-16B at these batch sizes), a forward costs about the same for 1 row or 16, so generated
+    tokens per sequential forward is what batching buys there, independent of this host's speed."""
+    n = int(pc is not None and bool(np.asarray(pc.forward).any()))
+    if r is None or out is None:
+        return n
+    dec, strat = np.asarray(r.decoding), np.asarray(r.strategy)
+    cross = dec & (np.asarray(r.k) > 0) & ~np.asarray(r.resume)
+    valid = np.asarray(out["step_valid"])
+    n += int(cross.any())
+    for i in range(n_strategies):
+        rows = dec & (strat == i)
+        if rows.any():
+            n += int((rows & ~cross).any()) + int(valid[1:, rows].any(axis=1).sum())
+    return n
