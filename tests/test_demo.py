@@ -15,6 +15,10 @@ from test_decoding_cli import _cli
 from dmax_jax import demo
 from dmax_jax.demo.task import chat_row, write_jsonl
 
+# decode batches of 8, not the demo's 50, for a handful of problems: decoded tokens do not depend on
+# the batch they share, and the tests below compile one set of programs for it
+SMALL = dataclasses.replace(demo.DEMO_DECODE, batch_size=8)
+
 
 @pytest.fixture(scope="module")
 def shipped():
@@ -78,7 +82,7 @@ def test_dmax_spd_at_validated_accept_threshold_keeps_the_speedup(shipped):
 def test_evaluate_grid_writes_cells_and_results(shipped, tmp_path):
     rows = demo.test_problems(6)
     records = demo.evaluate_grid(shipped, rows, out_dir=tmp_path, strategies=("threshold", "spd"),
-                                 thresholds=(0.95,), limit=4, log=lambda *_: None)
+                                 thresholds=(0.95,), limit=4, decode=SMALL, log=lambda *_: None)
     assert [(r["model"], r["strategy"]) for r in records] == [
         ("base", "threshold"), ("base", "spd"), ("dmax", "threshold"), ("dmax", "spd")]
     for r in records:
@@ -161,10 +165,8 @@ def test_decode_py_without_arguments_decodes_demo_problems(shipped, capsys):
 def test_quick_demo_fine_tunes_base_and_tabulates(shipped, tmp_path):
     """`python train.py` without arguments, shortened: OPUT steps on the shipped base with the project
     loop, then the base/fine-tune x threshold/spd table from the evaluation records."""
-    # batch 8 (one row per fake device) and decode batches of 8, not the demo's 16 and 50: the same
-    # code path at half the test time (decoded tokens do not depend on the batch they share)
-    small = dataclasses.replace(demo.DEMO_DECODE, batch_size=8)
-    res = demo.run_quick_demo(tmp_path, limit=3, distill_rows=8, decode=small, log=lambda *_: None,
+    # train batch 8 (one row per fake device), not the demo's 16: the same code path in less time
+    res = demo.run_quick_demo(tmp_path, limit=3, distill_rows=8, decode=SMALL, log=lambda *_: None,
                               overrides=["run.num_steps=2", "run.log_every=1", "data.batch_size=8"])
     assert res["summary"].final_step == 2
     # trained on base's own answers (self-distilled OPUT data), not on the generated gold rows

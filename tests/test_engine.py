@@ -129,7 +129,7 @@ def test_forward_count_is_nfe_alone_and_shared_in_a_batch(params):
         h = eng.submit(r)
         eng.run_until_idle()
         assert eng.stats()["forwards"] - f0 == h.result(0).usage.nfe == alone(params, r).nfe[0]
-    eng = engine(params, max_batch=4)
+    eng = engine(params)  # 3 slots, the programs the other tests here compile
     handles = [eng.submit(r) for r in reqs]
     eng.run_until_idle()
     nfe = [h.result(0).usage.nfe for h in handles]
