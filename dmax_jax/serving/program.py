@@ -9,16 +9,17 @@ is up to two calls, each skipped by the host when it has nothing to do::
                     block ``s0``, forward them against the slots' cache rows
     round_program:
     step-0 logits:  cross-block forward for slots starting block k > 0 (commits block k-1), the plain
-                    block forward for the others (first block, or a paused block resumed) — each only
-                    if some slot needs it
+                    block forward for the others (first block, or a paused block resumed) — each run
+                    for only the slots that need it (``compact.compacted``)
     per strategy:   its step loop (``lax.while_loop``) over the slots decoding with it, until their
-                    blocks are done or too few are left (``_step_loop``: the rest pause, in ``x``/``emb``)
+                    blocks are done or too few are left (``_step_loop``: the rest pause, in ``x``/``emb``);
+                    each forward computes only the rows still in their block (compacted)
     write back:     the block tokens into ``x``; outputs blocks, finished flags, forwards, step snapshots
 
 Every slot carries its own block start, block index, knobs and forward counter, so slots at different
 blocks share the batch and each row's arithmetic matches ``generate`` decoding it alone. Slots that
-take no part in the cross forward write their (unused) K/V into the scratch slots past ``capacity``
-and keep their cache length: nothing they hold is touched.
+a compacted cross forward computes without needing it write their (unused) K/V into the scratch
+slots past ``capacity`` and keep their cache length: nothing they hold is touched.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dmax_jax.decoding.config import RowParams
 from dmax_jax.model.kv_cache import KVCache, init_cache
 from dmax_jax.model.llada2 import embedding_table, forward
 from dmax_jax.model.masks import MaskSpec
+from dmax_jax.serving.compact import compacted
 
 TRACE_COUNT: collections.Counter = collections.Counter()  # traces, per (spec, config, slots, sharding, width)
 
@@ -154,32 +156,39 @@ def prefill_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState,
 
 
 def _cross(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotRound):
-    """The cross-block forward of the slots at block k > 0 (commits their block k-1): ``(their
-    block logits, the cache, the mask of those slots)``."""
+    """The cross-block forward of the slots at block k > 0 (commits their block k-1), computed for
+    those slots only (``compacted``): ``(their block logits, the cache, the mask of those slots)``."""
     B, dt, b = spec.block_length, jnp.dtype(spec.dtype), r.start.shape[0]
     cross = r.decoding & (r.k > 0) & ~r.resume
 
-    def do_cross(cache):
-        start = jnp.where(cross, r.start, spec.capacity + B)  # idle slots: scratch at [capacity, +2B)
-        logits, new = fw.cross_forward(params, cfg, state.x, start, cache, B, dt)
-        return logits, new.replace(length=jnp.where(cross, new.length, cache.length))
+    def run(idx):
+        part, crosses = _cache_rows(state.cache, idx), cross[idx]
+        start = jnp.where(crosses, r.start[idx], spec.capacity + B)  # others: scratch [capacity, +2B)
+        logits, new = fw.cross_forward(params, cfg, state.x[idx], start, part, B, dt)
+        return logits, new.replace(length=jnp.where(crosses, new.length, part.length))
 
-    idle = (jnp.zeros((b, B, cfg.vocab_size), jnp.float32),)
-    logits, cache = jax.lax.cond(cross.any(), do_cross, lambda c: (*idle, c), state.cache)
+    def put(base, idx, res):
+        (logits, cache), (lg, part) = base, res
+        cache = _put_cache_rows(cache, idx, part)
+        return logits.at[idx].set(lg), cache.replace(length=cache.length.at[idx].set(part.length))
+
+    base = (jnp.zeros((b, B, cfg.vocab_size), jnp.float32), state.cache)
+    logits, cache = compacted(cross, run, base, put)
     return logits, cache, cross
 
 
-def _logits_at(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, rows, c0, step, emb):
-    """Logits of forward ``step`` of the block for ``rows``: at step 0 a slot at k > 0 uses the
-    cross-block forward's (``c0 = (logits, mask)``), every other forward is the block forward on
-    ``emb`` — skipped at step 0 when every row has the cross logits."""
+def _logits_at(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, live, c0, step, emb):
+    """Logits of forward ``step`` of the block for the ``live`` rows: at step 0 a slot at k > 0 uses
+    the cross-block forward's (``c0 = (logits, mask)``), every other live row the block forward on
+    ``emb``, computed for those rows only (``compacted``). Other rows' logits are not to be used."""
     logits_c, cross = c0
+    need = live & ~((step == 0) & cross)
 
-    def block():
-        lg = fw.block_forward(params, cfg, emb, r.start, cache, spec.block_length, jnp.dtype(spec.dtype))
-        return jnp.where(((step == 0) & cross)[:, None, None], logits_c, lg)
+    def run(idx):
+        return fw.block_forward(params, cfg, emb[idx], r.start[idx], _cache_rows(cache, idx),
+                                spec.block_length, jnp.dtype(spec.dtype))
 
-    return jax.lax.cond((step == 0) & ~(rows & ~cross).any(), lambda: logits_c, block)
+    return compacted(need, run, logits_c, lambda base, idx, lg: base.at[idx].set(lg))
 
 
 def _pick(spec: RoundSpec, r: SlotRound, logits, nfe, need_probs: bool):
@@ -229,10 +238,10 @@ def _spd_loop(spec: RoundSpec, cfg: ModelConfig, params, part: SlotState, r: Slo
     table = embedding_table(params)
 
     def body(ctx, ic):
-        cache, r, rows, c0, active = ctx
+        cache, r, c0, active = ctx
         step, done, (xb, emb, nfe), rec = ic
-        logits = _logits_at(spec, cfg, params, cache, r, rows, c0, step, emb)
         run = ~done
+        logits = _logits_at(spec, cfg, params, cache, r, run, c0, step, emb)
         x0, conf, probs = _pick(spec, r, logits, nfe, spec.top_k > 1)
         nfe = nfe + run
         u = st.spd_update(xb, active, x0, conf, r.rows.threshold, r.rows.accept_threshold, M)
@@ -244,7 +253,7 @@ def _spd_loop(spec: RoundSpec, cfg: ModelConfig, params, part: SlotState, r: Slo
         return step + 1, done | u.stop | (r.bstep + step + 1 >= r.rows.steps), (xb, emb, nfe), rec
 
     emb0 = jnp.where(r.resume[:, None, None], part.emb, jnp.take(table, xb0, axis=0).astype(dt))
-    ctx = (part.cache, r, rows, c0, _decoded_positions(spec, r))
+    ctx = (part.cache, r, c0, _decoded_positions(spec, r))
     _, done, (xb, emb, nfe), rec = _step_loop(body, ctx, (jnp.int32(0), ~rows, (xb0, emb0, nfe), rec),
                                               spec.spd_max_steps, spec.exit_factor)
     return xb, nfe, rec, done, emb
@@ -259,11 +268,11 @@ def _threshold_loop(spec: RoundSpec, cfg: ModelConfig, params, part: SlotState, 
     table = embedding_table(params)
 
     def body(ctx, ic):
-        cache, r, rows, c0, _ = ctx
+        cache, r, c0 = ctx
         step, done, (xb, left, nfe), rec = ic
         emb = jnp.take(table, xb, axis=0).astype(dt)
-        logits = _logits_at(spec, cfg, params, cache, r, rows, c0, step, emb)
         run = ~done
+        logits = _logits_at(spec, cfg, params, cache, r, run, c0, step, emb)
         x0, conf, _ = _pick(spec, r, logits, nfe, False)
         nfe = nfe + run
         tokens, transfer = st.threshold_update(xb, x0, conf, r.rows.threshold, M)
@@ -278,7 +287,7 @@ def _threshold_loop(spec: RoundSpec, cfg: ModelConfig, params, part: SlotState, 
 
     fresh = st.unroll_count((xb0 == M).sum(-1), spec.expected_tpf, spec.max_unroll)
     left0 = jnp.where(r.resume, r.left, fresh)
-    ctx = (part.cache, r, rows, c0, rows)
+    ctx = (part.cache, r, c0)
     _, done, (xb, left, nfe), rec = _step_loop(body, ctx, (jnp.int32(0), ~rows, (xb0, left0, nfe), rec),
                                                spec.threshold_max_steps, spec.exit_factor)
     return xb, nfe, rec, done, left

@@ -1,0 +1,49 @@
+"""Compacted forwards: a round's forward computed only for the rows that need it.
+
+Why: on a compute-bound device (a CPU; a GPU or TPU once the batch is wide) a forward costs every
+row of its batch, and inside a round most rows often need none: they finished their block and wait
+for the step loop to exit, they take their step-0 logits from the cross-block forward, or they do
+not cross a block boundary at all. :func:`compacted` gathers the rows that need the forward into
+the smallest of a few static widths (``compact_widths``: n, n/2, n/4 — all in one program, a
+``lax.switch`` picks the branch at run time, so nothing recompiles), runs it there and scatters the
+results back. A row's arithmetic does not depend on its batch company (attention is per row, the
+experts per token), so the tokens are those of the full-width forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+COMPACT_DIVISORS = (4, 2)  # a forward over n rows may also run at ceil(n/4) and ceil(n/2) rows
+
+
+def compact_widths(n: int) -> tuple[int, ...]:
+    """The static widths (ascending, ending at ``n``) a forward over ``n`` rows may run at."""
+    return tuple(sorted({n, *(-(-n // d) for d in COMPACT_DIVISORS)}))
+
+
+def compacted(needed: jax.Array, run: Callable[[jax.Array], Any], base: Any,
+              put: Callable[[Any, jax.Array, Any], Any]) -> Any:
+    """``put(base, idx, run(idx))`` with ``idx`` the rows of ``needed [n]`` (bool) first, cut to the
+    smallest compact width holding them; ``base`` itself when no row is needed.
+
+    ``run(idx)`` computes the forward for rows ``idx`` (``[w]`` int32, distinct); ``put`` writes its
+    results into ``base`` at those rows. The extra rows of a branch (``w`` above the count) are real
+    rows computed for nothing: ``put`` must keep them harmless (their values are never used)."""
+    n = needed.shape[0]
+    widths = compact_widths(n)
+    order = jnp.argsort(~needed, stable=True).astype(jnp.int32)   # needed rows first
+
+    def branch(w: int):
+        def go(b):
+            idx = jnp.arange(n, dtype=jnp.int32) if w == n else order[:w]
+            return put(b, idx, run(idx))
+        return go
+
+    count = needed.sum()
+    which = jnp.where(count == 0, 0, 1 + jnp.searchsorted(jnp.asarray(widths), count))
+    return jax.lax.switch(which, [lambda b: b] + [branch(w) for w in widths], base)
