@@ -80,3 +80,18 @@ def test_h200_smoke_on_cpu(tmp_path):
     spd = got["spd"]
     assert spd["nfe"] == 1 + 2 * 32  # prefill + one token per forward (threshold 1.0) in 2 blocks
     assert spd["ms_per_forward"] == pytest.approx(1e3 * spd["seconds"] / spd["nfe"])
+
+
+def test_engine_bench_settings_side_by_side(capsys):
+    """bench/engine.py: compacted and full-width forwards give the same tokens (exit status 0) and the
+    table has one row per setting; bad --settings are refused by argparse."""
+    eng = load_script("bench/engine.py")
+    with pytest.raises(SystemExit):
+        eng.parse_args(["--settings", "c4,x2"])
+    with pytest.raises(SystemExit):
+        eng.parse_args(["--settings", "c0"])
+    assert eng.main(["--requests", "3", "--max-batch", "2", "--reps", "1", "--max-tokens", "32",
+                     "--settings", "c4,f4"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| compacted")
+            or line.startswith("| full width")]
+    assert len(rows) == 2 and all(line.rstrip().endswith("| True |") for line in rows)

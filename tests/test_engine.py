@@ -136,9 +136,10 @@ def test_forward_count_is_nfe_alone_and_shared_in_a_batch(params):
     assert max(nfe) <= eng.stats()["forwards"] < sum(nfe)
 
 
-@pytest.mark.parametrize("exit_factor", [4, 1])  # 1: every round one forward, every block paused
-def test_events_blocks_and_provisional_steps(params, exit_factor):
-    eng = engine(params, exit_factor=exit_factor)
+# exit_factor 1: every round one forward, every block paused; compact False: full-width forwards
+@pytest.mark.parametrize(("exit_factor", "compact"), [(4, True), (1, True), (4, False)])
+def test_events_blocks_and_provisional_steps(params, exit_factor, compact):
+    eng = engine(params, exit_factor=exit_factor, compact=compact)
     req = EngineRequest(list(range(10, 29)), 20, threshold=0.6, provisional=True)
     quiet = eng.submit(EngineRequest(list(range(30, 35)), 20, strategy="threshold", threshold=0.3))
     h = eng.submit(req)
@@ -278,6 +279,8 @@ def test_bad_engine_settings(params):
         Engine((params, CFG), block_length=8, capacity=CFG.max_position_embeddings + 8)
     with pytest.raises(ValueError, match="exit_factor"):
         engine(params, exit_factor=0)
+    with pytest.raises(ValueError, match="compact"):
+        engine(params, compact="no")
 
 
 def test_a_failing_round_ends_every_request_with_the_error(params):

@@ -21,21 +21,23 @@ import jax.numpy as jnp
 COMPACT_DIVISORS = (4, 2)  # a forward over n rows may also run at ceil(n/4) and ceil(n/2) rows
 
 
-def compact_widths(n: int) -> tuple[int, ...]:
-    """The static widths (ascending, ending at ``n``) a forward over ``n`` rows may run at."""
-    return tuple(sorted({n, *(-(-n // d) for d in COMPACT_DIVISORS)}))
+def compact_widths(n: int, enabled: bool = True) -> tuple[int, ...]:
+    """The static widths (ascending, ending at ``n``) a forward over ``n`` rows may run at
+    (``enabled=False``: only ``n``; a forward that no row needs is still skipped)."""
+    return tuple(sorted({n, *(-(-n // d) for d in COMPACT_DIVISORS if enabled)}))
 
 
 def compacted(needed: jax.Array, run: Callable[[jax.Array], Any], base: Any,
-              put: Callable[[Any, jax.Array, Any], Any]) -> Any:
+              put: Callable[[Any, jax.Array, Any], Any], *, enabled: bool = True) -> Any:
     """``put(base, idx, run(idx))`` with ``idx`` the rows of ``needed [n]`` (bool) first, cut to the
-    smallest compact width holding them; ``base`` itself when no row is needed.
+    smallest compact width holding them (``enabled=False``: all rows); ``base`` itself when no row
+    is needed.
 
     ``run(idx)`` computes the forward for rows ``idx`` (``[w]`` int32, distinct); ``put`` writes its
     results into ``base`` at those rows. The extra rows of a branch (``w`` above the count) are real
     rows computed for nothing: ``put`` must keep them harmless (their values are never used)."""
     n = needed.shape[0]
-    widths = compact_widths(n)
+    widths = compact_widths(n, enabled)
     order = jnp.argsort(~needed, stable=True).astype(jnp.int32)   # needed rows first
 
     def branch(w: int):

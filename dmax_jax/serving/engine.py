@@ -68,6 +68,8 @@ class Engine:
     ``exit_factor``: a round's step loop ends once at most ``1/exit_factor`` of the slots that
     entered it are still decoding their block; those pause and resume next round beside the slots
     that start new blocks (1: one forward per round; large: every block runs to its end).
+    ``compact``: every forward of a round runs only for the rows that need it, at n, n/2 or n/4 rows
+    (``serving.compact``; pays on a compute-bound device, costs compile time; tokens are the same).
     """
 
     def __init__(self, model, *, max_batch: int = 8, block_length: int = 32, capacity: int | None = None,
@@ -75,11 +77,11 @@ class Engine:
                  strategies: tuple[str, ...] = SERVED_STRATEGIES, dtype=None,
                  top_k: int = 1, max_unroll: int = 4, expected_tpf: int = 4,
                  soft_embedding_impl: str = "auto", mask_id: int | None = None, eos_id: int | None = None,
-                 widths: tuple[int, ...] | None = None, exit_factor: int = 4):
+                 widths: tuple[int, ...] | None = None, exit_factor: int = 4, compact: bool = True):
         self.params, self.config = _model_parts(model)
         cfg = self.config
         strategies = tuple(strategies)
-        check_settings(strategies, max_batch=max_batch, block_length=block_length,
+        check_settings(strategies, compact, max_batch=max_batch, block_length=block_length,
                         prefill_chunk=prefill_chunk, prefill_batch=prefill_batch, top_k=top_k,
                         max_unroll=max_unroll, expected_tpf=expected_tpf, exit_factor=exit_factor)
         if soft_embedding_impl not in SOFT_IMPLS:
@@ -100,7 +102,7 @@ class Engine:
             mask_id=mask_id, spd_max_steps=block_length,
             threshold_max_steps=threshold_max_forwards(block_length, expected_tpf, max_unroll), top_k=top_k,
             max_unroll=max_unroll, expected_tpf=expected_tpf, soft_impl=soft_embedding_impl,
-            dtype=jnp.dtype(dtype).name, exit_factor=exit_factor)
+            dtype=jnp.dtype(dtype).name, exit_factor=exit_factor, compact=compact)
         self.max_batch = max_batch
         # compiled batch widths: a round gathers its decoding slots into the smallest width holding
         # them, so a lightly loaded engine does not pay for its idle slots

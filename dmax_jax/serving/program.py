@@ -62,6 +62,7 @@ class RoundSpec:
     soft_impl: str
     dtype: str
     exit_factor: int = 4   # a round's step loop ends once at most 1/exit_factor of its rows are live
+    compact: bool = True   # forwards run for the rows that need them only (compact.py)
 
     @property
     def width(self) -> int:
@@ -173,7 +174,7 @@ def _cross(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotR
         return logits.at[idx].set(lg), cache.replace(length=cache.length.at[idx].set(part.length))
 
     base = (jnp.zeros((b, B, cfg.vocab_size), jnp.float32), state.cache)
-    logits, cache = compacted(cross, run, base, put)
+    logits, cache = compacted(cross, run, base, put, enabled=spec.compact)
     return logits, cache, cross
 
 
@@ -188,7 +189,7 @@ def _logits_at(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, l
         return fw.block_forward(params, cfg, emb[idx], r.start[idx], _cache_rows(cache, idx),
                                 spec.block_length, jnp.dtype(spec.dtype))
 
-    return compacted(need, run, logits_c, lambda base, idx, lg: base.at[idx].set(lg))
+    return compacted(need, run, logits_c, lambda base, idx, lg: base.at[idx].set(lg), enabled=spec.compact)
 
 
 def _pick(spec: RoundSpec, r: SlotRound, logits, nfe, need_probs: bool):
