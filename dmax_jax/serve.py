@@ -1,6 +1,7 @@
 """``python -m dmax_jax.serve``: an OpenAI-compatible DMax server on one engine.
 
     python -m dmax_jax.serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--max-batch N]
+                             [--compile-cache DIR|none]
 
 Without ``--model`` it serves the shipped demo ``dmax`` model (dmax_jax/assets/demo/dmax) with the
 demo's decoding geometry (block 32, 128-position slots, 64 new tokens by default). Flags are checked
@@ -93,6 +94,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prefill-batch", type=_int_at_least(1), default=8,
                     help="requests prefilled together in one round (default 8)")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to drain at shutdown")
+    ap.add_argument("--compile-cache", metavar="DIR|none",
+                    help="JAX's persistent compilation cache, so a restart skips most of the warm-up "
+                    f"compile (default: $JAX_COMPILATION_CACHE_DIR if set, else {default_compile_cache()}; "
+                    "none: off)")
     ap.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_decode_args(ap, fields=SERVE_FIELDS, group_title="decoding (defaults: DecodeConfig's, overridden "
                     "by the model's dmax_decode.json)")
@@ -105,6 +110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             ap.error(f"--model {args.model}: no config.json in it (not an HF model directory)")
     if args.drain_timeout < 0:
         ap.error(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    args.compile_cache = compile_cache_dir(args.compile_cache, ap.error)
     try:
         args.decode, args.prompt_template = serve_defaults(model_path(args), given_fields(args, SERVE_FIELDS))
     except DecodeConfigError as e:
@@ -115,6 +121,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def default_compile_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dmax_jax" / "xla"
+
+
+def compile_cache_dir(flag: str | None, error) -> Path | None:
+    """The persistent compilation cache directory (created), or None for ``none`` / JAX's own
+    ``JAX_COMPILATION_CACHE_DIR`` (which JAX then uses by itself). It only stores executables keyed by
+    program, JAX version and device: a hit runs exactly what a fresh compile would."""
+    if flag is not None and flag.lower() == "none":
+        return None
+    if flag is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    path = Path(flag) if flag is not None else default_compile_cache()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        error(f"--compile-cache {path}: cannot create it ({e.strerror})")
+    if not os.access(path, os.W_OK):
+        error(f"--compile-cache {path}: not writable")
+    return path
+
+
 def build(args: argparse.Namespace):
     """Load the model and build ``(engine, app, served name)`` (no socket yet)."""
     import dmax_jax
@@ -122,6 +151,10 @@ def build(args: argparse.Namespace):
     from dmax_jax.serving.engine import Engine
     from dmax_jax.serving.server import ServeConfig, create_app
 
+    if args.compile_cache is not None:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.fspath(args.compile_cache))
     path = model_path(args)
     strategies = tuple(args.decode)
     dc = args.decode[strategies[0]]
@@ -157,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    print(f"{PROG}: compiling the engine for '{name}' ({args.max_batch} slots)...", file=sys.stderr,
+    cache = "" if args.compile_cache is None else f"; compilation cache {args.compile_cache}"
+    print(f"{PROG}: compiling the engine for '{name}' ({args.max_batch} slots{cache})...", file=sys.stderr,
           flush=True)
     engine.start()
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["--port", "eighty"], "--port"),
     (["--max-batch", "0"], "--max-batch"),
     (["--threshold", "1.5"], "--threshold"),
+    (["--compile-cache", "/proc/no/such/cache"], "--compile-cache /proc/no/such/cache: cannot create it"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -40,7 +41,7 @@ def _drain_stderr(proc, sink):
         sink.append(line)
 
 
-def test_demo_model_served_streams_generate_text_and_sigterm_exits_cleanly():
+def test_demo_model_served_streams_generate_text_and_sigterm_exits_cleanly(tmp_path):
     from dmax_jax.data.chat import apply_chat_template
     from dmax_jax.decoding import generate
     from dmax_jax.demo import DEMO_DECODE, load_demo_model, test_problems
@@ -50,8 +51,8 @@ def test_demo_model_served_streams_generate_text_and_sigterm_exits_cleanly():
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "dmax_jax.serve", "--port", str(port), "--max-batch", "2",
-                             "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                             "--log-level", "warning", "--compile-cache", str(tmp_path / "xla")],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err: list[str] = []
     reader = threading.Thread(target=_drain_stderr, args=(proc, err), daemon=True)
     reader.start()
@@ -85,4 +86,5 @@ def test_demo_model_served_streams_generate_text_and_sigterm_exits_cleanly():
             proc.wait(timeout=30)
         reader.join(timeout=10)
     assert "shut down cleanly" in "".join(err), "".join(err)[-2000:]
+    assert any((tmp_path / "xla").iterdir())  # the engine's programs went to the persistent cache
     assert "Traceback" not in "".join(err)
