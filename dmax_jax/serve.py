@@ -94,6 +94,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prefill-batch", type=_int_at_least(1), default=8,
                     help="requests prefilled together in one round (default 8)")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to drain at shutdown")
+    ap.add_argument("--compact", choices=("auto", "on", "off"), default="auto",
+                    help="compacted forwards: each forward runs only for the slots that need it (auto: on "
+                    "for CPU, off for GPU / TPU; the tokens are the same)")
     ap.add_argument("--compile-cache", metavar="DIR|none",
                     help="JAX's persistent compilation cache, so a restart skips most of the warm-up "
                     f"compile (default: $JAX_COMPILATION_CACHE_DIR if set, else {default_compile_cache()}; "
@@ -168,7 +171,8 @@ def build(args: argparse.Namespace):
     engine = Engine(model, max_batch=args.max_batch, block_length=dc.block_length, capacity=capacity,
                     prefill_chunk=prefill_chunk, prefill_batch=args.prefill_batch, strategies=strategies,
                     dtype=dtype, top_k=dc.top_k, max_unroll=dc.max_unroll, expected_tpf=dc.expected_tpf,
-                    soft_embedding_impl=dc.soft_impl, mask_id=ids.mask_id, eos_id=ids.eos_id)
+                    soft_embedding_impl=dc.soft_impl, mask_id=ids.mask_id, eos_id=ids.eos_id,
+                    compact={"auto": "auto", "on": True, "off": False}[args.compact])
     name = args.served_model_name or path.resolve().name
     cfg = ServeConfig(model_name=name, decode=dc, per_strategy=dict(args.decode),
                       prompt_template=args.prompt_template, drain_timeout=args.drain_timeout)

@@ -40,3 +40,13 @@ def test_needed_rows_get_the_forward_at_the_smallest_width(n):
         assert (width > 0).sum() == w                 # exactly w rows went through the forward
         untouched = width == 0
         np.testing.assert_array_equal(vals[untouched], -7.0)
+
+
+def test_resolve_compact():
+    from dmax_jax.serving.compact import AUTO_COMPACT, resolve_compact
+
+    params = {"w": jnp.zeros(2)}
+    assert resolve_compact("auto", params) is AUTO_COMPACT[jax.default_backend()]
+    assert resolve_compact(False, params) is False and resolve_compact(True, params) is True
+    with pytest.raises(ValueError, match="compact must be"):
+        resolve_compact("yes", params)

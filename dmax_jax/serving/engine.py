@@ -33,6 +33,7 @@ from dmax_jax.decoding.api import _model_parts
 from dmax_jax.decoding.config import SOFT_IMPLS, DecodeConfig, DecodeConfigError
 from dmax_jax.decoding.strategies import threshold_max_forwards
 from dmax_jax.serving import program as prog
+from dmax_jax.serving.compact import resolve_compact
 from dmax_jax.serving.requests import (
     BlockCommitted,
     EngineClosedError,
@@ -69,7 +70,8 @@ class Engine:
     entered it are still decoding their block; those pause and resume next round beside the slots
     that start new blocks (1: one forward per round; large: every block runs to its end).
     ``compact``: every forward of a round runs only for the rows that need it, at n, n/2 or n/4 rows
-    (``serving.compact``; pays on a compute-bound device, costs compile time; tokens are the same).
+    (``serving.compact``; pays on a compute-bound device, costs compile time; tokens are the same);
+    ``"auto"``: on for CPU, off for GPU / TPU (``compact.AUTO_COMPACT``).
     """
 
     def __init__(self, model, *, max_batch: int = 8, block_length: int = 32, capacity: int | None = None,
@@ -77,11 +79,11 @@ class Engine:
                  strategies: tuple[str, ...] = SERVED_STRATEGIES, dtype=None,
                  top_k: int = 1, max_unroll: int = 4, expected_tpf: int = 4,
                  soft_embedding_impl: str = "auto", mask_id: int | None = None, eos_id: int | None = None,
-                 widths: tuple[int, ...] | None = None, exit_factor: int = 4, compact: bool = True):
+                 widths: tuple[int, ...] | None = None, exit_factor: int = 4, compact: bool | str = "auto"):
         self.params, self.config = _model_parts(model)
         cfg = self.config
         strategies = tuple(strategies)
-        check_settings(strategies, compact, max_batch=max_batch, block_length=block_length,
+        check_settings(strategies, max_batch=max_batch, block_length=block_length,
                         prefill_chunk=prefill_chunk, prefill_batch=prefill_batch, top_k=top_k,
                         max_unroll=max_unroll, expected_tpf=expected_tpf, exit_factor=exit_factor)
         if soft_embedding_impl not in SOFT_IMPLS:
@@ -102,7 +104,8 @@ class Engine:
             mask_id=mask_id, spd_max_steps=block_length,
             threshold_max_steps=threshold_max_forwards(block_length, expected_tpf, max_unroll), top_k=top_k,
             max_unroll=max_unroll, expected_tpf=expected_tpf, soft_impl=soft_embedding_impl,
-            dtype=jnp.dtype(dtype).name, exit_factor=exit_factor, compact=compact)
+            dtype=jnp.dtype(dtype).name, exit_factor=exit_factor,
+            compact=resolve_compact(compact, self.params))
         self.max_batch = max_batch
         # compiled batch widths: a round gathers its decoding slots into the smallest width holding
         # them, so a lightly loaded engine does not pay for its idle slots

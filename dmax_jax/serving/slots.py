@@ -97,11 +97,8 @@ def validate(req: EngineRequest, lim: Limits) -> tuple[np.ndarray, DecodeConfig]
 
 
 
-def check_settings(strategies: tuple[str, ...], compact: bool = True, **ints: int) -> None:
-    """Engine settings: served strategies, a boolean ``compact``, positive integers, chunks made of
-    whole blocks."""
-    if not isinstance(compact, bool):
-        raise ValueError(f"compact must be True or False, got {compact!r}")
+def check_settings(strategies: tuple[str, ...], **ints: int) -> None:
+    """Engine settings: served strategies, positive integers, chunks made of whole blocks."""
     for s in strategies:
         if s not in SERVED_STRATEGIES:
             why = " (llada2 recomputes the whole prefix every step)" if s == "llada2" else ""
