@@ -15,8 +15,10 @@ def test_compact_widths(n, want):
     assert compact_widths(n) == want
 
 
-def _put(base, idx, res):
-    return jax.tree.map(lambda b, r: b.at[idx].set(r), base, res)
+def _put(base, idx, res, keep):
+    """Values only where needed (what callers must do); the width marker on every row computed."""
+    (vals, width), (v, w) = base, res
+    return vals.at[idx].set(jnp.where(keep[:, None], v, vals[idx])), width.at[idx].set(w)
 
 
 @pytest.mark.parametrize("n", [1, 4, 16])
@@ -38,8 +40,7 @@ def test_needed_rows_get_the_forward_at_the_smallest_width(n):
         w = min(v for v in compact_widths(n) if v >= count)
         assert set(width[needed]) == {w}, (trial, needed, width)
         assert (width > 0).sum() == w                 # exactly w rows went through the forward
-        untouched = width == 0
-        np.testing.assert_array_equal(vals[untouched], -7.0)
+        np.testing.assert_array_equal(vals[~needed], -7.0)  # computed for nothing or not at all: base
 
 
 def test_resolve_compact():
@@ -50,3 +51,39 @@ def test_resolve_compact():
     assert resolve_compact(False, params) is False and resolve_compact(True, params) is True
     with pytest.raises(ValueError, match="compact must be"):
         resolve_compact("yes", params)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("cross", [[1, 0, 0, 0], [1, 1, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
+def test_step0_logits_of_crossing_rows_are_the_cross_forwards(compact, cross):
+    """At step 0 a crossing row's logits are the cross-block forward's, bit for bit, whatever width
+    the block forward of the other rows runs at; the others get the block forward's."""
+    import types
+
+    from test_decoding_oracle import random_params
+
+    from dmax_jax.config import tiny_config
+    from dmax_jax.decoding import forwards as fw
+    from dmax_jax.model.kv_cache import init_cache
+    from dmax_jax.serving import program as prog
+
+    cfg, n, B = tiny_config(), 4, 8
+    params = random_params(cfg, seed=0)
+    spec = prog.RoundSpec(strategies=("spd",), block_length=B, capacity=32, prefill_chunk=16,
+                          prefill_batch=1, mask_id=cfg.resolved_mask_token_id, spd_max_steps=B,
+                          threshold_max_steps=B, top_k=1, max_unroll=4, expected_tpf=4, soft_impl="auto",
+                          dtype="float32", compact=compact)
+    rng = np.random.default_rng(0)
+    cache = init_cache(cfg, n, spec.width)
+    noise = lambda d: {k: jnp.asarray(rng.normal(size=a.shape), jnp.float32) for k, a in d.items()}
+    cache = cache.replace(k=noise(cache.k), v=noise(cache.v), length=jnp.asarray([8, 16, 8, 24], jnp.int32))
+    r = types.SimpleNamespace(start=cache.length)
+    emb = jnp.asarray(rng.normal(size=(n, B, cfg.hidden_size)), jnp.float32)
+    logits_c = jnp.full((n, B, cfg.vocab_size), 123.0)
+    cross = jnp.asarray(cross, bool)
+    got = jax.jit(lambda: prog._logits_at(spec, cfg, params, cache, r, jnp.ones(n, bool), (logits_c, cross),
+                                          jnp.int32(0), emb))()
+    full = fw.block_forward(params, cfg, emb, r.start, cache, B, jnp.float32)
+    c = np.asarray(cross)
+    np.testing.assert_array_equal(np.asarray(got)[c], 123.0)
+    np.testing.assert_allclose(np.asarray(got)[~c], np.asarray(full)[~c], rtol=1e-5, atol=1e-5)

@@ -46,14 +46,15 @@ def compact_widths(n: int, enabled: bool = True) -> tuple[int, ...]:
 
 
 def compacted(needed: jax.Array, run: Callable[[jax.Array], Any], base: Any,
-              put: Callable[[Any, jax.Array, Any], Any], *, enabled: bool = True) -> Any:
-    """``put(base, idx, run(idx))`` with ``idx`` the rows of ``needed [n]`` (bool) first, cut to the
-    smallest compact width holding them (``enabled=False``: all rows); ``base`` itself when no row
-    is needed.
+              put: Callable[[Any, jax.Array, Any, jax.Array], Any], *, enabled: bool = True) -> Any:
+    """``put(base, idx, run(idx), needed[idx])`` with ``idx`` the rows of ``needed [n]`` (bool) first,
+    cut to the smallest compact width holding them (``enabled=False``: all rows); ``base`` itself
+    when no row is needed.
 
     ``run(idx)`` computes the forward for rows ``idx`` (``[w]`` int32, distinct); ``put`` writes its
-    results into ``base`` at those rows. The extra rows of a branch (``w`` above the count) are real
-    rows computed for nothing: ``put`` must keep them harmless (their values are never used)."""
+    results into ``base`` at those rows. A branch wider than the count also computes rows that are
+    not needed (the last argument is False for them): ``put`` must leave what they hold in ``base``
+    unchanged (or write only what nobody reads, e.g. scratch positions)."""
     n = needed.shape[0]
     widths = compact_widths(n, enabled)
     order = jnp.argsort(~needed, stable=True).astype(jnp.int32)   # needed rows first
@@ -61,7 +62,7 @@ def compacted(needed: jax.Array, run: Callable[[jax.Array], Any], base: Any,
     def branch(w: int):
         def go(b):
             idx = jnp.arange(n, dtype=jnp.int32) if w == n else order[:w]
-            return put(b, idx, run(idx))
+            return put(b, idx, run(idx), needed[idx])
         return go
 
     count = needed.sum()

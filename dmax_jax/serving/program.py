@@ -168,7 +168,7 @@ def _cross(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotR
         logits, new = fw.cross_forward(params, cfg, state.x[idx], start, part, B, dt)
         return logits, new.replace(length=jnp.where(crosses, new.length, part.length))
 
-    def put(base, idx, res):
+    def put(base, idx, res, _):  # rows not crossing wrote only scratch K/V and kept their length
         (logits, cache), (lg, part) = base, res
         cache = _put_cache_rows(cache, idx, part)
         return logits.at[idx].set(lg), cache.replace(length=cache.length.at[idx].set(part.length))
@@ -189,7 +189,10 @@ def _logits_at(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, l
         return fw.block_forward(params, cfg, emb[idx], r.start[idx], _cache_rows(cache, idx),
                                 spec.block_length, jnp.dtype(spec.dtype))
 
-    return compacted(need, run, logits_c, lambda base, idx, lg: base.at[idx].set(lg), enabled=spec.compact)
+    def put(base, idx, lg, keep):  # a row not needed keeps its logits (step 0: the cross forward's)
+        return base.at[idx].set(jnp.where(keep[:, None, None], lg, base[idx]))
+
+    return compacted(need, run, logits_c, put, enabled=spec.compact)
 
 
 def _pick(spec: RoundSpec, r: SlotRound, logits, nfe, need_probs: bool):
