@@ -88,3 +88,14 @@ def test_demo_model_served_streams_generate_text_and_sigterm_exits_cleanly(tmp_p
     assert "shut down cleanly" in "".join(err), "".join(err)[-2000:]
     assert any((tmp_path / "xla").iterdir())  # the engine's programs went to the persistent cache
     assert "Traceback" not in "".join(err)
+
+
+def test_compile_cache_flag(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert serve.parse_args([]).compile_cache == tmp_path / "xdg" / "dmax_jax" / "xla"
+    assert (tmp_path / "xdg" / "dmax_jax" / "xla").is_dir()
+    assert serve.parse_args(["--compile-cache", "none"]).compile_cache is None
+    assert serve.parse_args(["--compile-cache", str(tmp_path / "c")]).compile_cache == tmp_path / "c"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))  # JAX's own setting wins
+    assert serve.parse_args([]).compile_cache is None
