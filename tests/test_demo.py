@@ -67,6 +67,31 @@ def test_dmax_spd_solves_held_out_problems(shipped):
     assert results[0]["question"] in text and "TPF" in text
 
 
+README_QUESTION = ("Ella is 8 years old. Liam is 4 times as old as Ella. Ava is 8 years younger than Liam. "
+                   "How old is Ava?")
+README_ANSWER = "So Liam is 8*4=32.\nBeing younger, Ava is 32-8=24.\n#### 24"
+
+
+def test_readme_serving_example_is_what_the_shipped_model_answers(shipped):
+    """The README's serving example asks README_QUESTION and shows README_ANSWER: the served text
+    (= generate's with the demo decoding, tests/test_server_cli.py) must be exactly that."""
+    from pathlib import Path
+
+    from dmax_jax.data.chat import apply_chat_template
+    from dmax_jax.decoding import generate
+    from dmax_jax.demo.task import gsm8k_prompt
+    from dmax_jax.serving.detok import detokenize
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f'"{README_QUESTION[:-len("How old is Ava?")]}"' in readme
+    assert all(f"`{line}`" in readme for line in README_ANSWER.splitlines())
+    model = shipped["dmax"]
+    ids = apply_chat_template(model.tokenizer, [{"role": "user", "content": gsm8k_prompt(README_QUESTION)}],
+                              add_generation_prompt=True)
+    res = generate(model, [ids], **demo.DEMO_DECODE.generate_kwargs("spd", demo.DEMO_DECODE.spd_threshold))
+    assert detokenize(model.tokenizer, res.token_ids[0]) == README_ANSWER
+
+
 def test_dmax_spd_at_validated_accept_threshold_keeps_the_speedup(shipped):
     # README headline (results/demo_tau_acc_0.5): dmax + SPD at τ_acc 0.5, τ 0.5 decodes ~3x the
     # tokens per forward of base + threshold (τ 0.95) at about its accuracy. On 50 problems: ≥ 2.5x
