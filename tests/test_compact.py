@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmax_jax.serving.compact import compact_widths, compacted
+from dmax_jax.serving.compact import compact_widths, compacted, put_rows, take_rows
 
 
 @pytest.mark.parametrize(("n", "want"), [(1, (1,)), (2, (1, 2)), (3, (1, 2, 3)), (4, (1, 2, 4)),
@@ -18,16 +18,19 @@ def test_compact_widths(n, want):
 def _put(base, idx, res, keep):
     """Values only where needed (what callers must do); the width marker on every row computed."""
     (vals, width), (v, w) = base, res
-    return vals.at[idx].set(jnp.where(keep[:, None], v, vals[idx])), width.at[idx].set(w)
+    return put_rows(vals, idx, jnp.where(keep[:, None], v, take_rows(vals, idx))), put_rows(width, idx, w)
 
 
 @pytest.mark.parametrize("n", [1, 4, 16])
 def test_needed_rows_get_the_forward_at_the_smallest_width(n):
     rng = np.random.default_rng(n)
     x = jnp.asarray(rng.normal(size=(n, 3)), jnp.float32)
-    f = jax.jit(lambda needed: compacted(
-        needed, lambda idx: (x[idx] * 2.0 + 1.0, jnp.full(idx.shape, idx.shape[0], jnp.int32)),
-        (jnp.full((n, 3), -7.0), jnp.zeros((n,), jnp.int32)), _put))
+    def run(idx):  # the values, and on every row computed the width it was computed at
+        w = n if idx is None else idx.shape[0]
+        return take_rows(x, idx) * 2.0 + 1.0, jnp.full((w,), w, jnp.int32)
+
+    f = jax.jit(lambda needed: compacted(needed, run, (jnp.full((n, 3), -7.0), jnp.zeros((n,), jnp.int32)),
+                                         _put))
     for trial in range(12):
         needed = rng.random(n) < rng.choice([0.0, 0.2, 0.5, 1.0])
         vals, width = f(jnp.asarray(needed))

@@ -45,24 +45,37 @@ def compact_widths(n: int, enabled: bool = True) -> tuple[int, ...]:
     return tuple(sorted({n, *(-(-n // d) for d in COMPACT_DIVISORS if enabled)}))
 
 
-def compacted(needed: jax.Array, run: Callable[[jax.Array], Any], base: Any,
-              put: Callable[[Any, jax.Array, Any, jax.Array], Any], *, enabled: bool = True) -> Any:
+def take_rows(a: jax.Array, idx: jax.Array | None) -> jax.Array:
+    """Rows ``idx`` of ``a`` (leading axis); all of ``a`` for ``None``."""
+    return a if idx is None else a[idx]
+
+
+def put_rows(a: jax.Array, idx: jax.Array | None, v: jax.Array) -> jax.Array:
+    """``a`` with rows ``idx`` set to ``v``; ``v`` itself for ``None`` (every row)."""
+    return v if idx is None else a.at[idx].set(v)
+
+
+def compacted(needed: jax.Array, run: Callable[[jax.Array | None], Any], base: Any,
+              put: Callable[[Any, jax.Array | None, Any, jax.Array], Any], *, enabled: bool = True) -> Any:
     """``put(base, idx, run(idx), needed[idx])`` with ``idx`` the rows of ``needed [n]`` (bool) first,
     cut to the smallest compact width holding them (``enabled=False``: all rows); ``base`` itself
     when no row is needed.
 
-    ``run(idx)`` computes the forward for rows ``idx`` (``[w]`` int32, distinct); ``put`` writes its
-    results into ``base`` at those rows. A branch wider than the count also computes rows that are
-    not needed (the last argument is False for them): ``put`` must leave what they hold in ``base``
-    unchanged (or write only what nobody reads, e.g. scratch positions)."""
+    ``run(idx)`` computes the forward for rows ``idx`` (``[w]`` int32, distinct; ``None`` in the
+    full-width branch: all rows in order, so that branch gathers and scatters nothing — XLA keeps a
+    gather by ``arange``, a copy of every cache row); ``put`` writes its results into ``base`` at
+    those rows (``take_rows`` / ``put_rows`` read and write either form). A branch wider than the
+    count also computes rows that are not needed (the last argument is False for them): ``put`` must
+    leave what they hold in ``base`` unchanged (or write only what nobody reads, e.g. scratch
+    positions)."""
     n = needed.shape[0]
     widths = compact_widths(n, enabled)
     order = jnp.argsort(~needed, stable=True).astype(jnp.int32)   # needed rows first
 
     def branch(w: int):
         def go(b):
-            idx = jnp.arange(n, dtype=jnp.int32) if w == n else order[:w]
-            return put(b, idx, run(idx), needed[idx])
+            idx = None if w == n else order[:w]
+            return put(b, idx, run(idx), take_rows(needed, idx))
         return go
 
     count = needed.sum()

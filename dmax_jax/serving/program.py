@@ -39,7 +39,7 @@ from dmax_jax.decoding.config import RowParams
 from dmax_jax.model.kv_cache import KVCache, init_cache
 from dmax_jax.model.llada2 import embedding_table, forward
 from dmax_jax.model.masks import MaskSpec
-from dmax_jax.serving.compact import compacted
+from dmax_jax.serving.compact import compacted, put_rows, take_rows
 
 TRACE_COUNT: collections.Counter = collections.Counter()  # traces, per (spec, config, slots, sharding, width)
 
@@ -124,13 +124,17 @@ def init_state(spec: RoundSpec, cfg: ModelConfig, slots: int) -> SlotState:
 
 
 def _cache_rows(cache: KVCache, idx) -> KVCache:
-    """Rows ``idx`` of a cache (its slot axis is 1)."""
+    """Rows ``idx`` of a cache (its slot axis is 1); the cache itself for ``None``."""
+    if idx is None:
+        return cache
     return KVCache({n: a[:, idx] for n, a in cache.k.items()}, {n: a[:, idx] for n, a in cache.v.items()},
                    cache.length[idx])
 
 
 def _put_cache_rows(cache: KVCache, idx, part: KVCache) -> KVCache:
-    """``cache`` with ``part``'s K/V written into rows ``idx`` (lengths untouched)."""
+    """``cache`` with ``part``'s K/V written into rows ``idx`` (``None``: all rows; lengths untouched)."""
+    if idx is None:
+        return cache.replace(k=part.k, v=part.v)
     return cache.replace(k={n: a.at[:, idx].set(part.k[n]) for n, a in cache.k.items()},
                          v={n: a.at[:, idx].set(part.v[n]) for n, a in cache.v.items()})
 
@@ -163,15 +167,15 @@ def _cross(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotR
     cross = r.decoding & (r.k > 0) & ~r.resume
 
     def run(idx):
-        part, crosses = _cache_rows(state.cache, idx), cross[idx]
-        start = jnp.where(crosses, r.start[idx], spec.capacity + B)  # others: scratch [capacity, +2B)
-        logits, new = fw.cross_forward(params, cfg, state.x[idx], start, part, B, dt)
+        part, crosses = _cache_rows(state.cache, idx), take_rows(cross, idx)
+        start = jnp.where(crosses, take_rows(r.start, idx), spec.capacity + B)  # others: scratch
+        logits, new = fw.cross_forward(params, cfg, take_rows(state.x, idx), start, part, B, dt)
         return logits, new.replace(length=jnp.where(crosses, new.length, part.length))
 
     def put(base, idx, res, _):  # rows not crossing wrote only scratch K/V and kept their length
         (logits, cache), (lg, part) = base, res
         cache = _put_cache_rows(cache, idx, part)
-        return logits.at[idx].set(lg), cache.replace(length=cache.length.at[idx].set(part.length))
+        return put_rows(logits, idx, lg), cache.replace(length=put_rows(cache.length, idx, part.length))
 
     base = (jnp.zeros((b, B, cfg.vocab_size), jnp.float32), state.cache)
     logits, cache = compacted(cross, run, base, put, enabled=spec.compact)
@@ -186,11 +190,11 @@ def _logits_at(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, l
     need = live & ~((step == 0) & cross)
 
     def run(idx):
-        return fw.block_forward(params, cfg, emb[idx], r.start[idx], _cache_rows(cache, idx),
-                                spec.block_length, jnp.dtype(spec.dtype))
+        return fw.block_forward(params, cfg, take_rows(emb, idx), take_rows(r.start, idx),
+                                _cache_rows(cache, idx), spec.block_length, jnp.dtype(spec.dtype))
 
     def put(base, idx, lg, keep):  # a row not needed keeps its logits (step 0: the cross forward's)
-        return base.at[idx].set(jnp.where(keep[:, None, None], lg, base[idx]))
+        return put_rows(base, idx, jnp.where(keep[:, None, None], lg, take_rows(base, idx)))
 
     return compacted(need, run, logits_c, put, enabled=spec.compact)
 
