@@ -1,4 +1,5 @@
-"""bench/fullsize.py and bench/h200.py on the tiny config: the scripts run, and what they compute is right."""
+"""bench/fullsize.py, h200.py, engine.py and moe.py on small inputs: the scripts run, and what
+they compute is right."""
 
 from __future__ import annotations
 
@@ -95,3 +96,16 @@ def test_engine_bench_settings_side_by_side(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| compacted")
             or line.startswith("| full width")]
     assert len(rows) == 2 and all(line.rstrip().endswith("| True |") for line in rows)
+
+
+def test_moe_bench_backends_side_by_side(capsys):
+    """bench/moe.py times each backend on a layer and the demo forward and checks it against dense;
+    a backend that is not a moe_impl is a usage error."""
+    moe = load_script("bench/moe.py")
+    assert moe.main(["--backends", "ragged,tiled", "--layers", "demo b1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for what in ("MoE layer, demo b1", "demo block forward, batch 1", "demo block forward, batch 16"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {what} |"))
+        assert row.count(" ms") == 2 and "x faster" in row
+    with pytest.raises(SystemExit):
+        moe.main(["--backends", "ragged,grouped"])

@@ -1,10 +1,10 @@
 """Every grouped-matmul MoE backend equals the dense reference (outputs and gradients), ``auto``
 resolves per platform as documented, and the GPU/TPU kernels lower from this CPU host.
 
-On CPU: ``ragged`` is XLA, ``tokamax`` runs tokamax's XLA implementation, ``megablox`` runs the
-TPU kernel in the Pallas interpreter. Tolerances (float32, default-precision CPU matmuls, exact
-f32): outputs within 2e-5 and gradients within 1e-4 of the largest reference magnitude — the
-backends sum the same products in different orders.
+On CPU: ``ragged`` is XLA, ``tiled`` plain JAX over expert-aligned row tiles, ``tokamax`` runs
+tokamax's XLA implementation, ``megablox`` runs the TPU kernel in the Pallas interpreter.
+Tolerances (float32, default-precision CPU matmuls, exact f32): outputs within 2e-5 and gradients
+within 1e-4 of the largest reference magnitude — the backends sum the same products in different orders.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from dmax_jax.model.masks import MaskSpec
 OUT_TOL, GRAD_TOL = 2e-5, 1e-4
 CPU_BACKENDS = {  # backend -> extra keyword arguments on CPU
     "ragged": {},
+    "tiled": {},
     "tokamax": {},
     "megablox": {"interpret": True},
     "ep": {},  # no mesh in context: the grouped path with the platform's auto matmul
@@ -79,11 +80,11 @@ def test_backend_equals_dense_reference(impl, size):
 
 
 def test_auto_resolves_per_platform():
-    assert resolve_moe_impl("auto", "cpu") == "ragged"
+    assert resolve_moe_impl("auto", "cpu") == "tiled"
     assert resolve_moe_impl("auto", "gpu") == "tokamax"  # never XLA's densified ragged_dot on GPU
     assert resolve_moe_impl("auto", "tpu") == "megablox"
     assert resolve_moe_impl("auto") == experts.AUTO_IMPL[jax.default_backend()]
-    assert experts.grouped_matmul("auto", "cpu") is experts._ragged_matmul
+    assert experts.grouped_matmul("auto", "cpu") is experts.tiled_matmul
     assert experts.grouped_matmul("auto", "gpu").func is experts._tokamax_matmul
     assert experts.grouped_matmul("auto", "tpu").func is experts._megablox_matmul
 
@@ -111,16 +112,17 @@ def test_unavailable_backends_raise(monkeypatch):
 
 
 def test_model_forward_per_backend():
-    """The whole model: ``auto`` is bit-identical to ``ragged`` on CPU, ``tokamax`` matches
-    ``dense``; an unknown ``moe_impl`` is a MoEBackendError."""
+    """The whole model: ``auto`` is bit-identical to ``tiled`` on CPU, ``tiled``, ``ragged`` and
+    ``tokamax`` match ``dense``; an unknown ``moe_impl`` is a MoEBackendError."""
     cfg = tiny_config()
     params = init_params(cfg, jax.random.key(0))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)))
     spec = MaskSpec("block_causal", 4)
     run = {impl: np.asarray(forward(params, cfg, ids, mask=spec, moe_impl=impl)[0])
-           for impl in ("auto", "ragged", "tokamax", "dense")}
-    np.testing.assert_array_equal(run["auto"], run["ragged"])
-    np.testing.assert_allclose(run["tokamax"], run["dense"], atol=1e-5, rtol=1e-5)
+           for impl in ("auto", "ragged", "tiled", "tokamax", "dense")}
+    np.testing.assert_array_equal(run["auto"], run["tiled"])
+    for impl in ("ragged", "tiled", "tokamax"):
+        np.testing.assert_allclose(run[impl], run["dense"], atol=1e-5, rtol=1e-5, err_msg=impl)
     with pytest.raises(MoEBackendError, match="not one of"):
         forward(params, cfg, ids, mask=spec, moe_impl="grouped")
 

@@ -7,9 +7,12 @@ grouped paths sort the ``N * K`` assignments by expert so that each expert's row
 
 ``moe_impl`` — the one MoE switch:
 
-* ``"ragged"``: XLA's ``jax.lax.ragged_dot``. The reference numerics and the CPU default. XLA on
-  CPU and GPU expands it into a dense masked matmul, so it reads every expert's weights for every
-  token (measured on CPU: same time for 1 or 256 non-empty experts); ``auto`` never picks it on GPU.
+* ``"ragged"``: XLA's ``jax.lax.ragged_dot``. XLA on CPU and GPU expands it into a dense masked
+  matmul, so it reads every expert's weights for every token (measured on CPU: same time for 1 or
+  256 non-empty experts); ``auto`` never picks it.
+* ``"tiled"``: plain JAX over expert-aligned row tiles (``model.expert_tiles``): each tile of rows
+  belongs to one expert and meets only that expert's weights. The CPU default (1.6-5x faster than
+  ``ragged`` on CPU from demo to 64-expert sizes); it lowers anywhere, but GPU / TPU have kernels.
 * ``"tokamax"``: ``tokamax.ragged_dot``, the Pallas Triton kernel on GPU (grid = row tiles x
   column tiles x experts; a program whose expert has no rows left exits before loading a weight
   tile, so an empty expert costs no weight reads), the Pallas Mosaic kernel on TPU, and tokamax's
@@ -21,7 +24,7 @@ grouped paths sort the ``N * K`` assignments by expert so that each expert's row
 * ``"dense"``: every expert on every token (``experts_dense``); the test reference, reads all.
 * ``"ep"``: expert parallel over the mesh's ``expert`` axis (``experts_ep``); the local experts
   run the platform's ``auto`` grouped matmul.
-* ``"auto"``: ``AUTO_IMPL[platform]`` — cpu -> ragged (CPU numbers unchanged), gpu -> tokamax,
+* ``"auto"``: ``AUTO_IMPL[platform]`` — cpu -> tiled, gpu -> tokamax,
   tpu -> megablox (part of JAX itself, and its TPU lowering can be checked from a CPU host;
   tokamax's TPU kernel, a fork of it, refuses to trace without a TPU attached).
 
@@ -40,10 +43,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from dmax_jax.model.expert_tiles import tiled_matmul, tiled_mlp
 from dmax_jax.model.layers import round_up
 
-MOE_IMPLS = ("auto", "ragged", "tokamax", "megablox", "dense", "ep")
-AUTO_IMPL = {"cpu": "ragged", "gpu": "tokamax", "tpu": "megablox"}
+MOE_IMPLS = ("auto", "ragged", "tiled", "tokamax", "megablox", "dense", "ep")
+AUTO_IMPL = {"cpu": "tiled", "gpu": "tokamax", "tpu": "megablox"}
 PLATFORMS = tuple(AUTO_IMPL)
 TOKAMAX_IMPLEMENTATION = {"cpu": "xla", "gpu": "triton", "tpu": "mosaic_tpu"}
 EXPERT_AXIS = "expert"
@@ -141,11 +145,13 @@ def grouped_matmul(impl: str, platform: str | None = None, *, interpret: bool = 
     impl = resolve_moe_impl(impl, platform, interpret=interpret)
     if impl == "ragged":
         return _ragged_matmul
+    if impl == "tiled":
+        return tiled_matmul
     if impl == "tokamax":
         return functools.partial(_tokamax_matmul, platform=platform)
     if impl == "megablox":
         return functools.partial(_megablox_matmul, interpret=interpret or platform != "tpu")
-    raise MoEBackendError(f"moe_impl {impl!r} is not a grouped matmul (one of ragged/tokamax/megablox)")
+    raise MoEBackendError(f"moe_impl {impl!r} is not a grouped matmul (one of ragged/tiled/tokamax/megablox)")
 
 
 # ---------------------------------------------------------------- the expert MLP
@@ -161,8 +167,11 @@ def grouped_mlp(rows, sizes, w_gate, w_up, w_down, matmul: GroupedMatmul, *, par
     if partial:
         keep = (jnp.arange(rows.shape[0]) < jnp.sum(sizes))[:, None]
         rows = jnp.where(keep, rows, 0)
-    h = jax.nn.silu(matmul(rows, w_gate, sizes)) * matmul(rows, w_up, sizes)
-    out = matmul(h.astype(rows.dtype), w_down, sizes)
+    if matmul is tiled_matmul:  # one tile layout for the three projections
+        out = tiled_mlp(rows, sizes, w_gate, w_up, w_down)
+    else:
+        h = jax.nn.silu(matmul(rows, w_gate, sizes)) * matmul(rows, w_up, sizes)
+        out = matmul(h.astype(rows.dtype), w_down, sizes)
     return out if keep is None else jnp.where(keep, out, 0)
 
 

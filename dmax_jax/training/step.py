@@ -51,7 +51,7 @@ class StepConfig:
     compute_dtype: str = "float32"
     remat: str | None = None
     attention_backend: str = "xla_dense"
-    moe_impl: str = "auto"  # model.experts.MOE_IMPLS; "auto" = ragged on CPU, tokamax / megablox on GPU / TPU
+    moe_impl: str = "auto"  # model.experts.MOE_IMPLS; "auto" = tiled on CPU, tokamax / megablox on GPU / TPU
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
