@@ -1,13 +1,14 @@
 """Grouped matmul over expert-aligned row tiles, in plain JAX: the CPU's fast dropless MoE path.
 
 Why it exists: XLA on CPU expands ``lax.ragged_dot`` into a dense masked matmul over *every* expert
-(measured: a demo-size MoE layer of 512 tokens 3.6 ms ragged vs 2.3 ms tiled; 64 experts top-4,
-256 hidden: 299 ms vs 58 ms). Here, as in megablox's TPU kernel, each expert's rows (already sorted
-by expert, ``sizes[e]`` rows for expert e) are padded up to a multiple of a row tile T and laid
-out so that every tile belongs to one expert; one batched matmul then multiplies each tile by its
-own expert's weights. The work is the routed rows plus at most ``E * (T - 1)`` zero padding rows,
-never ``rows x all experts``. Exact: each output row is the same dot product ``ragged_dot`` computes
-(up to summation order); padding rows are zero in and dropped on the way out.
+(``python bench/moe.py``, 2026-12-03: a demo-size MoE layer of 512 tokens 2.23 ms ragged vs 1.21 ms
+tiled; 64 experts top-4, hidden 256: 229 ms vs 41 ms). Here, as in megablox's TPU kernel, each
+expert's rows (already sorted by expert, ``sizes[e]`` rows for expert e) are padded up to a
+multiple of a row tile T and laid out so that every tile belongs to one expert; one batched matmul
+then multiplies each tile by its own expert's weights. The work is the routed rows plus at most
+``E * (T - 1)`` zero padding rows, never ``rows x all experts``. Exact: each output row is the same
+dot product ``ragged_dot`` computes (up to summation order); padding rows are zero in and dropped
+on the way out.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ grouped paths sort the ``N * K`` assignments by expert so that each expert's row
   matmul, so it reads every expert's weights for every token (measured on CPU: same time for 1 or
   256 non-empty experts); ``auto`` never picks it.
 * ``"tiled"``: plain JAX over expert-aligned row tiles (``model.expert_tiles``): each tile of rows
-  belongs to one expert and meets only that expert's weights. The CPU default (1.6-5x faster than
+  belongs to one expert and meets only that expert's weights. The CPU default (1.8-5.6x faster than
   ``ragged`` on CPU from demo to 64-expert sizes); it lowers anywhere, but GPU / TPU have kernels.
 * ``"tokamax"``: ``tokamax.ragged_dot``, the Pallas Triton kernel on GPU (grid = row tiles x
   column tiles x experts; a program whose expert has no rows left exits before loading a weight
