@@ -176,6 +176,28 @@ def test_cache_rows_at_different_offsets():
     np.testing.assert_allclose(lg[1], full[1][0, 8:12], rtol=1e-4, atol=1e-4)
 
 
+def test_cache_window_skips_only_slots_no_row_can_see():
+    """``cache_window=W`` (the serving engine's scratch columns) gives the same logits bit for bit
+    and the same committed cache as attending to every slot, while every row's length is <= W; the
+    commit still writes past W."""
+    cfg = tiny_config()
+    params = spread_params(cfg, seed=13)
+    spec = MaskSpec("block_causal", 4)
+    ids = jnp.asarray(np.random.default_rng(7).integers(3, cfg.vocab_size, (2, 12)))
+    cache = init_cache(cfg, 2, 24)
+    _, cache = forward(params, cfg, ids[:, :8], positions=jnp.broadcast_to(jnp.arange(8), (2, 8)), mask=spec,
+                       cache=cache, commit=True)
+    pos = jnp.asarray([[8, 9, 10, 11], [12, 13, 14, 15]])  # row 1 writes past the window (scratch)
+    want = forward(params, cfg, ids[:, 8:12], positions=pos, mask=spec, cache=cache, commit=True)
+    got = forward(params, cfg, ids[:, 8:12], positions=pos, mask=spec, cache=cache, commit=True,
+                  cache_window=12)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert np.asarray(got[1].k["moe_layers"][:, 1, 12:16]).any()  # the write landed past the window
+    short = forward(params, cfg, ids[:, 8:12], positions=pos, mask=spec, cache=cache, cache_window=4)[0]
+    assert not np.allclose(short, want[0], atol=1e-3)  # a window that hides valid slots is seen
+
+
 def test_bf16_compute_close_to_f32():
     cfg = tiny_config()
     params = init_params(cfg, jax.random.key(0))

@@ -72,22 +72,24 @@ def first_block(params, config: ModelConfig, x: jax.Array, s0: jax.Array, padded
 
 
 def cross_forward(params, config: ModelConfig, x: jax.Array, start: jax.Array, cache: KVCache, block: int,
-                  dtype) -> tuple[jax.Array, KVCache]:
+                  dtype, cache_window: int | None = None) -> tuple[jax.Array, KVCache]:
     """Previous + current block from ``x`` (hard ids) against ``cache[:start − B]``; commits the
-    previous block. Returns the current block's logits ``[b, B, V]`` and the advanced cache."""
+    previous block. Returns the current block's logits ``[b, B, V]`` and the advanced cache.
+    ``cache_window``: as in ``model.llada2.forward``."""
     prev = jnp.maximum(start - block, 0)  # only rows already finished can reach < 0
     ids = row_slice(x, prev, 2 * block)
     logits, cache = forward(params, config, ids, positions=positions(prev, 2 * block),
                             mask=MaskSpec("block_causal", block), cache=cache, commit=True,
-                            commit_length=block, dtype=dtype)
+                            commit_length=block, dtype=dtype, cache_window=cache_window)
     return logits[:, block:], cache
 
 
 def block_forward(params, config: ModelConfig, embeds: jax.Array, start: jax.Array, cache: KVCache,
-                  block: int, dtype) -> jax.Array:
+                  block: int, dtype, cache_window: int | None = None) -> jax.Array:
     """Current block from input embeddings ``[b, B, H]`` against the cache; logits ``[b, B, V]``."""
     logits, _ = forward(params, config, inputs_embeds=embeds, positions=positions(start, block),
-                        mask=MaskSpec("block_causal", block), cache=cache, dtype=dtype)
+                        mask=MaskSpec("block_causal", block), cache=cache, dtype=dtype,
+                        cache_window=cache_window)
     return logits
 
 

@@ -56,6 +56,7 @@ class LLaDA2MoeModel(nn.Module):
     attention_backend: str = "xla_dense"
     moe_impl: str = "auto"
     remat: str | None = None  # None | "full" | "dots"
+    cache_window: int | None = None  # attention reads cache slots [0, cache_window) only
 
     @nn.compact
     def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None,
@@ -98,6 +99,8 @@ class LLaDA2MoeModel(nn.Module):
                             in_axes=(nn.broadcast, 0, nn.broadcast), length=n,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             layer_cache = None if cache is None else cache.stack(name)
+            if layer_cache is not None and self.cache_window is not None:  # slots past it are never valid
+                layer_cache = tuple(a[:, :, :self.cache_window] for a in layer_cache)
             cache_len = None if cache is None else cache.length
             h, kv = stack(cfg, mask, is_moe, self.dtype, self.param_dtype, self.attention_backend,
                           self.moe_impl, commit, name=name)(h, positions, layer_cache, cache_len)
@@ -130,17 +133,21 @@ def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32, *, boxed
 def forward(params, config: ModelConfig, input_ids=None, *, inputs_embeds=None, positions=None,
             mask: MaskSpec = MaskSpec("full"), cache: KVCache | None = None, commit: bool = False,
             commit_length: int | None = None, dtype=jnp.float32, attention_backend: str = "xla_dense",
-            moe_impl: str = "auto", remat: str | None = None, logits_prefix: int | None = None):
-    """Functional forward: ``(logits f32, cache)``. Wrap in ``jax.jit`` with the static arguments."""
+            moe_impl: str = "auto", remat: str | None = None, logits_prefix: int | None = None,
+            cache_window: int | None = None):
+    """Functional forward: ``(logits f32, cache)``. Wrap in ``jax.jit`` with the static arguments.
+    ``cache_window``: attend to cache slots ``[0, cache_window)`` only — for a cache wider than any
+    row's valid length (the serving engine's scratch columns), so attention skips what it would mask."""
     model = LLaDA2MoeModel(config, dtype=dtype, param_dtype=jnp.float32, attention_backend=attention_backend,
-                           moe_impl=moe_impl, remat=remat)
+                           moe_impl=moe_impl, remat=remat, cache_window=cache_window)
     return model.apply({"params": params}, input_ids, inputs_embeds=inputs_embeds, positions=positions,
                        mask=mask, cache=cache, commit=commit, commit_length=commit_length,
                        logits_prefix=logits_prefix)
 
 
 forward_jit = jax.jit(forward, static_argnames=("config", "mask", "commit", "commit_length", "dtype",
-                                               "attention_backend", "moe_impl", "remat", "logits_prefix"))
+                                               "attention_backend", "moe_impl", "remat", "logits_prefix",
+                                               "cache_window"))
 forward_jit.__doc__ = "``forward`` under ``jax.jit`` (config, mask and flags static)."
 
 

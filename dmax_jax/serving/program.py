@@ -66,7 +66,9 @@ class RoundSpec:
 
     @property
     def width(self) -> int:
-        """Row width: capacity + scratch (cross-forward writes of idle slots, an overhanging chunk)."""
+        """Row width: capacity + scratch (cross-forward writes of idle slots, an overhanging chunk).
+        No row's valid cache length ever passes ``capacity``, so attention reads the first
+        ``capacity`` slots only (``cache_window``) and never pays for the scratch."""
         return self.capacity + max(2 * self.block_length, self.prefill_chunk)
 
     @property
@@ -152,7 +154,8 @@ def prefill_program(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState,
         part = _cache_rows(cache, pc.slot).replace(length=pc.start)
         mask = MaskSpec("block_causal", spec.block_length)
         pos = fw.positions(pc.start, spec.prefill_chunk)
-        _, part = forward(params, cfg, pc.ids, positions=pos, mask=mask, cache=part, commit=True, dtype=dt)
+        _, part = forward(params, cfg, pc.ids, positions=pos, mask=mask, cache=part, commit=True, dtype=dt,
+                          cache_window=spec.capacity)
         return _put_cache_rows(cache, pc.slot, part)
 
     cache = jax.lax.cond(pc.forward.any(), chunk_forward, lambda c: c, state.cache)
@@ -169,7 +172,8 @@ def _cross(spec: RoundSpec, cfg: ModelConfig, params, state: SlotState, r: SlotR
     def run(idx):
         part, crosses = _cache_rows(state.cache, idx), take_rows(cross, idx)
         start = jnp.where(crosses, take_rows(r.start, idx), spec.capacity + B)  # others: scratch
-        logits, new = fw.cross_forward(params, cfg, take_rows(state.x, idx), start, part, B, dt)
+        logits, new = fw.cross_forward(params, cfg, take_rows(state.x, idx), start, part, B, dt,
+                                       cache_window=spec.capacity)
         return logits, new.replace(length=jnp.where(crosses, new.length, part.length))
 
     def put(base, idx, res, _):  # rows not crossing wrote only scratch K/V and kept their length
@@ -191,7 +195,8 @@ def _logits_at(spec: RoundSpec, cfg: ModelConfig, params, cache, r: SlotRound, l
 
     def run(idx):
         return fw.block_forward(params, cfg, take_rows(emb, idx), take_rows(r.start, idx),
-                                _cache_rows(cache, idx), spec.block_length, jnp.dtype(spec.dtype))
+                                _cache_rows(cache, idx), spec.block_length, jnp.dtype(spec.dtype),
+                                cache_window=spec.capacity)
 
     def put(base, idx, lg, keep):  # a row not needed keeps its logits (step 0: the cross forward's)
         return put_rows(base, idx, jnp.where(keep[:, None, None], lg, take_rows(base, idx)))
