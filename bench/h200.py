@@ -31,7 +31,6 @@ import argparse
 import datetime
 import functools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench.timing import median_ms  # noqa: E402
 from dmax_jax.checkpoint.hf import param_shapes  # noqa: E402
 from dmax_jax.config import ModelConfig, llada2_mini_config, tiny_config  # noqa: E402
 from dmax_jax.decoding import forwards as kv  # noqa: E402
@@ -128,15 +128,8 @@ def decode_forward_fn(cfg: ModelConfig, block: int, moe_impl: str):
 
 def time_call(fn, args, repeats: int) -> tuple[float, float]:
     """(compile + first run seconds, median ms of ``repeats`` runs)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(1e3 * (time.perf_counter() - t))
-    return first, statistics.median(times)
+    first, ms, _ = median_ms(fn, *args, repeats=repeats)
+    return first, ms
 
 
 def backends(text: str) -> list[str]:

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from bench.timing import median_ms  # noqa: E402
 
 LAYERS = {  # name -> (tokens, experts, top_k, hidden, expert width)
     "demo b1": (32, 8, 2, 96, 48), "demo b16": (512, 8, 2, 96, 48),
@@ -48,16 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def median_ms(fn, *args, repeats: int) -> tuple[float, jax.Array]:
-    out = jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times), out
-
-
 def layer_inputs(tokens, experts, k, hidden, width, seed=0):
     rng = np.random.default_rng(seed)
     idx = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)])
@@ -75,7 +65,7 @@ def layer_rows(args) -> list[dict]:
         ref = np.asarray(routed_experts(*inputs, impl="dense"))
         for b in args.backends:
             fn = jax.jit(lambda *a, b=b: routed_experts(*a, impl=b))
-            ms, out = median_ms(fn, *inputs, repeats=args.repeats)
+            _, ms, out = median_ms(fn, *inputs, repeats=args.repeats)
             err = float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
             rows.append({"what": f"MoE layer, {name}", "backend": b, "ms": ms, "err": err})
     return rows
@@ -101,7 +91,7 @@ def forward_rows(args) -> list[dict]:
             fn = jax.jit(lambda p, e, s, c, b=b: forward(
                 p, cfg, inputs_embeds=e, positions=positions(s, 32), mask=MaskSpec("block_causal", 32),
                 cache=c, moe_impl=b)[0])
-            ms, outs[b] = median_ms(fn, m.params, emb, start, cache, repeats=args.repeats)
+            _, ms, outs[b] = median_ms(fn, m.params, emb, start, cache, repeats=args.repeats)
             if b in args.backends:
                 rows.append({"what": f"demo block forward, batch {batch}", "backend": b, "ms": ms})
         ref = np.asarray(outs["dense"])

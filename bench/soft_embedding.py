@@ -11,24 +11,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
+import os
+import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels_pallas.soft_embedding import soft_embeddings
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
-
-def _time(fn, *args, iters: int) -> float:
-    """Median wall time in ms of ``iters`` calls after one compile/warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+from bench.timing import median_ms  # noqa: E402
+from kernels_pallas.soft_embedding import soft_embeddings  # noqa: E402
 
 
 def main() -> None:
@@ -58,7 +50,7 @@ def main() -> None:
     for impl in ("xla", "pallas"):
         fn = jax.jit(functools.partial(soft_embeddings, mask_id=args.mask_id, impl=impl))
         results[impl] = fn(table, ids, probs)
-        print(f"  {impl:6s} {_time(fn, table, ids, probs, iters=args.iters):9.3f} ms")
+        print(f"  {impl:6s} {median_ms(fn, table, ids, probs, repeats=args.iters)[1]:9.3f} ms")
     diff = jnp.max(jnp.abs(results["xla"].astype(jnp.float32) - results["pallas"].astype(jnp.float32)))
     print(f"  max |xla - pallas| = {float(diff):.3e}")
 
