@@ -18,6 +18,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dmax_jax.model.layers import round_up
+
 MAX_TILE = 512
 MIN_TILE = 8
 
@@ -35,15 +37,15 @@ def tile_layout(sizes: jax.Array, m: int, tile: int) -> tuple[jax.Array, jax.Arr
     Returns ``(dest [m], tile_expert [n_tiles], n_tiles)``; rows past ``sizes.sum()`` (no expert)
     get ``dest = n_tiles * tile`` (out of range: dropped on the way in, zero on the way out)."""
     n_experts = sizes.shape[0]
-    n_tiles = -(-(m + n_experts * (tile - 1)) // tile)
+    n_tiles = round_up(m + n_experts * (tile - 1), tile) // tile
     sizes = sizes.astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    padded_ends = jnp.cumsum((sizes + tile - 1) // tile * tile)
+    padded = round_up(sizes, tile)
+    ends, padded_ends = jnp.cumsum(sizes), jnp.cumsum(padded)
     row = jnp.arange(m, dtype=jnp.int32)
     group = jnp.searchsorted(ends, row, side="right")          # n_experts for rows past the groups
     g = jnp.minimum(group, n_experts - 1)
-    padded_start = padded_ends[g] - (sizes[g] + tile - 1) // tile * tile
-    dest = jnp.where(group < n_experts, padded_start + row - (ends[g] - sizes[g]), n_tiles * tile)
+    offset = row - (ends[g] - sizes[g])                          # the row's rank inside its group
+    dest = jnp.where(group < n_experts, padded_ends[g] - padded[g] + offset, n_tiles * tile)
     first_rows = jnp.arange(n_tiles, dtype=jnp.int32) * tile
     tile_expert = jnp.minimum(jnp.searchsorted(padded_ends, first_rows, side="right"), n_experts - 1)
     return dest, tile_expert, n_tiles
