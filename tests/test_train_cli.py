@@ -164,7 +164,7 @@ def test_truncate_jsonl_keeps_rows_up_to_the_step(tmp_path):
 
 # ---- Ctrl-C ---------------------------------------------------------------------------------------------
 def test_ctrl_c_prints_the_last_checkpoint_and_the_resume_command(task, tmp_path, capsys, monkeypatch):
-    real_build = loop._build
+    real_build = loop.build_train_program
 
     def build_interrupted_at_update_3(model_config, cfg):
         built = real_build(model_config, cfg)
@@ -176,7 +176,7 @@ def test_ctrl_c_prints_the_last_checkpoint_and_the_resume_command(task, tmp_path
 
         return dataclasses.replace(built, step_fn=step_fn)
 
-    monkeypatch.setattr(loop, "_build", build_interrupted_at_update_3)
+    monkeypatch.setattr(loop, "build_train_program", build_interrupted_at_update_3)
     out = tmp_path / "run"
     argv = _args(task, out, "run.num_steps=4", "run.save_every=1")
     code, _, err = _main(argv, capsys)
@@ -184,7 +184,7 @@ def test_ctrl_c_prints_the_last_checkpoint_and_the_resume_command(task, tmp_path
     assert f"last checkpoint: update 2 in {out / 'checkpoints'}" in err
     assert "resume with: python train.py --config" in err and f"run.out_dir={out}" in err
     _assert_short(err)
-    monkeypatch.setattr(loop, "_build", real_build)
+    monkeypatch.setattr(loop, "build_train_program", real_build)
     assert _main(argv, capsys)[0] == 0 and _steps(out) == [1, 2, 3, 4]
 
 
@@ -194,7 +194,7 @@ def test_ctrl_c_between_steps_saves_the_update_and_stops(task, tmp_path, capsys,
     # start from that, whatever an earlier test in this worker process left installed.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
-    real_build = loop._build
+    real_build = loop.build_train_program
 
     def build_signalling_in_update_3(model_config, cfg):
         built = real_build(model_config, cfg)
@@ -206,7 +206,7 @@ def test_ctrl_c_between_steps_saves_the_update_and_stops(task, tmp_path, capsys,
 
         return dataclasses.replace(built, step_fn=step_fn)
 
-    monkeypatch.setattr(loop, "_build", build_signalling_in_update_3)
+    monkeypatch.setattr(loop, "build_train_program", build_signalling_in_update_3)
     out = tmp_path / "run"
     code, _, err = _main(_args(task, out, "run.num_steps=4", "run.save_every=0"), capsys)
     assert code == 130 and "saving at the end of this update" in err

@@ -62,6 +62,7 @@ class MoEBackendError(ValueError):
 
 def _platform(platform: str | None) -> str:
     name = jax.default_backend() if platform is None else platform
+    name = {"cuda": "gpu", "rocm": "gpu"}.get(name, name)
     if name not in PLATFORMS:
         raise MoEBackendError(f"MoE backends know the platforms {PLATFORMS}, not {name!r}")
     return name

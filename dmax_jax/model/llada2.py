@@ -33,6 +33,7 @@ class DecoderLayer(nn.Module):
     attention_backend: str = "xla_dense"
     moe_impl: str = "auto"
     return_kv: bool = False
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, h, positions, layer_cache, cache_len):
@@ -43,7 +44,7 @@ class DecoderLayer(nn.Module):
         h = h + a
         u = RMSNorm(cfg.rms_norm_eps, dt, pdt, "norm", name="post_norm")(h)
         if self.moe:
-            f = MoE(cfg, dt, pdt, self.moe_impl, name="moe")(u)
+            f = MoE(cfg, dt, pdt, self.moe_impl, self.platform, name="moe")(u)
         else:
             f = GatedMLP(cfg.intermediate_size, dt, pdt, name="mlp")(u)
         return h + f, (kv if self.return_kv else None)
@@ -57,6 +58,7 @@ class LLaDA2MoeModel(nn.Module):
     moe_impl: str = "auto"
     remat: str | None = None  # None | "full" | "dots"
     cache_window: int | None = None  # attention reads cache slots [0, cache_window) only
+    platform: str | None = None  # the target's platform (dmax_jax.platforms); None = the host's
 
     @nn.compact
     def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None,
@@ -102,8 +104,9 @@ class LLaDA2MoeModel(nn.Module):
             if layer_cache is not None and self.cache_window is not None:  # slots past it are never valid
                 layer_cache = tuple(a[:, :, :self.cache_window] for a in layer_cache)
             cache_len = None if cache is None else cache.length
-            h, kv = stack(cfg, mask, is_moe, self.dtype, self.param_dtype, self.attention_backend,
-                          self.moe_impl, commit, name=name)(h, positions, layer_cache, cache_len)
+            layers = stack(cfg, mask, is_moe, self.dtype, self.param_dtype, self.attention_backend,
+                           self.moe_impl, commit, self.platform, name=name)
+            h, kv = layers(h, positions, layer_cache, cache_len)
             if commit:
                 new_k[name], new_v[name] = kv
         if logits_prefix is not None:
@@ -134,12 +137,15 @@ def forward(params, config: ModelConfig, input_ids=None, *, inputs_embeds=None, 
             mask: MaskSpec = MaskSpec("full"), cache: KVCache | None = None, commit: bool = False,
             commit_length: int | None = None, dtype=jnp.float32, attention_backend: str = "xla_dense",
             moe_impl: str = "auto", remat: str | None = None, logits_prefix: int | None = None,
-            cache_window: int | None = None):
+            cache_window: int | None = None, platform: str | None = None):
     """Functional forward: ``(logits f32, cache)``. Wrap in ``jax.jit`` with the static arguments.
     ``cache_window``: attend to cache slots ``[0, cache_window)`` only — for a cache wider than any
-    row's valid length (the serving engine's scratch columns), so attention skips what it would mask."""
+    row's valid length (the serving engine's scratch columns), so attention skips what it would mask.
+    ``platform``: the platform the program is compiled for (``dmax_jax.platforms.platform_of`` the
+    params); it picks the MoE kernel of ``moe_impl="auto"``. None = the host's default backend."""
     model = LLaDA2MoeModel(config, dtype=dtype, param_dtype=jnp.float32, attention_backend=attention_backend,
-                           moe_impl=moe_impl, remat=remat, cache_window=cache_window)
+                           moe_impl=moe_impl, remat=remat, cache_window=cache_window,
+                           platform=platform)
     return model.apply({"params": params}, input_ids, inputs_embeds=inputs_embeds, positions=positions,
                        mask=mask, cache=cache, commit=commit, commit_length=commit_length,
                        logits_prefix=logits_prefix)
@@ -147,7 +153,7 @@ def forward(params, config: ModelConfig, input_ids=None, *, inputs_embeds=None, 
 
 forward_jit = jax.jit(forward, static_argnames=("config", "mask", "commit", "commit_length", "dtype",
                                                "attention_backend", "moe_impl", "remat", "logits_prefix",
-                                               "cache_window"))
+                                               "cache_window", "platform"))
 forward_jit.__doc__ = "``forward`` under ``jax.jit`` (config, mask and flags static)."
 
 

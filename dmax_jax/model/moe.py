@@ -3,7 +3,8 @@
 Router (spec §1.2 "MoE FFN"): float32 sigmoid scores; ``expert_bias`` only changes *which* experts
 are chosen (group-limited top-k on biased scores), the combine weights use the unbiased scores,
 normalised over the chosen K and scaled by ``routed_scaling_factor``. ``impl`` is the MoE switch
-``moe_impl`` (``experts.MOE_IMPLS``), resolved for JAX's default backend when the module is traced.
+``moe_impl`` (``experts.MOE_IMPLS``), resolved for ``platform`` (the compile target's; None = the
+host's default backend).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class MoE(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
+    platform: str | None = None  # the compile target's (dmax_jax.platforms); None = the host's
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -65,7 +67,7 @@ class MoE(nn.Module):
         logits = u.astype(jnp.float32) @ router.astype(jnp.float32)
         idx, w = route(logits, bias, cfg)
         y = routed_experts(u, idx, w, wg.astype(self.dtype), wu.astype(self.dtype), wd.astype(self.dtype),
-                           impl=self.impl)
+                           impl=self.impl, platform=self.platform)
         if cfg.num_shared_experts > 0:
             y = y + GatedMLP(im * cfg.num_shared_experts, self.dtype, self.param_dtype, name="shared")(u)
         return y.reshape(shape).astype(self.dtype)

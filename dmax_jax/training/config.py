@@ -142,6 +142,9 @@ class TrainConfig:
         """Plain nested dict (tuples as lists) that ``train_config_from_dict`` reads back; auto fields
         that are still placeholders are left out."""
         d = _plain(dataclasses.asdict(self))
+        for f in dataclasses.fields(self.step):
+            if f.metadata.get("internal"):  # set from the devices, never from a config file
+                d["step"].pop(f.name)
         for key in d.pop("auto"):
             section, name = key.split(".")
             d[section].pop(name)
@@ -232,7 +235,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     """Instantiate dataclass ``cls`` from ``data``; unknown / missing keys and bad types raise."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "auto"}
+    fields = {f.name: f for f in dataclasses.fields(cls)
+              if f.init and f.name != "auto" and not f.metadata.get("internal")}
     prefix = f"{where}." if where else ""
     unknown = [k for k in data if k not in fields]
     for k in unknown:

@@ -20,21 +20,17 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
 from dmax_jax.checkpoint.hf import load_hf_params
 from dmax_jax.checkpoint.train_state import (
@@ -48,22 +44,14 @@ from dmax_jax.checkpoint.train_state import (
 from dmax_jax.config import ModelConfig
 from dmax_jax.data.chat import load_tokenizer, resolve_special_ids
 from dmax_jax.data.pipeline import TrainData, make_dataset
-from dmax_jax.model.llada2 import init_params
 from dmax_jax.training.config import TrainConfig, TrainConfigError, dump_train_config
 from dmax_jax.training.metrics import MetricsWindow, MetricsWriter
-from dmax_jax.training.optim import make_optimizer
+from dmax_jax.training.program import TrainProgram, build_train_program
 from dmax_jax.training.resolve import check_data_paths, num_updates, resolve_model_config, tokenizer_dir
 from dmax_jax.training.sharding import (
     batch_divisor,
-    batch_shardings,
-    jit_train_step,
     make_global_batch,
-    make_mesh,
-    param_shardings,
-    train_state_shardings,
 )
-from dmax_jax.training.state import init_train_state
-from dmax_jax.training.step import REQUIRED_KEYS, make_train_step
 
 __all__ = ["NonFiniteLossError", "ResumeMismatchError", "TrainInterrupted", "TrainSummary", "train"]
 
@@ -107,55 +95,6 @@ def _local(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
-# ---- compiled pieces, reused across train() calls ----------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Built:
-    mesh: Mesh
-    param_shardings: Any
-    state_shardings: Any
-    batch_shardings: dict[str, Any]
-    abstract_state: Any
-    init_params: Callable[[jax.Array], Any]
-    init_state: Callable[[Any], Any]
-    step_fn: Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]
-
-
-_BUILT: dict[tuple, _Built] = {}
-_BUILT_MAX = 2
-
-
-def _build(model_config: ModelConfig, cfg: TrainConfig) -> _Built:
-    """Mesh, shardings and the jitted init / train-step functions for a (model, step, optim, mesh,
-    seed) combination. Cached so that calling ``train`` again in one process (resume, sweeps, tests)
-    does not retrace and recompile; the key includes ``make_train_step`` itself so a patched step
-    is never served a stale compilation."""
-    key = (json.dumps(model_config.to_hf_dict(), sort_keys=True, default=str), cfg.step, cfg.optim,
-           cfg.mesh, cfg.run.seed, make_train_step, jax.device_count())
-    if key in _BUILT:
-        return _BUILT[key]
-    mesh = make_mesh(cfg.mesh)
-    optimizer = make_optimizer(cfg.optim)
-    seed = cfg.run.seed
-    # The abstract parameter tree, built once: its boxes give the shardings, its values the state's shapes.
-    boxed = jax.eval_shape(lambda k: init_params(model_config, k, boxed=True), jax.random.key(seed))
-    p_shard = param_shardings(boxed, mesh)
-    abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer, seed), nn.meta.unbox(boxed))
-    s_shard = train_state_shardings(abstract_state, p_shard, mesh)
-    b_shard = batch_shardings(mesh, REQUIRED_KEYS)
-    built = _Built(
-        mesh=mesh, param_shardings=p_shard, state_shardings=s_shard, batch_shardings=b_shard,
-        abstract_state=abstract_state,
-        init_params=jax.jit(lambda k: init_params(model_config, jax.random.fold_in(k, 1)),
-                            out_shardings=p_shard),
-        init_state=jax.jit(lambda p: init_train_state(p, optimizer, seed), out_shardings=s_shard,
-                           donate_argnums=0),
-        step_fn=jit_train_step(make_train_step(model_config, cfg.step, optimizer), s_shard, b_shard, mesh))
-    while len(_BUILT) >= _BUILT_MAX:
-        _BUILT.pop(next(iter(_BUILT)))
-    _BUILT[key] = built
-    return built
-
-
 # ---- setup ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Run:
@@ -166,7 +105,7 @@ class _Run:
     model_config: ModelConfig
     tokenizer: Any
     data: TrainData
-    built: _Built
+    built: TrainProgram
     ckpt: TrainCheckpointer
     iterator: Any
     num_steps: int
@@ -189,7 +128,7 @@ class _Run:
         self.ckpt.close()
 
 
-def _initial_state(cfg: TrainConfig, model_config: ModelConfig, built: _Built, ckpt: TrainCheckpointer,
+def _initial_state(cfg: TrainConfig, model_config: ModelConfig, built: TrainProgram, ckpt: TrainCheckpointer,
                    iterator: Any) -> tuple[Any, int, list[str]]:
     """``(state, update, allowed config changes)``: restored from the newest checkpoint (iterator
     position included), or fresh at update 0 (HF weights loaded straight into their shardings, or a
@@ -236,7 +175,7 @@ def _setup(cfg: TrainConfig) -> _Run:
                         process_count=jax.process_count(), special_ids=special)
     num_steps = num_updates(cfg, data)
     cfg = cfg.resolve(total_steps=num_steps, mask_id=special.mask_id)
-    built = _build(model_config, cfg)
+    built = build_train_program(model_config, cfg)
     global_batch = cfg.data.batch_size * jax.process_count()
     if global_batch % batch_divisor(built.mesh):
         raise TrainConfigError(f"data.batch_size: the global batch {global_batch} must be a multiple of "

@@ -52,6 +52,8 @@ class StepConfig:
     remat: str | None = None
     attention_backend: str = "xla_dense"
     moe_impl: str = "auto"  # model.experts.MOE_IMPLS; "auto" = tiled on CPU, tokamax / megablox on GPU / TPU
+    # The mesh's platform, set by training.program (not a config key: the devices decide it).
+    platform: str | None = dataclasses.field(default=None, metadata={"internal": True})
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -97,7 +99,8 @@ def _logits(params, model_config: ModelConfig, step_cfg: StepConfig, noisy, clea
     ids = constrain(jnp.concatenate([noisy, clean], axis=1).astype(jnp.int32), ("batch", "length"))
     logits, _ = forward(params, model_config, ids, mask=MaskSpec("noisy_clean", step_cfg.block_length),
                         dtype=step_cfg.dtype, attention_backend=step_cfg.attention_backend,
-                        moe_impl=step_cfg.moe_impl, remat=remat, logits_prefix=half)
+                        moe_impl=step_cfg.moe_impl, remat=remat, logits_prefix=half,
+                        platform=step_cfg.platform)
     return constrain(logits, ("batch", "length", "vocab"))
 
 

@@ -42,16 +42,19 @@ def _resolve(impl: str, interpret: bool | None, platform: str) -> tuple[str, boo
 
 def soft_embeddings(table: jax.Array, token_ids: jax.Array, probs: jax.Array, mask_id: int, *,
                     impl: str = "auto", out_dtype: DTypeLike | None = None,
-                    interpret: bool | None = None) -> jax.Array:
+                    interpret: bool | None = None, platform: str | None = None) -> jax.Array:
     """Soft embeddings ``[batch, length, hidden]`` (spec §5.2 step 5).
 
     ``table [vocab, hidden]`` float; ``token_ids [batch, length, top_k]`` int (clipped to the vocab);
     ``probs [batch, length, top_k]`` float (the top-k probabilities; the mass they leave goes to
     ``table[mask_id]``); ``mask_id`` a static int. ``out_dtype=None`` keeps the table's dtype.
-    ``interpret=None`` interprets the kernel only on CPU.
+    ``interpret=None`` interprets the kernel only on CPU. ``platform`` (``cpu``/``gpu``/``tpu``, or
+    ``cuda``): the platform the program is compiled for — pass the target's when compiling for
+    devices other than the host's default backend (a deviceless GPU/TPU compile from a CPU host).
     """
     mask_id, out = check_inputs(table, token_ids, probs, mask_id, out_dtype)
-    platform = jax.default_backend()
+    platform = jax.default_backend() if platform is None else platform
+    platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
     impl, interpret = _resolve(impl, interpret, platform)
     if impl == "xla":
         return soft_embeddings_reference(table, token_ids, probs, mask_id, out_dtype=out)
