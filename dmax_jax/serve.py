@@ -1,7 +1,7 @@
 """``python -m dmax_jax.serve``: an OpenAI-compatible DMax server on one engine.
 
     python -m dmax_jax.serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--max-batch N]
-                             [--compile-cache DIR|none]
+                             [--max-queue N] [--compile-cache DIR|none]
 
 Without ``--model`` it serves the shipped demo ``dmax`` model (dmax_jax/assets/demo/dmax) with the
 demo's decoding geometry (block 32, 128-position slots, 64 new tokens by default). Flags are checked
@@ -13,6 +13,7 @@ seconds (then cancels them, which aborts their engine requests), stops the engin
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -94,6 +95,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prefill-batch", type=_int_at_least(1), default=8,
                     help="requests prefilled together in one round (default 8)")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to drain at shutdown")
+    ap.add_argument("--max-queue", type=_int_at_least(0), default=None, metavar="N",
+                    help="requests that may wait for a slot; more get HTTP 503 with Retry-After "
+                    "(default: no bound)")
     ap.add_argument("--compact", choices=("auto", "on", "off"), default="auto",
                     help="compacted forwards: each forward runs only for the slots that need it (auto: on "
                     "for CPU, off for GPU / TPU; the tokens are the same)")
@@ -175,7 +179,8 @@ def build(args: argparse.Namespace):
                     compact={"auto": "auto", "on": True, "off": False}[args.compact])
     name = args.served_model_name or path.resolve().name
     cfg = ServeConfig(model_name=name, decode=dc, per_strategy=dict(args.decode),
-                      prompt_template=args.prompt_template, drain_timeout=args.drain_timeout)
+                      prompt_template=args.prompt_template, drain_timeout=args.drain_timeout,
+                      max_queue=args.max_queue)
     app = create_app(engine, model.tokenizer, cfg, mask_id=ids.mask_id, vocab_size=model.config.vocab_size)
     return engine, app, name
 
@@ -189,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e.name} is not installed; install the serve extra: pip install "
               "'dmax-jax[serve]'", file=sys.stderr)
         return 2
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")  # the refusal lines
     try:
         engine, app, name = build(args)
     except (ValueError, FileNotFoundError) as e:

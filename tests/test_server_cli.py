@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["--port", "70000"], "--port"),
     (["--port", "eighty"], "--port"),
     (["--max-batch", "0"], "--max-batch"),
+    (["--max-queue", "-1"], "--max-queue"),
     (["--threshold", "1.5"], "--threshold"),
     (["--compile-cache", "/proc/no/such/cache"], "--compile-cache /proc/no/such/cache: cannot create it"),
 ])

@@ -26,9 +26,11 @@ class RequestError(ValueError):
     """A request the server refuses: HTTP ``status`` with an OpenAI error body naming ``param``."""
 
     def __init__(self, message: str, param: str | None = None, code: str = "invalid_value",
-                 status: int = 400, type_: str = "invalid_request_error") -> None:
+                 status: int = 400, type_: str = "invalid_request_error", *,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message, self.param, self.code, self.status, self.type = message, param, code, status, type_
+        self.retry_after = retry_after      # seconds, sent as ``Retry-After`` (503 when at capacity)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.param, self.code, self.type)

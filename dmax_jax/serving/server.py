@@ -22,14 +22,20 @@ from typing import Any
 
 import jinja2
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dmax_jax.data.chat import apply_chat_template, encode
 from dmax_jax.decoding.config import DecodeConfig, DecodeConfigError
 from dmax_jax.serving.detok import TextStream, detokenize
 from dmax_jax.serving.engine import Engine
+from dmax_jax.serving.guard import (
+    MAX_BODY_BYTES,
+    Admission,
+    decode_body,
+    install_error_handlers,
+    read_body,
+    request_id,
+)
 from dmax_jax.serving.protocol import (
     CHAT,
     COMPLETION,
@@ -69,6 +75,8 @@ class ServeConfig:
     per_strategy: dict[str, DecodeConfig] = dataclasses.field(default_factory=dict)
     prompt_template: str = "{prompt}"
     drain_timeout: float = 30.0        # seconds engine.stop waits for in-flight requests at shutdown
+    max_queue: int | None = None       # requests waiting beyond the slots before 503 (None: no bound)
+    max_body_bytes: int = MAX_BODY_BYTES
 
     def defaults(self, strategy: str | None) -> DecodeConfig:
         """The DecodeConfig a request with ``strategy`` (None: the default one) starts from."""
@@ -89,6 +97,7 @@ class ServeContext:
     config: ServeConfig
     mask_id: int
     vocab_size: int
+    admission: Admission
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
@@ -96,7 +105,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServeConfig, *, mask_id: 
                vocab_size: int) -> FastAPI:
     """The ASGI app. Its lifespan starts the engine (if not yet) and stops it at shutdown, after
     uvicorn has drained (or cancelled, past its graceful timeout) the open requests."""
-    ctx = ServeContext(engine, tokenizer, config, int(mask_id), int(vocab_size))
+    ctx = ServeContext(engine, tokenizer, config, int(mask_id), int(vocab_size),
+                       Admission(engine.max_batch, config.max_queue))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -106,7 +116,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServeConfig, *, mask_id: 
 
     app = FastAPI(title="dmax-jax", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.ctx = ctx
-    _install_error_handlers(app)
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -145,31 +155,10 @@ def _model_card(ctx: ServeContext) -> dict:
             "strategies": list(ctx.engine.strategies), "prompt_template": ctx.config.prompt_template}
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestError)
-    async def _request_error(_: Request, e: RequestError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
-        errs = e.errors()
-        param = ".".join(str(p) for p in errs[0]["loc"][1:]) if errs else None
-        msg = errs[0]["msg"] if errs else "invalid request"
-        return JSONResponse(error_body(msg, param or None, "invalid_value"), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(e.detail), None, None, kind), status_code=e.status_code)
-
-
 # ---- one request ---------------------------------------------------------------------------------
 async def _serve(ctx: ServeContext, request: Request, kind: str) -> Response:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+    request_id(request)
+    body = decode_body(await read_body(request, ctx.config.max_body_bytes))
     parsed = parse_request(body, kind, strategies=tuple(ctx.engine.strategies))
     if parsed.model != ctx.config.model_name:
         raise RequestError(f"The model '{parsed.model}' does not exist; this server serves "
@@ -262,15 +251,22 @@ class _Generation:
     def submit(self) -> None:
         loop = asyncio.get_running_loop()
 
+        admission = self.ctx.admission
+
         def listener(ev) -> None:  # engine thread
             with contextlib.suppress(RuntimeError):   # loop already closed at shutdown
                 loop.call_soon_threadsafe(self._queue.put_nowait, ev)
+                if isinstance(ev, Finished):          # the engine holds the request no longer
+                    loop.call_soon_threadsafe(admission.leave)
 
+        admission.enter()
         try:
             self.handle = self.ctx.engine.submit(self.ereq, listener)
         except EngineRequestError as e:
+            admission.leave()
             raise RequestError(str(e), self._param(e.field)) from None
         except EngineClosedError as e:
+            admission.leave()
             raise RequestError(f"the server is shutting down: {e}", None, "server_shutting_down", 503,
                                "server_error") from None
 
