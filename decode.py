@@ -185,9 +185,23 @@ class AtomicJsonl:
 
 
 def check_out_paths(args: argparse.Namespace) -> None:
+    """Both outputs writable before any model loads (a decode must not end in an unwritable path)."""
+    from dmax_jax.cli import check_writable
+
     for flag, path in (("--out", args.out), ("--html", args.html)):
-        if path and os.path.isdir(path):
-            raise ValueError(f"{flag} {path} is a directory; give a file path")
+        if path:
+            check_writable(flag, path)
+
+
+def write_html(path: str, write) -> None:
+    """Write the trace page (after ``--out`` is committed: a failure here loses no results) and say
+    where it went; an error names the flag."""
+    try:
+        write(path)
+    except OSError as e:
+        raise ValueError(f"--html {path}: cannot write the page ({e.strerror or e}); the decoded results "
+                         "were kept") from None
+    print(f"{PROG}: wrote the decoding trace page to {os.path.abspath(path)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,12 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_out_paths(args)
         if args.model is None and not args.prompt and args.prompts is None:
             return run_demo(args)
-        texts = read_prompts(args)
         if args.model is None:  # prompts but no model: the shipped tiny DMax
             from dmax_jax.demo import default_model_dir
 
             args.model = str(default_model_dir("dmax"))
-        model_dir = check_model_dir(args.model)
+        model_dir = check_model_dir(args.model)       # the model is named before the prompts are asked for
+        texts = read_prompts(args)
         cfg, defaults, chat = model_settings(model_dir, args)
         return run(args, model_dir, texts, cfg, defaults, chat)
     except (ValueError, OSError) as e:  # OSError: missing files, unreadable paths
@@ -219,14 +233,14 @@ def run(args: argparse.Namespace, model_dir: Path, texts: list[str], cfg: Decode
                                     desc=f"decode ({cfg.strategy})")
         for row in rows:
             out.write(row)
-        if args.html:
-            from dmax_jax.viz.html import write_trace_html
-
-            write_trace_html(args.html, traces, model.tokenizer, prompt_text=texts,
-                             title=f"DMax decoding trace ({cfg.strategy})")
         out.commit()
     finally:
         out.discard()
+    if args.html:
+        from dmax_jax.viz.html import write_trace_html
+
+        write_html(args.html, lambda p: write_trace_html(p, traces, model.tokenizer, prompt_text=texts,
+                                                         title=f"DMax decoding trace ({cfg.strategy})"))
     return 0
 
 
@@ -244,8 +258,6 @@ def run_demo(args: argparse.Namespace) -> int:
     results, traces = decode_demo_pairs(args)
     out = AtomicJsonl(args.out) if args.out else None
     try:
-        if args.html:
-            write_demo_html(args.html, traces)
         if out is not None:
             for row in results:
                 out.write(row)
@@ -254,6 +266,8 @@ def run_demo(args: argparse.Namespace) -> int:
         if out is not None:
             out.discard()
     print(format_pairs(results))
+    if args.html:
+        write_html(args.html, lambda p: write_demo_html(p, traces))
     return 0
 
 

@@ -28,6 +28,9 @@ CASES = [
     (["--threshold", "0.3"], "--threshold has no single meaning in the demo"),
     (["--steps", "3"], "--steps has no single meaning in the demo"),
     (["--prompts", "/nonexistent/p.jsonl"], "/nonexistent/p.jsonl"),
+    (["--model", "/nonexistent/model"], "--model: model directory /nonexistent/model does not exist"),
+    (["--prompt", "hi", "--out", "/dev/null/r.jsonl"], "--out /dev/null/r.jsonl: cannot write there: "
+                                                      "/dev/null is a file"),
 ]
 
 
@@ -101,6 +104,18 @@ def test_empty_model_dir_and_dir_without_config(cli, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     rc, err = _main(cli, ["--model", str(tmp_path), "--prompt", "hi"])
     assert rc == 2 and "has no config.json" in err
+
+
+def test_unwritable_outputs_are_named_before_any_model_loads(cli, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for argv, flag in ((["--prompt", "hi", "--out", str(blocker / "r.jsonl")], "--out"),
+                       (["--prompt", "hi", "--html", str(blocker / "sub" / "t.html")], "--html"),
+                       (["--html", str(blocker / "t.html")], "--html")):          # the demo too
+        rc, err = _main(cli, argv)
+        assert rc == 2 and err.startswith(f"decode.py: error: {flag} ") and f"{blocker} is a file" in err
+        assert err.count("\n") == 1
+    assert blocker.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_out_and_html_must_be_file_paths(cli, tmp_path):

@@ -47,6 +47,23 @@ def test_decode_cli_writes_jsonl_and_html(model_dir, tmp_path, capsys):
     page = html.read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count('class="trace"') >= 3
     assert list(out.parent.iterdir()) == [out]             # no temporary file left behind
+    assert f"wrote the decoding trace page to {html}" in capsys.readouterr().err
+
+
+def test_html_failure_after_decoding_keeps_the_out_results(model_dir, tmp_path, capsys, monkeypatch):
+    import dmax_jax.viz.html
+
+    def disk_full(path, *a, **k):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(dmax_jax.viz.html, "write_trace_html", disk_full)
+    out, html = tmp_path / "out.jsonl", tmp_path / "trace.html"
+    rc = _cli().main(["--model", str(model_dir), "--prompt", "fox", "--out", str(out), "--html", str(html),
+                      *ARGS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(f"decode.py: error: --html {html}: cannot write the page")
+    assert "No space left" in err[-1] and "Traceback" not in "".join(err)
+    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0]
 
 
 def test_decode_cli_rejects_bad_prompts_without_partial_output(model_dir, tmp_path, capsys, monkeypatch):
