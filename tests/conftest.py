@@ -15,5 +15,10 @@ _current = os.environ.get("XLA_FLAGS", "")
 _missing = [f for f in _flags if f.split("=")[0] not in _current]
 os.environ["XLA_FLAGS"] = " ".join([_current, *_missing]).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests run on the CPU: with the `aot` extra (jax[cuda12]) installed, JAX would otherwise try to
+# start CUDA on this GPU-less host (and log a traceback); compile-only GPU/TPU devices need no backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu's lock file would serialise the workers
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

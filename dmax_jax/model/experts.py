@@ -45,8 +45,10 @@ from jax.sharding import PartitionSpec as P
 
 from dmax_jax.model.expert_tiles import tiled_matmul, tiled_mlp
 from dmax_jax.model.layers import round_up
+from dmax_jax.model.partitioned import rows_per_shard
 
 MOE_IMPLS = ("auto", "ragged", "tiled", "tokamax", "megablox", "dense", "ep")
+KERNEL_IMPLS = ("tokamax", "megablox")  # Pallas kernels (custom calls): run per shard under a mesh
 AUTO_IMPL = {"cpu": "tiled", "gpu": "tokamax", "tpu": "megablox"}
 PLATFORMS = tuple(AUTO_IMPL)
 TOKAMAX_IMPLEMENTATION = {"cpu": "xla", "gpu": "triton", "tpu": "mosaic_tpu"}
@@ -211,6 +213,9 @@ def routed_experts(x, idx, w, w_gate, w_up, w_down, *, impl: str = "auto", platf
         inner = grouped_matmul("auto", platform, interpret=interpret)
         return experts_ep(x, idx, w, w_gate, w_up, w_down, matmul=inner, capacity_factor=capacity_factor)
     matmul = grouped_matmul(impl, platform, interpret=interpret)
+    if impl in KERNEL_IMPLS:  # a custom call: XLA cannot partition it, so run it per shard
+        grouped = functools.partial(experts_grouped, matmul=matmul)
+        return rows_per_shard(grouped, (x, idx, w), (w_gate, w_up, w_down))
     return experts_grouped(x, idx, w, w_gate, w_up, w_down, matmul=matmul)
 
 
@@ -252,7 +257,9 @@ def experts_ep(x, idx, w, w_gate, w_up, w_down, *, matmul: GroupedMatmul = _ragg
         assignments, max(1, math.ceil(capacity_factor * assignments / n_shards)))
     tok, wspec = P(token_axes, None), P(EXPERT_AXIS, None, None)
     body = functools.partial(_local_experts, n_shards=n_shards, capacity=cap, matmul=matmul)
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, wspec, wspec, wspec), out_specs=tok)
+    # check_vma=False: the Pallas kernels inside (megablox, tokamax) declare no varying-axes rules
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, wspec, wspec, wspec), out_specs=tok,
+                       check_vma=False)
     return fn(x, idx, w, w_gate, w_up, w_down)
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from dmax_jax.config import ModelConfig
+from dmax_jax.model import attention_backends
 from dmax_jax.model.attention_layer import Attention
 from dmax_jax.model.kv_cache import KVCache
 from dmax_jax.model.layers import GatedMLP, RMSNorm, param_with_axes
@@ -104,7 +105,8 @@ class LLaDA2MoeModel(nn.Module):
             if layer_cache is not None and self.cache_window is not None:  # slots past it are never valid
                 layer_cache = tuple(a[:, :, :self.cache_window] for a in layer_cache)
             cache_len = None if cache is None else cache.length
-            layers = stack(cfg, mask, is_moe, self.dtype, self.param_dtype, self.attention_backend,
+            layers = stack(cfg, mask, is_moe, self.dtype, self.param_dtype,
+                           attention_backends.resolve(self.attention_backend, self.platform),
                            self.moe_impl, commit, self.platform, name=name)
             h, kv = layers(h, positions, layer_cache, cache_len)
             if commit:

@@ -21,9 +21,24 @@ from collections.abc import Callable
 
 from dmax_jax.model.attention_backends.dense import dense_attention
 from dmax_jax.model.masks import MaskSpec
+from dmax_jax.model.partitioned import heads_per_shard
 
 BACKENDS = ("xla_dense", "xla_blockwise", "splash", "pallas_gpu")
 STRUCTURED_BACKENDS = BACKENDS[1:]
+KERNEL_BACKENDS = ("splash", "pallas_gpu")  # Pallas kernels: run per shard under a mesh
+# ``auto``: the platform's block-sparse kernel (the compile target's platform, never the host's).
+AUTO_BACKEND = {"cpu": "xla_blockwise", "gpu": "pallas_gpu", "tpu": "splash"}
+
+
+def resolve(name: str, platform: str | None) -> str:
+    """The concrete backend ``name`` means on ``platform`` (``auto`` -> ``AUTO_BACKEND``)."""
+    if name == "auto":
+        from dmax_jax.platforms import resolve as resolve_platform  # noqa: PLC0415
+
+        return AUTO_BACKEND[resolve_platform(platform)]
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {('auto', *BACKENDS)}")
+    return name
 _ENTRY = {
     "xla_blockwise": ("dmax_jax.model.attention_backends.blockwise", "blockwise_attention"),
     "splash": ("dmax_jax.model.attention_backends.splash", "splash_attention"),
@@ -51,4 +66,6 @@ def attention(q, k, v, *, spec: MaskSpec, backend: str = "xla_dense", q_blk=None
     if q_blk is not None or k_valid is not None:
         raise ValueError(f"backend {backend!r} supports only self-attention layouts; "
                          "KV-cache attention uses 'xla_dense'")
+    if backend in KERNEL_BACKENDS:
+        return heads_per_shard(lambda q_, k_, v_: fn(q_, k_, v_, spec=spec, scale=scale), q, k, v)
     return fn(q, k, v, spec=spec, scale=scale)
