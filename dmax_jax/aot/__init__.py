@@ -85,4 +85,8 @@ def compile_program(*, target: str, program: str, topology: str | None = None, c
             block_length=block_length, strategy=strategy, dtype=dtype, max_batch=max_batch, capacity=capacity)
     facts.update(more)
     print(f"compiling {program} for {tgt.name} {topo} ({len(devices)} devices) ...", file=sys.stderr)
-    return compile_and_report(lower, tgt, default_device=devices[0], **facts)
+    report = compile_and_report(lower, tgt, default_device=devices[0], **facts)
+    backends = {"MoE grouped matmul": f"moe_impl={facts.get('moe_impl')}",
+                "attention": f"attention_backend={facts.get('attention_backend')}"}
+    programs.check_kernels(program, tgt.platform, report["kernels"], backends, mcfg.num_moe_layers > 0)
+    return report

@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OutputPathError, ValueError, FileNotFoundError) as e:
         print(error_line(PROG, str(e).splitlines()[0] if str(e) else type(e).__name__), file=sys.stderr)
         return 2
+    except RuntimeError as e:  # KernelFallbackError: the program is not the chip's program
+        if type(e).__name__ != "KernelFallbackError":
+            raise
+        print(error_line(PROG, str(e)), file=sys.stderr)
+        return 1
     text = dumps(report)
     print(text)
     if args.json:

@@ -10,7 +10,6 @@ Parameters are never allocated: shapes come from the model config, shardings fro
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,12 +68,71 @@ def abstract_params(model_config: ModelConfig, mesh: Mesh, dtype: str) -> Any:
     return jax.tree.map(one, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeShape:
-    """Args:
-    batch: rows decoded together (``generate``) or slots (``engine``).
-    prompt_len: prompt tokens per row.
-    """
+def parse_mesh(text: str | None) -> MeshConfig:
+    """``expert=4,tensor=2`` -> MeshConfig (unnamed axes 1); None = expert parallel over all devices."""
+    if not text:
+        return MeshConfig(data=1, fsdp=1, expert=-1, tensor=1)
+    sizes = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in sizes or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"--mesh {text!r}: items are AXIS=SIZE with AXIS one of {', '.join(sizes)}")
+        sizes[name.strip()] = int(value)
+    return MeshConfig(**sizes)
 
-    batch: int
-    prompt_len: int
+
+def decode_lowering(program: str, model_config: ModelConfig, devices: Sequence[jax.Device], *,
+                    mesh: str | None, batch: int, prompt_len: int, gen_length: int, block_length: int,
+                    strategy: str, dtype: str, max_batch: int, capacity: int | None
+                    ) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """``(lower, facts)`` for ``generate`` (``batch`` rows) or the serving engine (``max_batch``
+    slots of ``capacity`` positions) with ``dtype`` weights sharded over the decode mesh."""
+    from dmax_jax.decoding import DecodeConfig  # noqa: PLC0415
+
+    m = decode_mesh(devices, parse_mesh(mesh))
+    params = abstract_params(model_config, m, dtype)
+    cfg = DecodeConfig(strategy=strategy, block_length=block_length, gen_length=gen_length, dtype=dtype)
+    facts = {"mesh": dict(m.shape), "weights_dtype": dtype, "strategy": strategy,
+             "block_length": block_length, "prompt_len": prompt_len, "gen_length": gen_length,
+             "moe_impl": "auto",
+             "attention_backend": "auto (decode kernel)", "platform": devices[0].platform}
+    if program == "generate":
+        from dmax_jax.decoding.api import lower_generate  # noqa: PLC0415
+
+        facts["batch"] = batch
+        lower = lambda: lower_generate(params, model_config, cfg, batch=batch, prompt_len=prompt_len)  # noqa: E731
+    else:
+        from dmax_jax.serving.program import lower_engine  # noqa: PLC0415
+
+        cap = capacity or prompt_len + gen_length
+        facts.update(max_batch=max_batch, capacity=cap)
+        lower = lambda: lower_engine(params, model_config, cfg, max_batch=max_batch, capacity=cap)  # noqa: E731
+    return lower, facts
+
+
+class KernelFallbackError(RuntimeError):
+    """A program compiled for a GPU / TPU whose MoE or attention is not that chip's kernel."""
+
+
+# Kernel names (substrings of ``report.kernels`` keys) each program must contain on each platform.
+EXPECTED_KERNELS = {
+    ("train", "gpu"): {"MoE grouped matmul": ("PallasTritonRaggedDot",),
+                       "attention": ("block_diffusion_flash",)},
+    ("train", "tpu"): {"MoE grouped matmul": (":gmm",), "attention": ("splash_mha",)},
+    ("decode", "gpu"): {"MoE grouped matmul": ("PallasTritonRaggedDot",), "attention": ("decode_attention",)},
+    ("decode", "tpu"): {"MoE grouped matmul": (":gmm",), "attention": ("decode_attention",)},
+}
+
+
+def check_kernels(program: str, platform: str, kernels: dict[str, int], backends: dict[str, str],
+                  has_experts: bool) -> None:
+    """Raise ``KernelFallbackError`` naming the backend when a required kernel is missing."""
+    kind = "train" if program == "train" else "decode"
+    need = EXPECTED_KERNELS.get((kind, platform), {})
+    for what, names in need.items():
+        if what.startswith("MoE") and not has_experts:
+            continue
+        if not any(n in k for k in kernels for n in names):
+            raise KernelFallbackError(
+                f"the {program} program compiled for {platform} has no {what} kernel ({' / '.join(names)}); "
+                f"backend {backends.get(what, '?')} fell back to XLA — choose the chip's kernel (auto)")

@@ -26,7 +26,11 @@ grouped paths sort the ``N * K`` assignments by expert so that each expert's row
   run the platform's ``auto`` grouped matmul.
 * ``"auto"``: ``AUTO_IMPL[platform]`` — cpu -> tiled, gpu -> tokamax,
   tpu -> megablox (part of JAX itself, and its TPU lowering can be checked from a CPU host;
-  tokamax's TPU kernel, a fork of it, refuses to trace without a TPU attached).
+  tokamax's TPU kernel, a fork of it, refuses to trace without a TPU attached); on GPU / TPU
+  under a mesh whose ``expert`` axis is > 1, ``ep`` with that kernel inside.
+
+``platform`` is the compile target's (``dmax_jax.platforms``), never the host's when given. Kernel
+backends run per shard under a mesh (``model.partitioned``): XLA cannot partition a custom call.
 
 A backend the platform cannot run raises ``MoEBackendError``; nothing falls back silently.
 """
@@ -199,6 +203,11 @@ def experts_dense(x, idx, w, w_gate, w_up, w_down):
     return jnp.einsum("neh,ne->nh", out.astype(jnp.float32), comb).astype(x.dtype)
 
 
+def _expert_axis_size() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or EXPERT_AXIS not in mesh.axis_names else mesh.shape[EXPERT_AXIS]
+
+
 def routed_experts(x, idx, w, w_gate, w_up, w_down, *, impl: str = "auto", platform: str | None = None,
                    interpret: bool = False, capacity_factor: float | None = None) -> jax.Array:
     """The MoE's expert output ``[N, H]`` for tokens x ``[N, H]`` routed to idx/w ``[N, K]``;
@@ -206,6 +215,8 @@ def routed_experts(x, idx, w, w_gate, w_up, w_down, *, impl: str = "auto", platf
     family (default: JAX's default backend; lowering checks pass the target); ``interpret`` runs
     Pallas kernels in the interpreter; ``capacity_factor`` applies to ``ep`` only."""
     platform = _platform(platform)
+    if impl == "auto" and platform != "cpu" and _expert_axis_size() > 1:
+        impl = "ep"  # experts sharded over the mesh: move tokens to them, never gather the weights
     impl = resolve_moe_impl(impl, platform, interpret=interpret)
     if impl == "dense":
         return experts_dense(x, idx, w, w_gate, w_up, w_down)
