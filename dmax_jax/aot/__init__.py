@@ -43,10 +43,15 @@ def _train_config(config: str, overrides: Sequence[str], model: str | None) -> t
 
 
 def _model_config(source: str):
-    from dmax_jax.training.config import ModelSection, TrainConfig  # noqa: PLC0415
-    from dmax_jax.training.resolve import resolve_model_config  # noqa: PLC0415
+    """The ModelConfig of ``preset:NAME`` / ``hf:DIR`` / ``config:PATH`` (shapes only, no weights)."""
+    from dmax_jax.config import PRESETS, ModelConfig  # noqa: PLC0415
 
-    return resolve_model_config(dataclasses.replace(TrainConfig(), model=ModelSection(source=source)))
+    kind, _, location = source.partition(":")
+    if kind == "preset":
+        if location not in PRESETS:
+            raise ValueError(f"--model {source}: unknown preset (known: {', '.join(PRESETS)})")
+        return PRESETS[location]()
+    return ModelConfig.from_json(location)
 
 
 def compile_program(*, target: str, program: str, topology: str | None = None, config: str | None = None,
