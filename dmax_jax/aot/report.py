@@ -2,7 +2,7 @@
 
 Everything here is read from the target compiler's own output (``memory_analysis()``,
 ``cost_analysis()``, the compiled HLO text, the compiler's log); what it does not report is
-``None`` ("not reported"), never an estimate.
+``"not reported"``, never an estimate.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import jax
 from dmax_jax.aot.targets import Target
 
 REMAT_WARNING = "Involuntary full rematerialization"
+NOT_REPORTED = "not reported"  # the compiler gave no figure (deviceless GPU compiles give no costs)
 _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 # A kernel call's HLO instruction is named after the Pallas kernel (``%splash_mha_fwd.3 = ...``,
 # ``%gmm.1``); an unnamed ``pallas_call`` (tokamax) names its op class in the op metadata.
@@ -93,7 +94,7 @@ def _memory(compiled: jax.stages.Compiled) -> dict[str, int | None]:
             "peak_bytes": max(peak, plan)}
 
 
-def _cost(compiled: jax.stages.Compiled) -> dict[str, float | None]:
+def _cost(compiled: jax.stages.Compiled) -> dict[str, float | str]:
     try:
         ca = compiled.cost_analysis()
     except Exception:  # noqa: BLE001  (some backends raise instead of returning None)
@@ -101,10 +102,10 @@ def _cost(compiled: jax.stages.Compiled) -> dict[str, float | None]:
     if isinstance(ca, list):
         ca = ca[0] if ca else None
     if not ca:
-        return {"flops": None, "bytes_accessed": None}
+        return {"flops": NOT_REPORTED, "bytes_accessed": NOT_REPORTED}
     flops, bytes_ = ca.get("flops"), ca.get("bytes accessed")
-    return {"flops": None if flops is None else float(flops),
-            "bytes_accessed": None if bytes_ is None else float(bytes_)}
+    return {"flops": NOT_REPORTED if flops is None else float(flops),
+            "bytes_accessed": NOT_REPORTED if bytes_ is None else float(bytes_)}
 
 
 def compile_and_report(lower: Callable[[], jax.stages.Lowered], chip: Target, *,
