@@ -3,7 +3,7 @@
     python bench/fullsize.py [--train-moe-impls ep,dense] [--mesh fsdp=2,expert=4] [--batch 1,8,32]
                              [--skip-train] [--skip-decode] [--json]
 
-(a) The OPUT train step exactly as ``train.py`` builds it (``training.loop._build``: the real
+(a) The OPUT train step exactly as ``train.py`` builds it (``training.program.build_train_program``: the real
     ``make_train_step`` under ``jit_train_step`` with the state / batch shardings) for the recipe
     ``configs/llada2_mini_oput.yaml`` (global batch 8 x 2048 → 4096 tokens ``[noisy | clean]``,
     bf16 compute, f32 master weights + Adam, remat, ``xla_blockwise`` block-sparse attention) on
@@ -31,6 +31,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES}".strip()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -97,13 +98,14 @@ def compile_train_step(preset: str, recipe: str, mesh: str, moe_impl: str) -> di
     """Compile the real OPUT step for the recipe at full size; per-device memory from XLA."""
     from dmax_jax.training import loop
     from dmax_jax.training.config import load_train_config
+    from dmax_jax.training.program import build_train_program
     from dmax_jax.training.step import REQUIRED_KEYS
 
     cfg = load_train_config(recipe, [f"model.source=preset:{preset}", "data.paths=[abstract.jsonl]",
                                      f"step.moe_impl={moe_impl}", *mesh_overrides(mesh)])
     model_config = loop.resolve_model_config(cfg)
     cfg = cfg.resolve(total_steps=1000, mask_id=model_config.resolved_mask_token_id)
-    built = loop._build(model_config, cfg)  # exactly what train() compiles (cached there too)
+    built = build_train_program(model_config, cfg)  # exactly what train() compiles (cached there too)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          built.abstract_state, built.state_shardings)
     rows, length = cfg.data.batch_size, cfg.data.max_length
@@ -142,28 +144,33 @@ DECODE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 def block_forward_cost(cfg: ModelConfig, batch: int, block: int, cache: int, dtype: str = "bfloat16",
-                       moe_impl: str | None = None) -> dict[str, float]:
-    """XLA's cost analysis of the compiled ``block_forward`` (weights and cache in ``dtype``).
-    ``moe_impl`` None is ``block_forward`` itself (the model's default MoE); a name makes the same
-    ``forward`` call with that ``moe_impl``."""
+                       moe_impl: str | None = None, device: jax.Device | None = None) -> dict[str, float]:
+    """The compiler's cost analysis of the decode block forward (weights and cache in ``dtype``):
+    the model ``forward`` over a block with the KV cache, as decoding calls it. ``moe_impl`` None =
+    the model's default for the platform; ``device`` compiles for that (compile-only) device and its
+    platform's kernels (``bench/aot.py``: TPU), default the host's CPU."""
     dt = DECODE_DTYPES[dtype]
+    platform = None if device is None else device.platform
 
     def fn(params, embeds, start, c):
-        if moe_impl is None:
-            return kv.block_forward(params, cfg, embeds, start, c, block, dt)
         return forward(params, cfg, inputs_embeds=embeds, positions=kv.positions(start, block),
-                       mask=MaskSpec("block_causal", block), cache=c, dtype=dt, moe_impl=moe_impl)[0]
+                       mask=MaskSpec("block_causal", block), cache=c, dtype=dt,
+                       moe_impl=moe_impl or "auto", platform=platform)[0]
 
     args = (param_shapes(cfg, dt), jax.ShapeDtypeStruct((batch, block, cfg.hidden_size), dt),
             jax.ShapeDtypeStruct((batch,), jnp.int32), _abstract_cache(cfg, batch, cache, dt))
-    ca = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if device is not None:
+        on = jax.sharding.SingleDeviceSharding(device)
+        args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on), args)
+    with jax.default_device(device) if device is not None else contextlib.nullcontext():
+        ca = jax.jit(fn).lower(*args).compile().cost_analysis()
     if isinstance(ca, list):  # older jax: one dict per computation
         ca = ca[0]
     return {"flops": float(ca["flops"]), "bytes": float(ca["bytes accessed"])}
 
 
 def depth_corrected_cost(cfg: ModelConfig, batch: int, block: int, cache: int, dtype: str = "bfloat16",
-                         moe_impl: str | None = None) -> dict[str, float]:
+                         moe_impl: str | None = None, device: jax.Device | None = None) -> dict[str, float]:
     """Cost at the real depth from three one-layer-per-stack programs. XLA's cost analysis counts
     a while-loop body once (and adds loop-carry copies), so the scanned 20-layer program cannot be
     read directly; with stacks of length 1: dense = O + D, moe = O + M, both = O + D + M, and the
@@ -173,7 +180,7 @@ def depth_corrected_cost(cfg: ModelConfig, batch: int, block: int, cache: int, d
 
     def cost(n_layers: int, n_dense: int) -> dict[str, float]:
         c = cfg.replace(num_hidden_layers=n_layers, first_k_dense_replace=n_dense)
-        return block_forward_cost(c, batch, block, cache, dtype, moe_impl)
+        return block_forward_cost(c, batch, block, cache, dtype, moe_impl, device)
 
     dense, moe, both = cost(1, 1), cost(1, 0), cost(2, 1)
     out = {}
