@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 from dmax_jax.cli import OneLineParser  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+DEMO_DIR = Path("runs/demo_quick")
 EXIT_CONFIG, EXIT_NON_FINITE, EXIT_INTERRUPTED = 2, 3, 130
 
 
@@ -52,12 +53,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _fail(message: str, code: int = EXIT_CONFIG) -> int:
-    print(f"train.py: {message}", file=sys.stderr)
+    """The project's one error-line format, ``<command>: error: <what>``."""
+    from dmax_jax.cli import error_line
+
+    print(error_line("train.py", message), file=sys.stderr)
     return code
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (a config key, data row, checkpoint, model folder, output path)."""
+    from dmax_jax.checkpoint.hf import CheckpointError
+    from dmax_jax.checkpoint.train_state import CheckpointRestoreError, ResumeMismatchError
+    from dmax_jax.cli import OutputPathError
+    from dmax_jax.data.chat import TokenizerError
+    from dmax_jax.data.pipeline import DataError
+    from dmax_jax.training.config import TrainConfigError
+
+    return (TrainConfigError, DataError, ResumeMismatchError, CheckpointRestoreError, CheckpointError,
+            TokenizerError, OutputPathError, FileNotFoundError)
+
+
 def _interrupted(err: BaseException, argv: list[str]) -> int:
-    """Ctrl-C: where the run stands and the exact command that continues it."""
+    """Ctrl-C or SIGTERM: where the run stands and the exact command that continues it; exits 130
+    (Ctrl-C) or 143 (SIGTERM, e.g. a preempted VM)."""
     command = shlex.join(["python", "train.py", *argv])
     last = getattr(err, "last_checkpoint_step", None)
     where = (f"last checkpoint: update {last} in {err.checkpoint_dir}" if last is not None else
@@ -65,7 +83,7 @@ def _interrupted(err: BaseException, argv: list[str]) -> int:
     update = getattr(err, "update", None)
     print(f"train.py: interrupted{'' if update is None else f' after update {update}'}; {where}\n"
           f"resume with: {command}", file=sys.stderr)
-    return EXIT_INTERRUPTED
+    return getattr(err, "exit_code", EXIT_INTERRUPTED)
 
 
 def _summary_line(summary) -> str:
@@ -74,6 +92,10 @@ def _summary_line(summary) -> str:
             f"final loss {loss if loss is None else f'{loss:.4f}'}; "
             f"checkpoint {summary.last_checkpoint_step} in {summary.checkpoint_dir}"
             + (f"; HF export {summary.hf_export_dir}" if summary.hf_export_dir else ""))
+    if summary.no_answer_rows:
+        line += (f"\n{summary.no_answer_rows} data rows left no answer token after truncation to "
+                 f"data.max_length {summary.config.data.max_length} (their prompts fill it; they teach "
+                 "nothing)")
     if summary.bad_rows:
         shown = summary.bad_row_messages[:3]
         line += (f"\nskipped {summary.bad_rows} bad data rows (data.skip_bad_rows=true); first "
@@ -85,18 +107,20 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> int:
     """Load the config, write generated demo data if it asks for some, train; errors → one message."""
     import yaml
 
-    from dmax_jax.checkpoint.hf import CheckpointError
-    from dmax_jax.checkpoint.train_state import CheckpointRestoreError, ResumeMismatchError
-    from dmax_jax.data.pipeline import DataError
+    from dmax_jax.cli import check_writable
     from dmax_jax.training.config import TrainConfigError, load_train_config
 
     try:
         cfg = load_train_config(args.config, args.overrides)
     except (TrainConfigError, FileNotFoundError) as e:
-        return _fail(f"config error: {e}")
+        return _fail(str(e))
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    try:
+        check_writable("run.out_dir", cfg.run.out_dir, directory=True)   # before any model or data
+    except ValueError as e:
+        return _fail(str(e))
     if args.distributed:
         import jax
 
@@ -111,12 +135,8 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> int:
         summary = train(cfg)
     except KeyboardInterrupt as e:
         return _interrupted(e, argv)
-    except TrainConfigError as e:
-        return _fail(f"config error: {e}")
-    except DataError as e:
-        return _fail(f"data error: {e}")
-    except (ResumeMismatchError, CheckpointRestoreError, CheckpointError) as e:
-        return _fail(f"checkpoint error: {e}")
+    except _input_errors() as e:
+        return _fail(str(e))
     except NonFiniteLossError as e:
         return _fail(str(e), EXIT_NON_FINITE)
     print(_summary_line(summary))
@@ -125,22 +145,24 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> int:
 
 def run_embedded_demo() -> int:
     """python train.py: OPUT fine-tune of the shipped demo base, evaluated and tabulated."""
-    print("train.py: no --config given; running the embedded demo (OPUT fine-tune of the shipped tiny "
-          "base model, then evaluation on 100 held-out problems; see README)", flush=True)
-    from dmax_jax.checkpoint.train_state import ResumeMismatchError
+    from dmax_jax.cli import check_writable
     from dmax_jax.demo import run_quick_demo
-    from dmax_jax.training.config import TrainConfigError
 
+    reused = (DEMO_DIR / "train" / "checkpoints").is_dir()
+    print("train.py: no --config given; running the embedded demo (OPUT fine-tune of the shipped tiny "
+          f"base model, then evaluation on 100 held-out problems; see README). Its files go to {DEMO_DIR}"
+          + (f"; {DEMO_DIR} holds an earlier demo run, which is reused (the fine-tune resumes or is "
+             f"already done) — remove {DEMO_DIR} to start over" if reused else
+             f" (remove {DEMO_DIR} to start over)"), flush=True)
     try:
-        run_quick_demo()
-    except KeyboardInterrupt:
-        print("train.py: demo interrupted; rerun `python train.py` to continue (the fine-tune resumes "
-              "from its last checkpoint in runs/demo_quick/train)", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except FileNotFoundError as e:
-        return _fail(str(e))
-    except (ResumeMismatchError, TrainConfigError) as e:  # e.g. runs/demo_quick left by another version
-        return _fail(f"{e}\n(remove runs/demo_quick to start the demo afresh)")
+        check_writable("the demo folder", DEMO_DIR, directory=True)
+        run_quick_demo(DEMO_DIR)
+    except KeyboardInterrupt as e:
+        print(f"train.py: demo interrupted; rerun `python train.py` to continue (the fine-tune resumes "
+              f"from its last checkpoint in {DEMO_DIR / 'train'})", file=sys.stderr)
+        return getattr(e, "exit_code", EXIT_INTERRUPTED)
+    except _input_errors() as e:  # e.g. runs/demo_quick left by another version
+        return _fail(f"{e}\n(remove {DEMO_DIR} to start the demo afresh)")
     return 0
 
 

@@ -94,15 +94,19 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, compute_
 
     ``dtype`` is the parameter dtype; computation runs in ``compute_dtype`` (default: ``dtype``). A
     missing or empty directory, a missing config.json or missing safetensors raise one
-    ``CheckpointNotFoundError`` line naming the directory; a bad config.json a ``ModelConfigError``.
+    ``CheckpointNotFoundError`` line naming the directory; a bad config.json a ``ModelConfigError``; a
+    non-finite weight a ``CheckpointError`` naming the tensor; a tokenizer that cannot be read or does
+    not fit ``vocab_size`` / the special ids a ``TokenizerError`` naming the folder (and file).
     """
     from dmax_jax.checkpoint.hf import load_hf_params
-    from dmax_jax.data.chat import load_tokenizer
+    from dmax_jax.data.chat import check_tokenizer_fits, load_tokenizer
 
     param_dtype = parse_dtype(dtype, "dtype")
     run_dtype = param_dtype if compute_dtype is None else parse_dtype(compute_dtype, "compute_dtype")
     p = check_model_dir(path)
     config = ModelConfig.from_json(p)
-    params = load_hf_params(p, config, dtype=np.dtype(param_dtype), shardings=shardings)
     tokenizer = load_tokenizer(p) if any((p / f).exists() for f in TOKENIZER_FILES) else None
+    if tokenizer is not None:      # checked before the (large) weights are read
+        check_tokenizer_fits(config, tokenizer, f"model directory {p}")
+    params = load_hf_params(p, config, dtype=np.dtype(param_dtype), shardings=shardings)
     return Pretrained(config, params, tokenizer, os.fspath(p), run_dtype)

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from scripts import load_script
 
@@ -64,7 +66,7 @@ def test_bad_data_line_is_one_message_naming_file_and_line(task, tmp_path, capsy
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(rows[:5] + [line] + rows[5:]) + "\n")
     code, _, err = _main(_args(task, tmp_path / "run", f"data.paths=[{bad}]"), capsys)
-    assert code == 2 and f"bad.jsonl:6: {message}" in err and err.startswith("train.py: data error:")
+    assert code == 2 and f"bad.jsonl:6: {message}" in err and err.startswith("train.py: error: ")
     _assert_short(err)
 
 
@@ -122,7 +124,7 @@ def test_rerun_of_a_finished_run_with_a_changed_config_is_refused(task, finished
 def test_resume_with_a_changed_batch_size_is_one_message(task, finished, capsys):
     code, _, err = _main(_args(task, finished, "run.num_steps=2", "data.batch_size=16"), capsys)
     assert code == 2 and "data.batch_size: checkpoint 8 vs now 16" in err
-    assert err.startswith("train.py: checkpoint error: cannot resume")
+    assert err.startswith("train.py: error: cannot resume")
     _assert_short(err)
 
 
@@ -188,12 +190,32 @@ def test_ctrl_c_prints_the_last_checkpoint_and_the_resume_command(task, tmp_path
     assert _main(argv, capsys)[0] == 0 and _steps(out) == [1, 2, 3, 4]
 
 
-def test_ctrl_c_between_steps_saves_the_update_and_stops(task, tmp_path, capsys, monkeypatch, request):
-    """A real SIGINT (to this process) during update 3: the loop finishes it, saves it, exits 130."""
-    # The loop only takes over Ctrl-C from Python's default handler (never from an embedding program's):
-    # start from that, whatever an earlier test in this worker process left installed.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+@pytest.fixture(scope="module")
+def straight(task, tmp_path_factory):
+    """4 updates in one uninterrupted run: the state every resumed run must equal bit for bit."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    return loop.train(load_train_config(TINY, _args(task, out, "run.num_steps=4")[2:])).state
+
+
+def _resume_equals(task, out: Path, straight, capsys) -> str:
+    """Resume ``out`` to update 4 in-process; its state must equal the straight run's. Returns stderr."""
+    summary = loop.train(load_train_config(TINY, _args(task, out, "run.num_steps=4", "run.save_every=1")[2:]))
+    for x, y in zip(jax.tree.leaves(summary.state), jax.tree.leaves(straight)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))   # params, Adam moments, rng
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGINT, 130, "Ctrl-C"),
+                                             (signal.SIGTERM, 143, "SIGTERM")])
+def test_signal_between_steps_saves_the_update_stops_and_resumes_bit_for_bit(
+        task, tmp_path, capsys, monkeypatch, request, straight, sig, code, name):
+    """A real SIGINT / SIGTERM (to this process) during update 3: the loop finishes it, saves it, prints
+    the resume command and exits 130 / 143; resuming gives exactly the uninterrupted run."""
+    # The loop only takes over a signal from Python's default handler (never from an embedding
+    # program's): start from that, whatever an earlier test in this worker process left installed.
+    default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+    previous = signal.signal(sig, default)
+    request.addfinalizer(lambda: signal.signal(sig, previous))
     real_build = loop.build_train_program
 
     def build_signalling_in_update_3(model_config, cfg):
@@ -201,18 +223,108 @@ def test_ctrl_c_between_steps_saves_the_update_and_stops(task, tmp_path, capsys,
 
         def step_fn(state, batch):
             if int(state.step) == 2:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), sig)
             return built.step_fn(state, batch)
 
         return dataclasses.replace(built, step_fn=step_fn)
 
     monkeypatch.setattr(loop, "build_train_program", build_signalling_in_update_3)
     out = tmp_path / "run"
-    code, _, err = _main(_args(task, out, "run.num_steps=4", "run.save_every=0"), capsys)
-    assert code == 130 and "saving at the end of this update" in err
+    argv = _args(task, out, "run.num_steps=4", "run.save_every=0")
+    rc, _, err = _main(argv, capsys)
+    assert rc == code and f"{name}: saving at the end of this update" in err
     assert f"interrupted after update 3; last checkpoint: update 3 in {out / 'checkpoints'}" in err
+    assert "resume with: python train.py --config" in err and f"run.out_dir={out}" in err
     assert _steps(out) == [1, 2, 3] and "Traceback" not in err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is removed
+    assert signal.getsignal(sig) is default  # the loop's handler is removed
+    monkeypatch.setattr(loop, "build_train_program", real_build)
+    _resume_equals(task, out, straight, capsys)
+    assert _steps(out) == [1, 2, 3, 4]
+
+
+# ---- broken checkpoints, resume_step ----------------------------------------------------------------------
+def _truncate_checkpoint(step_dir: Path) -> None:
+    """What a VM killed while the file system flushed leaves: every array file cut to half its size."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.stat().st_size > 64]
+    assert files
+    for p in files:
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def test_unreadable_newest_checkpoint_is_named_kept_and_the_previous_one_resumed(task, tmp_path, capsys,
+                                                                                 straight):
+    out = tmp_path / "run"
+    assert _main(_args(task, out, "run.num_steps=2", "run.save_every=1"), capsys)[0] == 0
+    _truncate_checkpoint(out / "checkpoints" / "2")
+    err = _resume_equals(task, out, straight, capsys)
+    lines = [ln for ln in err.splitlines() if ln.startswith("train: ")]
+    assert lines[0].startswith(f"train: checkpoint 2 in {out / 'checkpoints'} cannot be read (")
+    assert lines[1] == f"train: moved unreadable checkpoint 2 to {out / 'checkpoints_unreadable' / '2'} " \
+                       "(kept for inspection)"
+    assert lines[2] == "train: resuming from checkpoint 1, the newest readable one" and len(lines) == 3
+    assert (out / "checkpoints_unreadable" / "2" / "state").is_dir() and _steps(out) == [1, 2, 3, 4]
+
+
+def test_no_readable_checkpoint_is_one_error_and_nothing_moves(task, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _main(_args(task, out, "run.num_steps=1"), capsys)[0] == 0
+    _truncate_checkpoint(out / "checkpoints" / "1")
+    code, _, err = _main(_args(task, out, "run.num_steps=2"), capsys)
+    assert code == 2 and "train: checkpoint 1 in" in err and "cannot be read" in err
+    assert f"train.py: error: no checkpoint in {out / 'checkpoints'} can be read" in err
+    _assert_short(err)
+    assert _steps(out) == [1] and not (out / "checkpoints_unreadable").exists()
+
+
+def test_resume_step_picks_a_checkpoint_and_sets_newer_ones_aside(task, tmp_path, capsys, straight):
+    out = tmp_path / "run"
+    assert _main(_args(task, out, "run.num_steps=2", "run.save_every=1"), capsys)[0] == 0
+    code, _, err = _main(_args(task, out, "run.num_steps=2", "run.resume_step=5"), capsys)
+    assert code == 2 and "run.resume_step: no checkpoint 5 in" in err and "[1, 2]" in err
+    summary = loop.train(load_train_config(TINY, _args(task, out, "run.num_steps=4", "run.save_every=1",
+                                                       "run.resume_step=1")[2:]))
+    assert summary.start_step == 1 and (out / "checkpoints_set_aside" / "2").is_dir()
+    assert "run.resume_step=1: checkpoint 2 moved to" in capsys.readouterr().err
+    for x, y in zip(jax.tree.leaves(summary.state), jax.tree.leaves(straight)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ---- outputs, model folders, data that leave nothing to learn ------------------------------------------
+def test_unwritable_out_dir_is_named_before_anything_loads(task, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setattr(loop, "build_train_program", lambda *a: pytest.fail("compiled before the check"))
+    code, _, err = _main(_args(task, blocker / "run"), capsys)
+    assert code == 2 and err.startswith(f"train.py: error: run.out_dir {blocker / 'run'}: cannot write there")
+    assert f"{blocker} is a file" in err and err.count("\n") == 1
+
+
+def test_tokenizer_larger_than_vocab_size_is_refused_at_load(task, tmp_path, capsys):
+    code, _, err = _main(_args(task, tmp_path / "run", "model.overrides.vocab_size=100"), capsys)
+    assert code == 2 and "the tokenizer has" in err and "vocab_size (config.json) is 100" in err
+    assert err.startswith(f"train.py: error: model.tokenizer {task[1]}: ")
+    _assert_short(err)
+
+
+def _qa_file(path: Path, long_rows: int, short_rows: int) -> Path:
+    rows = [{"question": "How many apples? " * 40, "answer": "#### 3"}] * long_rows
+    rows += [{"question": f"What is {i} plus 2?", "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}
+             for i in range(short_rows)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_rows_without_answer_tokens_are_counted_and_all_of_them_is_an_error(task, tmp_path, capsys):
+    _, tok = task
+    mixed = _qa_file(tmp_path / "mixed.jsonl", long_rows=5, short_rows=27)
+    argv = [a.replace(str(task[0]), str(mixed)) for a in _args(task, tmp_path / "a", "run.num_steps=1")]
+    code, stdout, _ = _main(argv, capsys)
+    assert code == 0 and "5 data rows left no answer token after truncation to data.max_length 64" in stdout
+    only_long = _qa_file(tmp_path / "long.jsonl", long_rows=16, short_rows=0)
+    argv = [a.replace(str(task[0]), str(only_long)) for a in _args(task, tmp_path / "b", "run.num_steps=1")]
+    code, _, err = _main(argv, capsys)
+    assert code == 2 and err.startswith("train.py: error: data.max_length 64: all 16 rows' prompts fill it")
+    assert "the longest prompt, row 0 of the valid rows, in" in err and err.count("\n") == 1
 
 
 # ---- help -----------------------------------------------------------------------------------------------

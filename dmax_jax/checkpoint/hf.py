@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from dmax_jax.checkpoint.finite import check_finite
 from dmax_jax.checkpoint.hf_keys import (
     SPLIT,
     ZERO_WIDTH_SHARED,
@@ -269,6 +270,7 @@ def load_hf_params(path: Path_, config: ModelConfig | None = None, *, dtype: Any
             srcs = sorted(by_leaf[leaf], key=lambda e: order[(where[e.name][0], e.name)])
             for e in srcs:
                 x = handles[where[e.name][0]].get_tensor(e.name)
+                check_finite(x, e.name, where[e.name][0], CheckpointError)
                 _copy_into(buf[e.index], e.layout.to_ours(x), e.layout.perm.index(0))
                 del x
             out[leaf] = _place(buf, leaf_shard[leaf], leaf)

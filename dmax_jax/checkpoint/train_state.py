@@ -123,6 +123,25 @@ class TrainCheckpointer:
                                          f"(complete steps: {self.all_steps()})")
         return {p.name for p in step_dir.iterdir() if p.is_dir()}
 
+    def set_aside(self, step: int, dest_root: str | os.PathLike) -> Path:
+        """Move step ``step``'s directory into ``dest_root`` (never deleted: a numbered name if one is
+        already there) so that orbax no longer sees it; returns where it went. Process 0 moves it,
+        every process then re-reads the step list."""
+        dest_root = Path(dest_root)
+        dest = dest_root / str(int(step))
+        if jax.process_index() == 0:
+            dest_root.mkdir(parents=True, exist_ok=True)
+            n = 1
+            while dest.exists():
+                dest, n = dest_root / f"{int(step)}.{n}", n + 1
+            os.replace(self.directory / str(int(step)), dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"dmax_jax set_aside {step}")
+        self._manager.reload()
+        return dest
+
     # ---- lifetime ----------------------------------------------------------------------------------
     def close(self) -> None:
         """Wait for pending saves, then release the manager's threads."""

@@ -19,13 +19,35 @@ Messages = Sequence[dict[str, str]]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded or does not fit its model; names the folder and the file."""
+
+
+# Files that hold a vocabulary (tokenizer_config.json alone does not: transformers then falls back to
+# a slow sentencepiece conversion and fails with a message that names neither folder nor file).
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) -> Any:
-    """Load a ``transformers`` tokenizer from an HF directory (the checkpoint dir or a tokenizer dir)."""
+    """Load a ``transformers`` tokenizer from an HF directory (the checkpoint dir or a tokenizer dir).
+    A missing folder or file, or one transformers cannot read, is one line naming both."""
     p = os.fspath(path)
     if not os.path.isdir(p):
         raise FileNotFoundError(f"tokenizer directory {p!r} does not exist")
     if not any(os.path.exists(os.path.join(p, f)) for f in TOKENIZER_FILES):
         raise FileNotFoundError(f"{p!r} holds no tokenizer (looked for {', '.join(TOKENIZER_FILES)})")
+    present = [f for f in VOCAB_FILES if os.path.exists(os.path.join(p, f))]
+    if not present:
+        raise TokenizerError(f"{p}: tokenizer.json is missing (the folder has tokenizer_config.json but no "
+                             f"vocabulary file: {', '.join(VOCAB_FILES)})")
+    try:
+        return _auto_tokenizer(p, trust_remote_code)
+    except Exception as e:  # noqa: BLE001 — transformers / tokenizers raise many types for a bad file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TokenizerError(f"{os.path.join(p, present[0])}: cannot load the tokenizer ({first})") from None
+
+
+def _auto_tokenizer(p: str, trust_remote_code: bool) -> Any:
     import warnings
 
     from transformers import AutoTokenizer
@@ -42,6 +64,21 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) 
             return AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def check_tokenizer_fits(config: ModelConfig, tokenizer: Any, where: str) -> None:
+    """The tokenizer's ids must index the model's embedding: a tokenizer larger than config.json's
+    ``vocab_size`` would give ids past its end — garbage in decoding, a non-finite loss in training,
+    far from the cause. ``where`` names the model folder (or config key) in the error."""
+    size = len(tokenizer)
+    if size > config.vocab_size:
+        raise TokenizerError(f"{where}: the tokenizer has {size} tokens but the model's vocab_size "
+                             f"(config.json) is {config.vocab_size}; ids >= {config.vocab_size} would index "
+                             "past the embedding (is this the model's own tokenizer?)")
+    try:
+        resolve_special_ids(config, tokenizer, strict=False)     # mask / EOS / PAD exist and fit
+    except ValueError as e:
+        raise TokenizerError(f"{where}: {e}") from None
 
 
 def chat_text(tokenizer: Any, messages: Messages, add_generation_prompt: bool = False) -> str:

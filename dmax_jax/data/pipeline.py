@@ -25,6 +25,7 @@ import grain
 import numpy as np
 
 from dmax_jax.data.chat import SpecialIds, mask_token_text, resolve_special_ids
+from dmax_jax.data.coverage import answer_room, no_answer_error
 from dmax_jax.data.transforms import BadRow, OputTransform, row_messages
 
 MAX_REPORTED_BAD_ROWS = 20
@@ -218,6 +219,10 @@ class RowStore:
     def messages(self, i: int) -> list[dict[str, str]]:
         return row_messages(self.row(i))
 
+    def describe(self, i: int) -> str:
+        """Where valid row ``i`` lives, for messages: its file and (0-based) row among the valid ones."""
+        return f"row {i} of the valid rows, in {self.paths[int(self._file_ids[i])]}"
+
     def flag(self, i: int) -> bool:
         return bool(self._flags[i])
 
@@ -285,6 +290,7 @@ class TrainData:
     num_examples: int
     examples_per_epoch: int
     steps_per_epoch: int
+    no_answer_rows: int = 0          # rows whose prompt fills max_length (data/coverage.py)
 
     @property
     def bad_rows(self) -> int:
@@ -309,6 +315,9 @@ def make_dataset(config: DataConfig, tokenizer: Any, *, process_index: int = 0, 
                      oput_duplicate=config.oput_duplicate, default_flag=config.default_flag,
                      skip_bad_rows=config.skip_bad_rows)
     n_rows = len(store)
+    room = answer_room(store, tokenizer, config.max_length)
+    if room.no_answer == n_rows:
+        raise DataError(no_answer_error(room, config.max_length))
     num_examples = 2 * n_rows if config.oput_duplicate else n_rows
     per_unit = 2 if config.oput_pair_in_batch else 1
     num_units = num_examples // per_unit
@@ -339,4 +348,4 @@ def make_dataset(config: DataConfig, tokenizer: Any, *, process_index: int = 0, 
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
     return TrainData(dataset=dataset, store=store, special=special, num_examples=num_examples,
                      examples_per_epoch=units_per_epoch * per_unit,
-                     steps_per_epoch=units_per_epoch // units_per_global_batch)
+                     steps_per_epoch=units_per_epoch // units_per_global_batch, no_answer_rows=room.no_answer)

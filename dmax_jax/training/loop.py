@@ -22,9 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,25 +31,21 @@ import jax
 import numpy as np
 
 from dmax_jax.checkpoint.hf import load_hf_params
-from dmax_jax.checkpoint.train_state import (
-    ResumeMismatchError,
-    TrainCheckpointer,
-    abstract_with_shardings,
-    check_restored_step,
-    check_resume_compatible,
-    export_hf,
-)
+from dmax_jax.checkpoint.train_state import ResumeMismatchError, TrainCheckpointer, export_hf
+from dmax_jax.cli import OutputPathError, check_writable
 from dmax_jax.config import ModelConfig
-from dmax_jax.data.chat import load_tokenizer, resolve_special_ids
+from dmax_jax.data.chat import check_tokenizer_fits, load_tokenizer, resolve_special_ids
 from dmax_jax.data.pipeline import TrainData, make_dataset
 from dmax_jax.training.config import TrainConfig, TrainConfigError, dump_train_config
 from dmax_jax.training.metrics import MetricsWindow, MetricsWriter
 from dmax_jax.training.program import TrainProgram, build_train_program
 from dmax_jax.training.resolve import check_data_paths, num_updates, resolve_model_config, tokenizer_dir
+from dmax_jax.training.resume import resume_from_checkpoint
 from dmax_jax.training.sharding import (
     batch_divisor,
     make_global_batch,
 )
+from dmax_jax.training.signals import EXIT_CODES, StopRequest
 
 __all__ = ["NonFiniteLossError", "ResumeMismatchError", "TrainInterrupted", "TrainSummary", "train"]
 
@@ -61,13 +55,15 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class TrainInterrupted(KeyboardInterrupt):
-    """Ctrl-C during ``train``: pending checkpoint writes were finished first; says where to resume."""
+    """Ctrl-C or SIGTERM during ``train``: pending checkpoint writes were finished first; says where
+    to resume. ``exit_code``: 130 (SIGINT) or 143 (SIGTERM), what a command line should exit with."""
 
     def __init__(self, out_dir: str, update: int | None, last_checkpoint_step: int | None,
-                 checkpoint_dir: str | None):
+                 checkpoint_dir: str | None, signum: int | None = None):
         super().__init__(f"interrupted at update {update}; last checkpoint {last_checkpoint_step}")
         self.out_dir, self.update = out_dir, update
         self.last_checkpoint_step, self.checkpoint_dir = last_checkpoint_step, checkpoint_dir
+        self.signum, self.exit_code = signum, EXIT_CODES.get(signum, 130)
 
 
 @dataclasses.dataclass
@@ -86,6 +82,7 @@ class TrainSummary:
     bad_rows: int
     config: TrainConfig
     bad_row_messages: list[str] = dataclasses.field(default_factory=list)
+    no_answer_rows: int = 0   # rows whose prompt fills data.max_length: no answer token to learn from
     state: Any = dataclasses.field(repr=False, default=None)  # the final TrainState (on device)
 
 
@@ -138,17 +135,15 @@ def _initial_state(cfg: TrainConfig, model_config: ModelConfig, built: TrainProg
         raise TrainConfigError(f"run.resume is false but {ckpt.directory} holds checkpoints "
                                f"(steps {ckpt.all_steps()}); use another run.out_dir or remove them")
     if latest is None:
+        if cfg.run.resume_step is not None:
+            raise TrainConfigError(f"run.resume_step: {ckpt.directory} holds no checkpoint")
         if cfg.model.kind == "hf":
             params = load_hf_params(cfg.model.location, model_config, shardings=built.param_shardings)
         else:
             params = built.init_params(jax.random.key(cfg.run.seed))
         return built.init_state(params), 0, []
-    changes = check_resume_compatible(ckpt.read_metadata(latest), cfg.to_dict(), f"{ckpt.directory}/{latest}",
-                                      allow_changes=cfg.run.allow_config_change)
-    state, _ = ckpt.restore(latest, abstract_with_shardings(built.abstract_state, built.state_shardings),
-                            iterator)
-    check_restored_step(int(_local(state.step)), latest, cfg.optim.grad_accum_steps)
-    return state, latest, changes
+    return resume_from_checkpoint(cfg, built, ckpt, iterator,
+                                  note=lambda line: print(f"train: {line}", file=sys.stderr, flush=True))
 
 
 def _write_config(cfg: TrainConfig, out: Path, start_step: int, changes: list[str]) -> None:
@@ -162,15 +157,21 @@ def _write_config(cfg: TrainConfig, out: Path, start_step: int, changes: list[st
 def _setup(cfg: TrainConfig) -> _Run:
     """Everything before the first step: data, model config, compiled step, state, records."""
     t_start = time.time()
-    out = Path(cfg.run.out_dir).absolute()
+    try:
+        out = check_writable("run.out_dir", cfg.run.out_dir, directory=True)
+    except OutputPathError as e:
+        raise TrainConfigError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     check_data_paths(cfg)
     model_config = resolve_model_config(cfg)
+    tok_dir = tokenizer_dir(cfg)
+    key = "model.tokenizer" if cfg.model.tokenizer is not None else "model.source"
     try:
-        tokenizer = load_tokenizer(tokenizer_dir(cfg))
-    except (FileNotFoundError, OSError) as e:
-        raise TrainConfigError(f"model.tokenizer: {e}") from e
-    special = resolve_special_ids(model_config, tokenizer)
+        tokenizer = load_tokenizer(tok_dir)
+        check_tokenizer_fits(model_config, tokenizer, f"{key} {tok_dir}")
+        special = resolve_special_ids(model_config, tokenizer)
+    except (ValueError, OSError) as e:
+        raise TrainConfigError(f"{key}: {e}" if not str(e).startswith(key) else str(e)) from e
     data = make_dataset(cfg.data, tokenizer, process_index=jax.process_index(),
                         process_count=jax.process_count(), special_ids=special)
     num_steps = num_updates(cfg, data)
@@ -213,32 +214,6 @@ def _setup(cfg: TrainConfig) -> _Run:
 
 
 # ---- the step loop ----------------------------------------------------------------------------------------
-class _StopRequest:
-    """Ctrl-C finishes the current update, saves it and stops; a second Ctrl-C stops at once. Why: an
-    interrupt inside orbax's save would leave the reported last checkpoint out of date."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ntrain: Ctrl-C: saving at the end of this update, then stopping (Ctrl-C again: stop now)",
-              file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 def _absorb(run: _Run, done: int, metrics: Any) -> None:
     """Read back one step's metrics, stop on non-finite values, log at log steps."""
     m = {k: _local(v).item() for k, v in metrics.items()}
@@ -268,9 +243,9 @@ def _save(run: _Run, update: int) -> None:
     run.last_saved = update
 
 
-def _step_loop(run: _Run, stop: _StopRequest) -> None:
+def _step_loop(run: _Run, stop: StopRequest) -> None:
     """Micro-steps ``start_step * accum + 1 … num_steps * accum``, saving at the configured updates
-    (and at the update a Ctrl-C arrived in)."""
+    (and at the update a Ctrl-C or SIGTERM arrived in)."""
     step_fn, b_shard, save_every = run.built.step_fn, run.built.batch_shardings, run.cfg.run.save_every
     pending = None
     for done in range(run.start_step * run.accum + 1, run.num_steps * run.accum + 1):
@@ -315,24 +290,28 @@ def _finish(run: _Run) -> TrainSummary:
                         last_checkpoint_step=run.ckpt.latest_step(),
                         hf_export_dir=None if export_dir is None else str(export_dir),
                         bad_rows=run.data.bad_rows, bad_row_messages=list(run.data.store.bad_row_messages),
-                        config=run.cfg, state=run.state)
+                        config=run.cfg, state=run.state, no_answer_rows=run.data.no_answer_rows)
 
 
 def train(cfg: TrainConfig) -> TrainSummary:
-    """Run (or resume) the training described by ``cfg``; see the module docstring. Ctrl-C raises
-    ``TrainInterrupted`` (a ``KeyboardInterrupt``) after pending checkpoint writes have finished."""
-    run = None
+    """Run (or resume) the training described by ``cfg``; see the module docstring. Ctrl-C or SIGTERM
+    raises ``TrainInterrupted`` (a ``KeyboardInterrupt``) after pending checkpoint writes have finished;
+    during setup (before any update) it stops there, writing nothing new."""
+    run, stop = None, StopRequest()
     try:
-        run = _setup(cfg)
-        with _StopRequest() as stop:
+        with stop:
+            run = _setup(cfg)
+            if stop.requested:
+                raise KeyboardInterrupt
             _step_loop(run, stop)
         return _finish(run)
     except KeyboardInterrupt:
         if run is None:
-            raise TrainInterrupted(str(Path(cfg.run.out_dir).absolute()), None, None, None) from None
+            raise TrainInterrupted(str(Path(cfg.run.out_dir).absolute()), None, None, None,
+                                   stop.signum) from None
         run.ckpt.wait()
         raise TrainInterrupted(str(run.out), run.done // run.accum, run.ckpt.latest_step(),
-                               str(run.ckpt.directory)) from None
+                               str(run.ckpt.directory), stop.signum) from None
     finally:
         if run is not None:
             run.close()
