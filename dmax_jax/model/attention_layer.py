@@ -4,6 +4,8 @@ Spec §1.2. Two call modes:
 * sequence mode (training, full recompute): the mask comes from ``MaskSpec`` over the sequence;
 * cached mode (block decoding): queries are one block (or the cross-block pair) at absolute
   ``positions``; keys are the valid cache slots plus the block itself, block-causal on positions.
+  On a GPU / TPU target (``platform``) this runs the Pallas decode kernel, which reads only the
+  valid cache slots (``attention_backends/decode.py``); on CPU the dense path (``xla_dense``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dmax_jax.config import ModelConfig
 from dmax_jax.model.attention_backends import attention
 from dmax_jax.model.layers import RMSNorm, apply_rotary, param_with_axes, rotary_cos_sin
 from dmax_jax.model.masks import MaskSpec
+from dmax_jax.platforms import resolve as resolve_platform
 
 
 class Attention(nn.Module):
@@ -24,6 +27,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     backend: str = "xla_dense"
+    platform: str | None = None  # the compile target's (dmax_jax.platforms); None = the host's
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, cache: tuple | None = None):
@@ -50,17 +54,24 @@ class Attention(nn.Module):
         if cache is None:
             o = attention(q, k, v, spec=self.mask, backend=self.backend)
         else:
-            o = _cached_attention(q, k, v, positions, cache, self.mask)
+            o = _cached_attention(q, k, v, positions, cache, self.mask, self.platform)
         out = jnp.einsum("btnd,ndh->bth", o, w_out.astype(self.dtype))
         return out, (k, v)
 
 
-def _cached_attention(q, k, v, positions, cache, spec: MaskSpec):
-    """Block queries against ``cache slots < cache_len`` + the block's own keys (spec §5.3)."""
-    k_cache, v_cache, cache_len = cache
-    b, cap = k_cache.shape[0], k_cache.shape[1]
+def _cached_attention(q, k, v, positions, cache, spec: MaskSpec, platform: str | None = None):
+    """Block queries against ``cache slots < cache_len`` + the block's own keys (spec §5.3).
+    GPU / TPU: the decode kernel (cost follows ``cache_len``, not the cache width); CPU: dense
+    (the reference numerics every CPU test's tokens depend on)."""
     if spec.kind == "noisy_clean":
         raise ValueError("cached attention supports 'block_causal' or 'full' masks, not 'noisy_clean'")
+    target = resolve_platform(platform)
+    if target in ("gpu", "tpu"):  # imported here: CPU runs never load kernel code
+        from dmax_jax.model.attention_backends.decode import decode_kernel_attention  # noqa: PLC0415
+
+        return decode_kernel_attention(q, k, v, positions, cache, spec, platform=target)
+    k_cache, v_cache, cache_len = cache
+    b, cap = k_cache.shape[0], k_cache.shape[1]
     bs = spec.block_length
     slots = jnp.arange(cap, dtype=jnp.int32)[None, :]
     keys_k = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)
