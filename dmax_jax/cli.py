@@ -55,6 +55,8 @@ def check_writable(flag: str, path: str | os.PathLike, *, directory: bool = Fals
     permission check, yet a read-only mount or a parent that is a regular file still fails the
     write — hours later, after the work is done. Creates nothing that stays behind."""
     p = Path(path).absolute()
+    if directory and p.exists() and not p.is_dir():
+        raise OutputPathError(f"{flag} {path} exists and is not a directory")
     blocker = _blocking_file(p if directory else p.parent)
     if blocker is not None:
         raise OutputPathError(f"{flag} {path}: cannot write there: {blocker} is a file, not a directory")

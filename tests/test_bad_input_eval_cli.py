@@ -263,6 +263,8 @@ def test_retry_after_a_run_that_failed_before_its_first_sample(tmp_path, capsys,
 def test_out_directory_problems(tmp_path, capsys, model_dir, fake_model):
     (tmp_path / "file").write_text("x")
     assert_short_error(*run(args(model_dir, tmp_path / "file"), capsys), "exists and is not a directory")
+    assert_short_error(*run(args(model_dir, tmp_path / "file" / "o"), capsys),
+                       f"--out {tmp_path / 'file' / 'o'}: cannot write there: {tmp_path / 'file'} is a file")
     out = tmp_path / "o"
     assert run(args(model_dir, out, "--limit", "2"), capsys)[0] == 0
     lines = (out / SAMPLES_FILE).read_text().splitlines(keepends=True)
@@ -356,8 +358,8 @@ def test_prompts_the_model_cannot_take(tmp_path, capsys, model_dir):
     shutil.copytree(model_dir, small)
     raw = json.loads((small / "config.json").read_text())
     (small / "config.json").write_text(json.dumps({**raw, "vocab_size": 40}))
-    assert_short_error(*run(args(small, tmp_path / "o"), capsys),
-                       "outside the model's vocabulary (vocab_size 40)")
+    assert_short_error(*run(args(small, tmp_path / "o"), capsys),   # found at load, before any prompt
+                       f"--model {small}: the tokenizer has", "vocab_size (config.json) is 40")
 
 
 def test_model_decode_defaults_are_layered_said_and_recorded(tmp_path, capsys, model_dir, fake_model):
