@@ -1,4 +1,4 @@
-"""Attention backends side by side on the OPUT training layout ``[noisy | clean]`` (spec §2.1).
+"""Attention backends side by side on the OPUT training layout ``[noisy | clean]`` (algorithm §2.1).
 
 For each half length L the sequence is 2L tokens, mask ``noisy_clean`` with block 32. Each backend
 runs forward + backward (gradients w.r.t. q, k, v of ``sum(out * w)``) under one ``jax.jit``;

@@ -4,7 +4,7 @@
 
 Both sides run single-threaded (``torch.set_num_threads(1)``; XLA:CPU without its Eigen thread pool —
 this script sets ``XLA_FLAGS`` before importing jax unless you set it), batch 1, float32, greedy,
-block 32, 32 steps per block, τ = 0.95 (the HF defaults, spec §5.5b). The reference is
+block 32, 32 steps per block, τ = 0.95 (the HF defaults, algorithm §5.5b). The reference is
 ``tools/torch_reference`` loaded through ``transformers`` ``trust_remote_code`` exactly as a real
 checkpoint would be (its sampler replaced by argmax: the dFactory copy samples even at temperature
 0). The weights are random (``--hidden`` etc. set the size), written once as an HF directory that

@@ -2,14 +2,14 @@
 
 Why a frozen dataclass plus the raw dict: the typed fields drive the model, while ``raw`` keeps every
 key of the original file (``auto_map``, ``architectures``, unknown extras) so that saving writes the
-config back unchanged (spec §1.1).
+config back unchanged (algorithm §1.1).
 
 Why a strict reader: a config.json that omits a field which changes the numbers must not be completed
 with LLaDA2.0-mini's value (a missing ``rope_theta`` once decoded garbage with exit status 0). A key
 may be absent only if it is in :data:`HF_DEFAULTS`, the defaults of inclusionAI's own
 ``LLaDA2MoeConfig`` / modeling code, i.e. what ``transformers`` would use for that file too; every
 other field the model reads is required (:func:`required_fields`). The dataclass defaults (LLaDA2.0-mini,
-spec §1.1) serve Python construction only (``ModelConfig(...)``, presets).
+algorithm §1.1) serve Python construction only (``ModelConfig(...)``, presets).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 SUPPORTED_MODEL_TYPES = ("llada2_moe", "llada2_moe_veomni")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # parameter / compute dtypes every CLI accepts
 
-# Spec §0: LLaDA2.0-mini special ids (used when neither config nor tokenizer says otherwise).
+# Algorithm §0: LLaDA2.0-mini special ids (used when neither config nor tokenizer says otherwise).
 LLADA2_MASK_ID = 156895
 LLADA2_EOS_ID = 156892
 
@@ -172,7 +172,7 @@ class ModelConfig:
     # ---- derived -------------------------------------------------------------------------------
     @property
     def rope_dim(self) -> int:
-        """Number of leading head dims that are rotated (spec §1.2: int(D * partial_rotary_factor))."""
+        """Number of leading head dims that are rotated (algorithm §1.2: int(D * partial_rotary_factor))."""
         if self.rotary_dim is not None:
             return int(self.rotary_dim)
         return int(self.head_dim * self.partial_rotary_factor)
@@ -189,7 +189,7 @@ class ModelConfig:
 
     @property
     def resolved_mask_token_id(self) -> int:
-        """``mask_token_id``, else the LLaDA2 id 156895 (spec §0) when the vocabulary contains it."""
+        """``mask_token_id``, else the LLaDA2 id 156895 (algorithm §0) when the vocabulary contains it."""
         if self.mask_token_id is not None:
             return int(self.mask_token_id)
         if LLADA2_MASK_ID >= self.vocab_size:
@@ -353,7 +353,7 @@ class ModelConfig:
 
 
 def llada2_mini_config() -> ModelConfig:
-    """LLaDA2.0-mini / DMax-16B shapes (spec §1.1)."""
+    """LLaDA2.0-mini / DMax-16B shapes (algorithm §1.1)."""
     return ModelConfig(model_type="llada2_moe")
 
 

@@ -4,14 +4,14 @@
 
 Stages (each timed; the times go to ``WORK/build_times.json``):
 1. data + tokenizer: ``dmax_jax/demo/configs/base.yaml`` names ``generate:arith_small:N``; the demo's
-   data step writes the train problems (chat rows, spec §5.4 prompt) and trains the task BPE (768
+   data step writes the train problems (chat rows, algorithm §5.4 prompt) and trains the task BPE (768
    tokens, numbers whole) under ``WORK/base/task_data``;
 2. ``base``: block-diffusion masked-diffusion pretraining from a random init (step mode "mdm",
    ``[noisy | clean]`` layout, noise ratio drawn per sequence) → ``ASSETS/base``;
 3. trajectories: ``base`` decodes the first ``--distill-rows`` train questions (threshold decoding,
    τ = 0.95); its own answers replace the gold ones, as DMax's OPUT data are LLaDA2.0-mini's own
-   generations (spec §3) → ``WORK/distill/train.jsonl`` (``--distill-rows 0``: gold answers);
-4. ``dmax``: OPUT fine-tune of ``base`` (step mode "oput", flag-duplicated rows, spec §3-4) on those
+   generations (algorithm §3) → ``WORK/distill/train.jsonl`` (``--distill-rows 0``: gold answers);
+4. ``dmax``: OPUT fine-tune of ``base`` (step mode "oput", flag-duplicated rows, algorithm §3-4) on those
    rows → ``ASSETS/dmax``;
 5. evaluation: ``tools/eval_demo.py`` over the held-out split → ``--results`` (table, json, plot).
 Existing run folders are removed first (a rebuild never resumes a stale run) unless ``--resume``.

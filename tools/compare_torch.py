@@ -9,12 +9,12 @@ The PyTorch side is loaded exactly as users load the checkpoint — ``transforme
 and DMax ship ``"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig"`` and
 ``"AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"``); ours through
 ``dmax_jax.load_pretrained(DIR)``. The torch-side attention masks are built here from the set
-formulas of spec §2 (independently of ``dmax_jax.model.masks``) and passed the way the dFactory
+formulas of algorithm §2 (independently of ``dmax_jax.model.masks``) and passed the way the dFactory
 ``generate`` passes them: a 4-D additive mask (0 / -inf) in the model dtype.
 
 Cases: logits under the ``full``, ``block_causal`` and ``noisy_clean`` masks, logits from
 ``inputs_embeds`` (soft mixtures of token and mask embeddings, as SPD feeds them), and ``llada2``
-decoding (spec §5.5b) token for token. The real dFactory ``generate`` samples multinomially even at
+decoding (algorithm §5.5b) token for token. The real dFactory ``generate`` samples multinomially even at
 temperature 0; when the loaded class does not declare ``greedy_at_zero_temperature`` its sampler is
 replaced by argmax for this comparison (the generate loop itself is left untouched).
 
@@ -44,9 +44,9 @@ from dmax_jax.config import DtypeError, ModelConfigError  # noqa: E402
 from dmax_jax.decoding.config import DecodeConfigError  # noqa: E402
 
 
-# ---- spec §2 masks and positions, written from the set formulas ---------------------------------
+# ---- algorithm §2 masks and positions, written from the set formulas ---------------------------------
 def allowed_matrix(kind: str, length: int, block: int) -> np.ndarray:
-    """``[length, length]`` bool, True where query q may attend key k (spec §2.1 / §2.2)."""
+    """``[length, length]`` bool, True where query q may attend key k (algorithm §2.1 / §2.2)."""
     j = np.arange(length)
     if kind == "full":
         return np.ones((length, length), bool)
@@ -69,7 +69,7 @@ def allowed_matrix(kind: str, length: int, block: int) -> np.ndarray:
 
 
 def positions_for(kind: str, length: int) -> np.ndarray:
-    """Absolute positions; the two halves of ``noisy_clean`` both use ``0..L-1`` (spec §2.1)."""
+    """Absolute positions; the two halves of ``noisy_clean`` both use ``0..L-1`` (algorithm §2.1)."""
     if kind == "noisy_clean":
         return np.concatenate([np.arange(length // 2), np.arange(length // 2)])
     return np.arange(length)
@@ -143,7 +143,7 @@ def logits_cases(pre, model, args, tol: float) -> list[dict[str, Any]]:
     dev = next(model.parameters()).device
     tdt = next(model.parameters()).dtype
     ids = random_ids(rng, (args.batch, args.seq_len), vocab, [mask_id])
-    noisy = np.where(rng.random(ids.shape) < 0.5, mask_id, ids)  # masked diffusion input, spec §3
+    noisy = np.where(rng.random(ids.shape) < 0.5, mask_id, ids)  # masked diffusion input, algorithm §3
     table = model.get_input_embeddings().weight.detach().to(torch.float32).cpu().numpy()
     p = rng.random((args.batch, args.seq_len, 1)).astype(np.float32)
     soft = torch.from_numpy(p * table[ids] + (1 - p) * table[mask_id]).to(tdt)  # SPD-like soft inputs

@@ -5,7 +5,7 @@ Usage: ``python tools/make_task_data.py --out data/arith [--task arith_small --n
 Output (byte-identical for the same arguments): ``OUT/train.jsonl``, ``OUT/test.jsonl`` (rows
 ``{"question", "answer"}``, answers end with ``#### N``) and ``OUT/tokenizer/`` (load it with
 ``transformers.AutoTokenizer.from_pretrained``). Prints prompt/answer token-length statistics under
-the chat template and the spec §5.4 GSM8K prompt, so the demo's sequence length can be checked.
+the chat template and the algorithm §5.4 GSM8K prompt, so the demo's sequence length can be checked.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The one table between HF tensor names (spec §1.3) and our parameter tree (docs/internals.md).
+"""The one table between HF tensor names (algorithm §1.3) and our parameter tree (docs/internals.md).
 
 Each ``Rule`` names an HF tensor template, our leaf path and a ``Layout``: HF tensor → reshape to
 ``pre`` → transpose by ``perm`` gives our slice. Saving runs the same layout backwards, so the two

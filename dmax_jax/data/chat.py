@@ -1,6 +1,6 @@
 """Tokenizer loading, the chat template, and the special ids (MASK / EOS / PAD).
 
-Why one module: training data (spec §3), decoding prompts and evaluation must all build text and ids
+Why one module: training data (algorithm §3), decoding prompts and evaluation must all build text and ids
 exactly the same way as the reference — ``apply_chat_template(..., tokenize=False)`` followed by a
 plain ``tok(text, add_special_tokens=False)`` — and must agree on which ids mean MASK, EOS and PAD.
 """
@@ -101,7 +101,7 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 def apply_chat_template(tokenizer: Any, messages: Messages, add_generation_prompt: bool = False) -> list[int]:
     """Token ids of the chat template of ``messages``: render with ``tokenize=False`` then ``encode``.
 
-    Two steps (not ``tokenize=True``) because that is what the reference does (spec §3 step 1): the
+    Two steps (not ``tokenize=True``) because that is what the reference does (algorithm §3 step 1): the
     template text is tokenized as one string with ``add_special_tokens=False``.
     """
     return encode(tokenizer, chat_text(tokenizer, messages, add_generation_prompt))
@@ -138,7 +138,7 @@ def resolve_special_ids(config: ModelConfig | None, tokenizer: Any | None, *,
     """MASK / EOS / PAD ids: the config's ``mask_token_id`` / ``eos_token_id`` / ``pad_token_id`` first,
     then the tokenizer's mask / eos / pad tokens.
 
-    The LLaDA2 MASK default (156895, spec §0) is used only when neither source names a mask but the
+    The LLaDA2 MASK default (156895, algorithm §0) is used only when neither source names a mask but the
     tokenizer's vocabulary actually reaches that id (a LLaDA2-sized tokenizer) — never for a tokenizer
     that could not contain it. With ``strict`` a config id that disagrees with the tokenizer's raises,
     since one of the two is then wrong and the model would learn the wrong token.

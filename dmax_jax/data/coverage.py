@@ -1,6 +1,6 @@
 """How many training rows keep at least one answer token after truncation to ``data.max_length``.
 
-Why before training: the loss covers only positions after the prompt (spec §3), so a row whose
+Why before training: the loss covers only positions after the prompt (algorithm §3), so a row whose
 prompt alone fills ``max_length`` teaches nothing. If every row is like that the run trains on zero
 answer tokens and reports "final loss 0.0000" — a success that is not one. Counting costs one
 batched tokenization of the prompts (not of the answers) when the data is built.

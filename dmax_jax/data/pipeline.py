@@ -1,5 +1,5 @@
 """Training data pipeline: files → validated rows → (OPUT duplication) → per-epoch shuffle → shard by
-process → spec §3 transform → batch → prefetch, on grain's ``MapDataset`` index arithmetic.
+process → algorithm §3 transform → batch → prefetch, on grain's ``MapDataset`` index arithmetic.
 
 Why index arithmetic: every element is addressed by a global position ``i``; its epoch is
 ``i // units_per_epoch`` and its example index comes from a seeded per-epoch permutation. Nothing
@@ -7,7 +7,7 @@ depends on workers or hosts, so process ``p`` of ``P`` taking positions ``p, p+P
 global batches of one process with ``P`` times the batch, and the iterator state (a position) resumes
 exactly. Each epoch is trimmed to whole global batches (the reference's ``drop_last``).
 
-Example indices: ``k`` in ``[0, num_examples)``. With ``oput_duplicate`` (spec §3 "Dataset build")
+Example indices: ``k`` in ``[0, num_examples)``. With ``oput_duplicate`` (algorithm §3 "Dataset build")
 ``k < N`` is row ``k`` with flag True and ``k >= N`` row ``k - N`` with flag False; otherwise ``k`` is
 row ``k`` with the row's own ``"flag"`` (or ``default_flag``).
 """

@@ -2,7 +2,7 @@
 
 Why: the real LLaDA2 tokenizer cannot be downloaded here, but every code path must load tokenizers
 exactly as it loads the real ones (``transformers.AutoTokenizer`` from a directory). The special-token
-layout and the chat template mimic LLaDA2/Ling (spec §3): ``<role>HUMAN</role>…<|role_end|>``.
+layout and the chat template mimic LLaDA2/Ling (algorithm §3): ``<role>HUMAN</role>…<|role_end|>``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Spec §3 per-example transform: messages → clean ids, labels, noisy ids, OPUT flag.
+"""Algorithm §3 per-example transform: messages → clean ids, labels, noisy ids, OPUT flag.
 
 Why the noise is keyed, not drawn from grain's per-worker rng: the random bits of an example must be
 a function of ``(seed, example_index, epoch)`` only, so that the batch a step sees does not depend on
@@ -72,7 +72,7 @@ def row_messages(row: Any, mask_text: str | None = None) -> list[dict[str, str]]
 
 def tokenize_example(tokenizer: Any, messages: Sequence[Mapping[str, str]], max_length: int,
                      pad_id: int) -> tuple[np.ndarray, int]:
-    """Spec §3 step 1: the full conversation's ids, right-truncated / right-padded with PAD to
+    """Algorithm §3 step 1: the full conversation's ids, right-truncated / right-padded with PAD to
     ``max_length``, and the prompt length (tokens of the prompt rendered with a generation prompt)."""
     full = chat_text(tokenizer, messages, add_generation_prompt=False)
     prompt = chat_text(tokenizer, messages[:-1], add_generation_prompt=True)
@@ -86,7 +86,7 @@ def tokenize_example(tokenizer: Any, messages: Sequence[Mapping[str, str]], max_
 def noise_example(input_ids: np.ndarray, prompt_length: int, rng: np.random.Generator, *,
                   noise_low: float, noise_high: float, special: SpecialIds,
                   eos_keep: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Spec §3 steps 2–5: ``(labels, noisy_input_ids)`` from clean ids (draw order: module docstring).
+    """Algorithm §3 steps 2–5: ``(labels, noisy_input_ids)`` from clean ids (draw order: module docstring).
 
     Labels keep every response position, masked or not (step 4); of the trailing PAD/EOS run only the
     first ``eos_keep`` positions keep loss (``eos_keep`` = the block size, 32, in the reference).

@@ -4,7 +4,7 @@ Why here and not in the training library: training reads files and never imports
 (``train.py``, ``tools/build_demo.py``, the quick demo) calls :func:`materialize` before ``train`` for a
 config that asks for generated demo data. ``generate:arith[:N]`` (or ``generate:arith_varied[:N]``,
 several wordings per solution step; ``generate:arith_small[:N]``, varied wordings over small numbers,
-the shipped demo's task) writes N (default 2000) train problems as chat rows (user turn = the spec §5.4
+the shipped demo's task) writes N (default 2000) train problems as chat rows (user turn = the algorithm §5.4
 GSM8K prompt, as the demo evaluates) plus the task tokenizer (640 tokens, 768 with whole numbers).
 """
 

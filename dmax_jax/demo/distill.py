@@ -1,4 +1,4 @@
-"""Self-distilled OPUT data (spec §3: DMax's answers are the base model's own generations).
+"""Self-distilled OPUT data (algorithm §3: DMax's answers are the base model's own generations).
 
 Why: DMax's OPUT data are LLaDA2.0-mini's own generations, not gold answers, so the fine-tune sharpens
 the base model's own distribution. ``tools/build_demo.py`` and the quick demo both make their OPUT data

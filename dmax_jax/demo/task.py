@@ -3,7 +3,7 @@
 Why: the demo trains a ~1-3M-parameter LLaDA2-MoE from scratch in CPU minutes, then shows OPUT + SPD
 decoding it faster than threshold decoding at equal accuracy. Real GSM8K is far beyond such a model,
 so this module generates problems with the same *shape* (short story, 2-3 arithmetic steps, one line
-per step, ``#### N`` final line, spec §5.4 prompt) over a small vocabulary and small integers.
+per step, ``#### N`` final line, algorithm §5.4 prompt) over a small vocabulary and small integers.
 
 Guarantees (tested in ``tests/test_tasks.py``):
 - deterministic: the same ``(n, seed, split)`` gives the same problems on every machine (seeded
@@ -177,7 +177,7 @@ def generate_problems(n: int, seed: int = 0, split: str = "train", phrasing: str
 
 
 def gsm8k_prompt(question: str) -> str:
-    """The zero-shot GSM8K prompt of spec §5.4 (sent as the user turn of the chat template)."""
+    """The zero-shot GSM8K prompt of algorithm §5.4 (sent as the user turn of the chat template)."""
     return GSM8K_PROMPT.format(question=question)
 
 

@@ -1,7 +1,7 @@
 """The demo tokenizer: BPE trained on the arithmetic task, plus sequence-length accounting.
 
 Why: with a generic byte-level vocabulary every word would cost several tokens and the demo's
-prompt + answer would not fit its 128-token budget. Training ``build_tokenizer`` (spec §3 special
+prompt + answer would not fit its 128-token budget. Training ``build_tokenizer`` (algorithm §3 special
 tokens, eos = pad = 1, mask = 2, LLaDA2 chat template) on the task's own train text makes every word
 one piece. Numbers are one token per digit, or (scales with ``whole_numbers``) one token each: the
 build then checks that every number of the corpus became a single piece.
@@ -76,7 +76,7 @@ def _check_whole_numbers(out_dir: str | os.PathLike, corpus: Sequence[str], voca
 
 
 def prompt_ids(tokenizer: Any, question: str) -> list[int]:
-    """Token ids of the chat-templated GSM8K prompt, ending with the assistant header (spec §5.4)."""
+    """Token ids of the chat-templated GSM8K prompt, ending with the assistant header (algorithm §5.4)."""
     messages = [{"role": "user", "content": gsm8k_prompt(question)}]
     return _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 

@@ -1,6 +1,6 @@
 """``python -m dmax_jax.eval --model DIR --benchmark gsm8k --data PATH --out DIR``.
 
-Defaults follow the reference eval scripts (spec §5.4): SPD, block 32, gen length 2048, τ_acc 0.9,
+Defaults follow the reference eval scripts (algorithm §5.4): SPD, block 32, gen length 2048, τ_acc 0.9,
 greedy, zero-shot with the chat template, τ_dec 0.5 for math and 0.65 for code unless ``--threshold``;
 a model directory's ``dmax_decode.json`` (the shipped demo models have one) overrides them, flags
 override both, and the command says on stderr which of the file's values it used.
@@ -43,7 +43,7 @@ from dmax_jax.eval.harness import (
 )
 
 PROG = "python -m dmax_jax.eval"
-# The reference eval scripts' decode settings (spec §5.4); τ_dec comes from the benchmark.
+# The reference eval scripts' decode settings (algorithm §5.4); τ_dec comes from the benchmark.
 EVAL_DEFAULTS = DecodeConfig(gen_length=2048, dtype="bfloat16")
 # Errors that mean "bad input": printed as one line with exit status 2.
 INPUT_ERRORS = (EvalError, ModelConfigError, DtypeError, CheckpointError, ModelDefaultsError, OutputPathError,
@@ -125,7 +125,7 @@ def check_prompt_ids(prompts: list[list[int]], mask_id: int, vocab_size: int, da
 
 def check_fits(prompt_lens: list[int], cfg: DecodeConfig, max_positions: int, origin: str,
                data: str) -> None:
-    """Every prompt + ``gen_length`` (rounded up to the block, spec §5.1) must fit the model's
+    """Every prompt + ``gen_length`` (rounded up to the block, algorithm §5.1) must fit the model's
     ``max_position_embeddings``; otherwise one line naming the flag and the largest value that fits."""
     longest = max(range(len(prompt_lens)), key=prompt_lens.__getitem__)
     P, B, G = prompt_lens[longest], cfg.block_length, cfg.gen_length

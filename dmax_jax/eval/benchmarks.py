@@ -1,4 +1,4 @@
-"""Benchmark definitions: load rows, build the zero-shot user message, score a response (spec §5.4).
+"""Benchmark definitions: load rows, build the zero-shot user message, score a response (algorithm §5.4).
 
 Each benchmark reads a local jsonl (``.jsonl`` or ``.jsonl.gz``; no hub downloads at run time) and
 checks every row up front, so a malformed row fails before any decoding with ``file:line``.
@@ -32,7 +32,7 @@ class EvalError(ValueError):
 class EvalDataNotFoundError(EvalError, FileNotFoundError):
     """The benchmark's data file is absent."""
 
-# Spec §5.4: τ_dec of the reference eval scripts per benchmark family.
+# Algorithm §5.4: τ_dec of the reference eval scripts per benchmark family.
 MATH_THRESHOLD, CODE_THRESHOLD = 0.5, 0.65
 
 

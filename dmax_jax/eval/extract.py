@@ -1,4 +1,4 @@
-"""Answer extraction and canonicalisation for the math benchmarks (spec §5.4).
+"""Answer extraction and canonicalisation for the math benchmarks (algorithm §5.4).
 
 Why this shape: the reference scores GSM8K/ASDIV with ``val_gsm8k.py``-style rules, not lm-eval's
 regexes: collect candidate answers from a response (``#### N``, ``Answer:``, ``Final Answer:``,

@@ -5,7 +5,7 @@ to ``samples.jsonl`` so an interrupted run continues where it stopped. A truncat
 mid-write) is dropped and the file rewritten; any other corrupt line is an error. ``run_config.json``
 pins benchmark, chat mode and decode config so a resume never mixes two configurations.
 
-Accounting (spec §6): per sample ``tpf = tokens_ref / nfe`` (non-EOS generated tokens over all
+Accounting (algorithm §6): per sample ``tpf = tokens_ref / nfe`` (non-EOS generated tokens over all
 forwards incl. prefill); reported TPF is the **mean of per-sample ratios**. TPS is the mean of
 per-sample ``tokens_ref / seconds`` where ``seconds`` is the wall time of the ``generate`` call that
 produced the sample (the reference runs batch 1; with larger batches this is per-sequence speed,

@@ -1,6 +1,6 @@
 """The LLaDA2 attention layer: fused QKV → per-head QK RMSNorm → partial RoPE → GQA attention → dense.
 
-Spec §1.2. Two call modes:
+Algorithm §1.2. Two call modes:
 * sequence mode (training, full recompute): the mask comes from ``MaskSpec`` over the sequence;
 * cached mode (block decoding): queries are one block (or the cross-block pair) at absolute
   ``positions``; keys are the valid cache slots plus the block itself, block-causal on positions.
@@ -60,7 +60,7 @@ class Attention(nn.Module):
 
 
 def _cached_attention(q, k, v, positions, cache, spec: MaskSpec, platform: str | None = None):
-    """Block queries against ``cache slots < cache_len`` + the block's own keys (spec §5.3).
+    """Block queries against ``cache slots < cache_len`` + the block's own keys (algorithm §5.3).
     GPU / TPU: the decode kernel (cost follows ``cache_len``, not the cache width); CPU: dense
     (the reference numerics every CPU test's tokens depend on)."""
     if spec.kind == "noisy_clean":

@@ -1,7 +1,7 @@
 """Routed-expert compute: the gated expert MLP written once over interchangeable grouped matmuls.
 
 Every path computes ``sum_k w[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` for the K experts
-``e = idx[t, k]`` the router chose (spec §1.2 "MoE FFN"); the combine runs in float32. The
+``e = idx[t, k]`` the router chose (algorithm §1.2 "MoE FFN"); the combine runs in float32. The
 grouped paths sort the ``N * K`` assignments by expert so that each expert's rows are contiguous
 (``sizes[e]`` rows for expert e) and run one grouped matmul per projection (``grouped_mlp``).
 

@@ -1,4 +1,4 @@
-"""Fixed-capacity KV cache for block decoding (spec §5.3).
+"""Fixed-capacity KV cache for block decoding (algorithm §5.3).
 
 Slot i holds absolute position i. ``length[b]`` counts the valid slots of row b; attention hides the
 rest, so a cache can be allocated once per (prompt, generation) bucket and never reshaped — the
@@ -33,7 +33,7 @@ class KVCache:
         """Store a block's K/V (``[layers, batch, block, kv_heads, head_dim]`` per stack) at its
         positions (``[batch, block]``, contiguous per row) and advance ``length`` past its first
         ``valid_tokens`` tokens (all by default). The cross-block step commits only the previous block
-        (spec §5.2): its current-block K/V land in slots beyond ``length`` and stay invisible."""
+        (algorithm §5.2): its current-block K/V land in slots beyond ``length`` and stay invisible."""
         start = positions[:, 0]
         n_valid = positions.shape[1] if valid_tokens is None else valid_tokens
 

@@ -1,6 +1,6 @@
 """Small building blocks of LLaDA2-MoE: RMSNorm, partial neox RoPE, the gated SiLU MLP.
 
-Dtype policy (spec §1.2, §7.11): RMSNorm normalises in float32, casts back to the activation dtype
+Dtype policy (algorithm §1.2, §7.11): RMSNorm normalises in float32, casts back to the activation dtype
 and only *then* multiplies by the weight (dFactory/HF order); RoPE angles are float32, cos/sin are
 cast to the activation dtype.
 """

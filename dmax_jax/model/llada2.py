@@ -1,6 +1,6 @@
 """The LLaDA2-MoE stack: embed (ids or embeddings) → scanned decoder layers → final norm → lm_head.
 
-Spec §1. The first ``first_k_dense_replace`` layers (dense FFN) and the remaining MoE layers are two
+Algorithm §1. The first ``first_k_dense_replace`` layers (dense FFN) and the remaining MoE layers are two
 ``nn.scan`` stacks with stacked parameters, so compile time stays flat in depth. The model is pure:
 params in, float32 logits out; an optional ``KVCache`` turns it into the block-decoding forward.
 """
@@ -40,7 +40,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, h, positions, layer_cache, cache_len):
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         cache = None if layer_cache is None else (*layer_cache, cache_len)
-        a, kv = Attention(cfg, self.mask, dt, pdt, self.attention_backend, name="attention")(
+        a, kv = Attention(cfg, self.mask, dt, pdt, self.attention_backend, self.platform, name="attention")(
             RMSNorm(cfg.rms_norm_eps, dt, pdt, "norm", name="input_norm")(h), positions, cache)
         h = h + a
         u = RMSNorm(cfg.rms_norm_eps, dt, pdt, "norm", name="post_norm")(h)

@@ -1,11 +1,11 @@
-"""Block-diffusion attention masks as functions of token indices (spec §2).
+"""Block-diffusion attention masks as functions of token indices (algorithm §2).
 
 Every token carries two facts: its block id ``blk = position // block_length`` and whether it is a
 *clean* token (``is_clean``). One rule then covers both layouts:
 
-* training ``[noisy | clean]`` (spec §2.1): noisy half has ``is_clean=False``, clean half ``True``,
+* training ``[noisy | clean]`` (algorithm §2.1): noisy half has ``is_clean=False``, clean half ``True``,
   and both halves share position ids ``0..L-1`` so ``blk`` is the same formula on both halves;
-* inference ``block_causal`` (spec §2.2): every token is clean, and the rule reduces to
+* inference ``block_causal`` (algorithm §2.2): every token is clean, and the rule reduces to
   ``blk(k) <= blk(q)``.
 
 A query q may attend a key k iff
@@ -70,7 +70,7 @@ def layout_indices(spec: MaskSpec, length: int, xp=np):
 
 
 def default_positions(spec: MaskSpec, length: int, xp=jnp):
-    """Position ids: ``0..T-1``, or ``[0..L-1, 0..L-1]`` for the training layout (spec §2.1)."""
+    """Position ids: ``0..T-1``, or ``[0..L-1, 0..L-1]`` for the training layout (algorithm §2.1)."""
     if spec.kind == "noisy_clean":
         half = length // 2
         return xp.concatenate([xp.arange(half), xp.arange(half)]).astype(np.int32)

@@ -1,6 +1,6 @@
 """LLaDA2 mixture of experts: route, then the routed experts (``experts.py``), plus the shared expert.
 
-Router (spec §1.2 "MoE FFN"): float32 sigmoid scores; ``expert_bias`` only changes *which* experts
+Router (algorithm §1.2 "MoE FFN"): float32 sigmoid scores; ``expert_bias`` only changes *which* experts
 are chosen (group-limited top-k on biased scores), the combine weights use the unbiased scores,
 normalised over the chosen K and scaled by ``routed_scaling_factor``. ``impl`` is the MoE switch
 ``moe_impl`` (``experts.MOE_IMPLS``), resolved for ``platform`` (the compile target's; None = the

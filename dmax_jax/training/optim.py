@@ -1,4 +1,4 @@
-"""The optimizer of spec §4: global-norm clip → AdamW(warmup + cosine), ``expert_bias`` frozen.
+"""The optimizer of algorithm §4: global-norm clip → AdamW(warmup + cosine), ``expert_bias`` frozen.
 
 Chain: ``clip_by_global_norm(max_grad_norm)`` → ``adamw`` (wrapped in ``inject_hyperparams`` so the
 learning rate of the latest update sits in the state, where ``train_step`` reads it for its metrics)
@@ -10,7 +10,7 @@ Gradient accumulation (``grad_accum_steps = k > 1``) is ``optax.MultiSteps``: ``
 called once per micro-batch and the inner chain runs every k-th call on the *mean* of the k micro
 gradients, so clipping sees the accumulated gradient (as torch does). Because each micro-batch loss
 is a mean over its sequences, the mean over k equal-size micro-batches equals the big-batch loss
-(spec §4 step 3: mean over sequences of per-sequence token means) — exactly, as long as every
+(algorithm §4 step 3: mean over sequences of per-sequence token means) — exactly, as long as every
 micro-batch has the same number of sequences with at least one label (rows without labels are rare:
 the prompt must fill the whole sequence). ``total_steps`` counts optimizer updates, not micro-batches.
 """
@@ -68,7 +68,7 @@ class OptimConfig:
 
 
 def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
-    """Spec §4: ``lr·step/warm`` for ``step < warm = int(warmup_ratio·total)`` (linear from 0), then
+    """Algorithm §4: ``lr·step/warm`` for ``step < warm = int(warmup_ratio·total)`` (linear from 0), then
     ``lr·[(1−r)·½(1+cos(π·p)) + r]``, ``p = (step−warm)/(total−warm)`` clipped to [0, 1],
     ``r = min_lr_ratio``. ``step`` = number of optimizer updates already applied (the first update
     uses ``step = 0``, as torch's LambdaLR does)."""
@@ -94,7 +94,7 @@ def frozen_mask(params) -> dict:
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """The spec §4 optimizer (see module docstring); MultiSteps-wrapped when ``grad_accum_steps > 1``."""
+    """The algorithm §4 optimizer (see module docstring); MultiSteps-wrapped when ``grad_accum_steps > 1``."""
     adamw = optax.inject_hyperparams(optax.adamw)(
         learning_rate=lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     chain = optax.chain(

@@ -1,6 +1,6 @@
-"""The On-Policy Uniform Training step (spec §4): rollout → loss forward → clipped AdamW update.
+"""The On-Policy Uniform Training step (algorithm §4): rollout → loss forward → clipped AdamW update.
 
-Layout (spec §2.1): every row is ``[noisy | clean]`` of length 2L with positions ``[0..L-1, 0..L-1]``
+Layout (algorithm §2.1): every row is ``[noisy | clean]`` of length 2L with positions ``[0..L-1, 0..L-1]``
 and the ``noisy_clean`` block mask. Per row:
 
 1. rollout (``mode="oput"`` only, no gradient): one forward; for rows with ``flag`` every MASK token of
@@ -42,7 +42,7 @@ REQUIRED_KEYS = ("input_ids", "noisy_input_ids", "labels", "flag")
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """``mode``: "oput" (rollout, spec §4) or "mdm" (plain masked diffusion, flag ignored);
+    """``mode``: "oput" (rollout, algorithm §4) or "mdm" (plain masked diffusion, flag ignored);
     ``mask_id``: the MASK token id the rollout fills."""
 
     mask_id: int
@@ -105,7 +105,7 @@ def _logits(params, model_config: ModelConfig, step_cfg: StepConfig, noisy, clea
 
 
 def oput_rollout(params, model_config: ModelConfig, step_cfg: StepConfig, batch: Mapping[str, jax.Array]):
-    """Spec §4 step 2: noisy ids ``[batch, L]`` after the on-policy rollout (no gradient)."""
+    """Algorithm §4 step 2: noisy ids ``[batch, L]`` after the on-policy rollout (no gradient)."""
     _check_batch(batch, model_config, step_cfg)
     noisy, clean = batch["noisy_input_ids"], batch["input_ids"]
     logits = _logits(jax.lax.stop_gradient(params), model_config, step_cfg, noisy, clean, remat=None)
@@ -127,7 +127,7 @@ def sequence_losses(logits: jax.Array, labels: jax.Array):
 
 
 def loss_fn(params, model_config: ModelConfig, step_cfg: StepConfig, batch: Mapping[str, jax.Array]):
-    """Spec §4 step 3 on ``batch['noisy_input_ids']`` as given (the rollout, if any, already applied).
+    """Algorithm §4 step 3 on ``batch['noisy_input_ids']`` as given (the rollout, if any, already applied).
     Returns ``(loss, aux)`` with aux ``{"tokens", "valid_sequences", "sequence_loss" [B]}``."""
     _check_batch(batch, model_config, step_cfg)
     logits = _logits(params, model_config, step_cfg, batch["noisy_input_ids"], batch["input_ids"],

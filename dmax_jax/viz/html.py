@@ -1,6 +1,6 @@
 """Decode trace → one self-contained HTML page (issue 6).
 
-Why: Soft Parallel Decoding (spec §5.2) fills a block in a few forwards, keeps decoded tokens *soft*
+Why: Soft Parallel Decoding (algorithm §5.2) fills a block in a few forwards, keeps decoded tokens *soft*
 (re-decodable) and revises them; the numbers (NFE, TPF) do not show *how* a block converged. The page
 shows every step of every block as a row of token chips: masked, soft (shaded by confidence), committed,
 revised (previous token on hover) and prompt-tail tokens, plus a scrubber that replays the steps.
@@ -179,7 +179,7 @@ def _render_block(steps: list[dict[str, Any]], first_index: int, tr: Mapping[str
     """A block section; also returns its final generated (token, confidence) pairs and revision count."""
     mask_id, eos_id, blen = int(tr["mask_id"]), int(tr["eos_id"]), int(tr["block_length"])
     b, start = int(steps[0]["block"]), int(steps[0]["block_start"])
-    # Before its first step every non-prompt position of a block is [MASK] (spec §5.2).
+    # Before its first step every non-prompt position of a block is [MASK] (algorithm §5.2).
     prev = [int(t) if s == "prompt" else mask_id for t, s in zip(steps[0]["tokens"], steps[0]["state"])]
     rows = []
     for k, st in enumerate(steps):

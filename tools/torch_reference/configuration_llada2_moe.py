@@ -3,7 +3,7 @@
 Why it exists: the real checkpoint's remote code cannot be downloaded here, so the parity tests
 place this file (and ``modeling_llada2_moe.py``) into a temporary HF directory with an ``auto_map``
 and load it through ``transformers`` exactly as a real checkpoint would be loaded. Field names and
-defaults follow the LLaDA2.0-mini ``config.json`` (spec §1.1). These defaults are NOT those of
+defaults follow the LLaDA2.0-mini ``config.json`` (algorithm §1.1). These defaults are NOT those of
 inclusionAI's own remote-code class (there e.g. ``rope_theta=10000``, ``rms_norm_eps=1e-5``,
 ``use_bias=True``); the tests always write complete config.json files, and ``dmax_jax.config`` reads
 a config.json strictly (required fields, ``HF_DEFAULTS`` = inclusionAI's defaults only).
@@ -15,7 +15,7 @@ from transformers import PretrainedConfig
 
 
 class LLaDA2MoeConfig(PretrainedConfig):
-    """Hyper-parameters of LLaDA2-MoE (defaults = LLaDA2.0-mini, spec §1.1)."""
+    """Hyper-parameters of LLaDA2-MoE (defaults = LLaDA2.0-mini, algorithm §1.1)."""
 
     model_type = "llada2_moe"
     keys_to_ignore_at_inference = ["past_key_values"]

@@ -6,14 +6,14 @@ form (``auto_map`` → ``modeling_llada2_moe.LLaDA2MoeModelLM``), so that ``tool
 exercises the same loading path as a real checkpoint. It favours plainness over speed: experts run in
 a Python loop, attention is materialised, nothing is cached.
 
-Parameter names are the HF split-expert names of spec §1.3 (``model.word_embeddings.weight``,
+Parameter names are the HF split-expert names of algorithm §1.3 (``model.word_embeddings.weight``,
 ``model.layers.{i}.attention.query_key_value.weight``, ``...mlp.experts.{e}.gate_proj.weight``, …).
 
 ``attention_mask``: ``None`` = bidirectional; a boolean tensor (True = may attend) of shape
 ``[B, Tk]``, ``[B, Tq, Tk]`` or ``[B, 1, Tq, Tk]``; or a floating 4-D *additive* mask (0 / -inf),
 which is what the dFactory ``generate`` passes (``log`` of a 0/1 block mask).
 
-``generate`` follows spec §5.5(b) literally, with one deliberate difference: at ``temperature == 0``
+``generate`` follows algorithm §5.5(b) literally, with one deliberate difference: at ``temperature == 0``
 it takes the argmax (the dFactory copy samples multinomially even at temperature 0).
 """
 
@@ -124,7 +124,7 @@ class LLaDA2MoeAttention(nn.Module):
 
 
 class LLaDA2MoeGate(nn.Module):
-    """Router: fp32 sigmoid scores; ``expert_bias`` only steers selection (spec §1.2 MoE 1–3)."""
+    """Router: fp32 sigmoid scores; ``expert_bias`` only steers selection (algorithm §1.2 MoE 1–3)."""
 
     def __init__(self, config: LLaDA2MoeConfig) -> None:
         super().__init__()
@@ -294,7 +294,7 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
             return (logits,)
         return CausalLMOutputWithPast(logits=logits)
 
-    # ---- spec §5.5(b): the dFactory HF generate --------------------------------------------------
+    # ---- algorithm §5.5(b): the dFactory HF generate --------------------------------------------------
     @staticmethod
     def _get_num_transfer_tokens(block_length: int, steps: int) -> torch.Tensor:
         """``block // steps`` tokens per step, one more for the first ``block % steps`` steps."""
@@ -332,7 +332,7 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
                  top_p: float | None = None, top_k: int | None = None, eos_early_stop: bool = False,
                  minimal_topk: int = 1, threshold: float = 0.95,
                  eos_id: int = 156892, mask_id: int = 156895) -> torch.Tensor:
-        """Block-wise refinement without a cache (spec §5.5b); batch 1 like the reference.
+        """Block-wise refinement without a cache (algorithm §5.5b); batch 1 like the reference.
 
         Returns ``[1, n]``: the generated tokens up to and including the first EOS (or ``gen_length``).
         ``eos_early_stop`` is accepted for signature compatibility; the block-level EOS stop always applies.
@@ -349,7 +349,7 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
         n_blocks = -(-(p + gen_length) // block_length)
         total = n_blocks * block_length
         blk = torch.arange(total, device=dev) // block_length
-        allowed = blk[None, :] <= blk[:, None]  # spec §2.2: key block <= query block
+        allowed = blk[None, :] <= blk[:, None]  # algorithm §2.2: key block <= query block
         x = torch.full((1, total), mask_id, dtype=torch.long, device=dev)
         x[:, :p] = prompt
         sched = self._get_num_transfer_tokens(block_length, steps)
