@@ -9,6 +9,7 @@ topology (``dmax_jax.aot``). A CPU host compiling for an H200 must build the pro
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -65,3 +66,35 @@ def resolve(platform: str | None) -> str:
     """``platform`` normalized; None means the host's default backend (eager callers only:
     program builders pass ``platform_of`` their arguments)."""
     return normalize(jax.default_backend() if platform is None else platform)
+
+
+def mesh_of(tree: Any):
+    """The one multi-device ``Mesh`` the leaves of ``tree`` are ``NamedSharding``-ed over, or None
+    (single device, unsharded leaves)."""
+    meshes = {leaf.sharding.mesh for leaf in jax.tree.leaves(tree)
+              if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding)}
+    meshes = {m for m in meshes if m.size > 1}
+    if len(meshes) > 1:
+        raise PlatformError(f"one program's arguments are sharded over {len(meshes)} different meshes")
+    return meshes.pop() if meshes else None
+
+
+def mesh_context(tree: Any):
+    """Trace a program over ``tree`` (its parameters) inside their mesh: kernel calls then run per
+    shard (``model.partitioned``) — XLA cannot partition a Pallas kernel's custom call."""
+    mesh = mesh_of(tree)
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def in_mesh_of(tree: Any, fn):
+    """``fn`` traced inside ``mesh_context(tree)`` (wrap the function a program jits)."""
+    import functools  # noqa: PLC0415
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with mesh_context(tree):
+            return fn(*args, **kwargs)
+
+    return traced
