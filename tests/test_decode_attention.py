@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -185,3 +186,20 @@ def test_triton_kernel_compiles_for_h200_deviceless():
     pytest.importorskip("jax_cuda12_plugin", reason="needs jax[cuda12] for the deviceless GPU compiler")
     hlo = _compile_hlo("gpu")
     assert "__gpu$xla.gpu.triton" in hlo and "decode_attention_gpu" in hlo
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+def test_model_adapter_per_shard_under_a_mesh(batch):
+    """Under a mesh the kernel runs in shard_map: rows over ``data`` when the batch divides it
+    (else whole on every device), kv heads over ``tensor``; the result is the dense one."""
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 (fake) devices")
+    mesh = jax.make_mesh((2, 1, 1, 2), ("data", "fsdp", "expert", "tensor"), devices=jax.devices()[:4],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4)  # as the model's meshes
+    case = (batch, 8, 4, 2, 16, 32, 8, (32, 9, 0)[:batch], "block_causal", None, None)
+    q, kc, vc, lens, kn, vn, positions, spec = _inputs(case, seed=3)
+    dense = _cached_attention(q, kn, vn, positions, (kc, vc, lens), spec, "cpu")
+    fn = jax.jit(lambda *a: decode_kernel_attention(*a[:4], a[4:], spec, platform="tpu", interpret=True))
+    with jax.set_mesh(mesh):
+        out = fn(q, kn, vn, positions, kc, vc, lens)
+    _close(out, dense, "float32", f"batch {batch}")
