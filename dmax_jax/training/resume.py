@@ -30,7 +30,10 @@ UNREADABLE_DIR, SET_ASIDE_DIR = "checkpoints_unreadable", "checkpoints_set_aside
 
 
 def _why(e: BaseException) -> str:
-    """One line: the error's type and its first line, cut short (readers' messages run long)."""
+    """One line: the error's type and its first line, cut short (readers' messages run long); the
+    reader's own error rather than ``restore``'s wrapper, whose guess (a changed model) misleads here."""
+    if isinstance(e, CheckpointRestoreError) and e.__cause__ is not None:
+        e = e.__cause__
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
