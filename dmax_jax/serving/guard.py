@@ -123,9 +123,9 @@ class Admission:
 
     def enter(self) -> None:
         if self.limit is not None and self.active >= self.limit:
-            raise RequestError(f"the server is at capacity ({self.active} requests running or queued, "
-                               f"--max-queue {self.max_queue}); retry shortly", None, "queue_full", 503,
-                               "server_error", retry_after=self.retry_after)
+            raise RequestError(f"the server is at capacity ({self.active} requests in the engine: the "
+                               f"slots plus --max-queue {self.max_queue}); retry shortly", None, "queue_full",
+                               503, "server_error", retry_after=self.retry_after)
         self.active += 1
 
     def leave(self) -> None:
