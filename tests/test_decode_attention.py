@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmax_jax.model.attention_backends.decode import decode_kernel_attention
+from dmax_jax.model.attention_backends.decode import decode_kernel_attention, use_kernel
 from dmax_jax.model.attention_layer import _cached_attention
 from dmax_jax.model.masks import MaskSpec
 from kernels_pallas.decode_attention import decode_attention, decode_attention_reference
@@ -33,6 +33,7 @@ CASES = {
     "mha-odd-cap-d8-full": (2, 8, 2, 2, 8, 40, 8, (33, 40), "full", None, None),
     "empty-caches": (2, 8, 4, 1, 16, 32, 8, (0, 0), "block_causal", None, None),
     "many-splits": (2, 4, 4, 2, 16, 96, 4, (96, 33), "block_causal", 16, 4),
+    "cross-block-256-rows": (2, 64, 8, 2, 16, 64, 32, (64, 20), "block_causal", 16, 2),  # 2 GPU row tiles
 }
 
 
@@ -128,6 +129,8 @@ def test_dispatch_rules():
         decode_attention(q, kc, vc, lens, kn[:, :1], vn, blk, blk)
     with pytest.raises(ValueError, match="cache_len"):
         decode_attention(q, kc, vc, lens[:1], kn, vn, blk, blk)
+    # DMax-16B (16 q / 4 kv heads): blocks and cross-blocks take the kernel, a prompt prefill dense
+    assert use_kernel(32, 16, 4) and use_kernel(64, 16, 4) and not use_kernel(2048, 16, 4)
 
 
 # ------------------------------------------------------------ deviceless compiles (real compilers)

@@ -61,15 +61,17 @@ class Attention(nn.Module):
 
 def _cached_attention(q, k, v, positions, cache, spec: MaskSpec, platform: str | None = None):
     """Block queries against ``cache slots < cache_len`` + the block's own keys (algorithm §5.3).
-    GPU / TPU: the decode kernel (cost follows ``cache_len``, not the cache width); CPU: dense
-    (the reference numerics every CPU test's tokens depend on)."""
+    GPU / TPU: the decode kernel (cost follows ``cache_len``, not the cache width) for block-sized
+    calls (``decode.use_kernel``); CPU and prompt-sized calls: dense (on CPU the reference numerics
+    every CPU test's tokens depend on)."""
     if spec.kind == "noisy_clean":
         raise ValueError("cached attention supports 'block_causal' or 'full' masks, not 'noisy_clean'")
     target = resolve_platform(platform)
     if target in ("gpu", "tpu"):  # imported here: CPU runs never load kernel code
-        from dmax_jax.model.attention_backends.decode import decode_kernel_attention  # noqa: PLC0415
+        from dmax_jax.model.attention_backends import decode  # noqa: PLC0415
 
-        return decode_kernel_attention(q, k, v, positions, cache, spec, platform=target)
+        if decode.use_kernel(q.shape[1], q.shape[2], k.shape[2]):
+            return decode.decode_kernel_attention(q, k, v, positions, cache, spec, platform=target)
     k_cache, v_cache, cache_len = cache
     b, cap = k_cache.shape[0], k_cache.shape[1]
     bs = spec.block_length

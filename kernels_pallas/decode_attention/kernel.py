@@ -12,7 +12,8 @@ adds the step's own keys with the block-causal mask ``k_new_blk <= q_blk``.
   ``cache_len`` is scalar-prefetched into SMEM; the cache ``index_map`` clamps the tile index to
   the row's last valid tile, so steps past ``cache_len`` name the block already in VMEM and the
   pipeline issues no DMA, and ``pl.when`` skips their compute.
-* **GPU (Triton)** — ``decode_attention_gpu``: grid ``(B, Nkv, S)``; split s walks tiles
+* **GPU (Triton)** — ``decode_attention_gpu``: grid ``(B, Nkv x row tiles, S)`` (row tiles of at
+  most 128 query rows keep the accumulator in registers); split s walks tiles
   ``[s * per_split, min((s + 1) * per_split, ceil(cache_len / bk)))`` in a ``fori_loop`` whose
   bounds come from ``cache_len``, so a short row costs its length, not C; split 0 also does the
   own keys. Each split writes a normalised partial output and its log-sum-exp; ``ops.py``
@@ -180,25 +181,30 @@ def _gpu_kernel(len_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, qb_ref, kb_ref, 
 
 
 def decode_attention_gpu(q_rows, k_cache, v_cache, cache_len, k_new, v_new, q_blk_rows, k_new_blk, *,
-                         scale: float, bk: int, splits: int, interpret: bool = False):
+                         scale: float, bk: int, splits: int, bm: int, interpret: bool = False):
     """q_rows ``[B, Nkv, Mp, Dp]``; k/v_cache ``[B, C, Nkv, Dp]``; k/v_new ``[B, Tqp, Nkv, Dp]``;
-    q_blk_rows ``[B, Mp]``; k_new_blk ``[B, Tqp]`` (Mp, Tqp, Dp, bk powers of two >= 16, C a
-    multiple of bk) -> partials ``o [B, Nkv, S, Mp, Dp]`` f32 (normalised per split) and
-    ``lse [B, Nkv, S, Mp]`` f32 (``NEG`` for a split that saw nothing)."""
+    q_blk_rows ``[B, Mp]``; k_new_blk ``[B, Tqp]`` (Mp, Tqp, Dp, bk, bm powers of two >= 16, C a
+    multiple of bk, Mp of bm) -> partials ``o [B, Nkv, S, Mp, Dp]`` f32 (normalised per split) and
+    ``lse [B, Nkv, S, Mp]`` f32 (``NEG`` for a split that saw nothing). Grid axis 1 runs over
+    (kv head, tile of ``bm`` query rows): a program keeps its rows' accumulator in registers."""
     b, nkv, mp, dp = q_rows.shape
     cap, tqp = k_cache.shape[1], k_new.shape[1]
+    n_rt = mp // bm
     per_split = pl.cdiv(cap // bk, splits)
-    whole = pl.BlockSpec((b,), lambda i, j, s: (0,))
-    head = lambda rows: pl.BlockSpec((None, rows, None, dp), lambda i, j, s: (i, 0, j, 0))
-    per_row = lambda n: pl.BlockSpec((None, n), lambda i, j, s: (i, 0))
-    warps = 4 if mp * max(dp, bk) <= 64 * 128 else 8
+    head_of, tile_of = (lambda h: lax.div(h, n_rt)), (lambda h: lax.rem(h, n_rt))
+    whole = pl.BlockSpec((b,), lambda i, h, s: (0,))
+    keys = lambda rows: pl.BlockSpec((None, rows, None, dp), lambda i, h, s: (i, 0, head_of(h), 0))
+    warps = 4 if bm * max(dp, bk) <= 64 * 128 else 8
     return pl.pallas_call(
         functools.partial(_gpu_kernel, scale=scale, bk=bk, per_split=per_split),
-        grid=(b, nkv, splits),
-        in_specs=[whole, pl.BlockSpec((None, None, mp, dp), lambda i, j, s: (i, j, 0, 0)),
-                  head(cap), head(cap), head(tqp), head(tqp), per_row(mp), per_row(tqp)],
-        out_specs=[pl.BlockSpec((None, None, None, mp, dp), lambda i, j, s: (i, j, s, 0, 0)),
-                   pl.BlockSpec((None, None, None, mp), lambda i, j, s: (i, j, s, 0))],
+        grid=(b, nkv * n_rt, splits),
+        in_specs=[whole, pl.BlockSpec((None, None, bm, dp), lambda i, h, s: (i, head_of(h), tile_of(h), 0)),
+                  keys(cap), keys(cap), keys(tqp), keys(tqp),
+                  pl.BlockSpec((None, bm), lambda i, h, s: (i, tile_of(h))),
+                  pl.BlockSpec((None, tqp), lambda i, h, s: (i, 0))],
+        out_specs=[pl.BlockSpec((None, None, None, bm, dp),
+                                lambda i, h, s: (i, head_of(h), s, tile_of(h), 0)),
+                   pl.BlockSpec((None, None, None, bm), lambda i, h, s: (i, head_of(h), s, tile_of(h)))],
         out_shape=[jax.ShapeDtypeStruct((b, nkv, splits, mp, dp), jnp.float32),
                    jax.ShapeDtypeStruct((b, nkv, splits, mp), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=2),

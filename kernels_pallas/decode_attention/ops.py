@@ -24,6 +24,7 @@ IMPLS = ("auto", "pallas", "xla")
 GPU_BLOCK_KV = 64     # cache slots per Triton tile ([M, 64] f32 scores stay in registers)
 TPU_BLOCK_KV = 256    # cache slots per Mosaic tile ([256, Nkv, 128] blocks; 512 triples Mosaic compile time)
 MIN_BLOCK_KV = 16     # bf16 sublane tile on TPU, smallest Triton dot on GPU
+GPU_ROW_TILE = 128    # query rows per Triton program (a [128, 128] f32 accumulator in registers)
 GPU_PROGRAMS = 128    # split the cache until B * Nkv * S reaches about one program per H100/H200 SM
 GPU_MIN_SPLIT = 512   # ...but give every split at least this many cache slots
 _PAD_Q_BLK = 2 ** 30  # block id of padding query rows (they see every real key)
@@ -85,9 +86,10 @@ def _pad_to(x, axis: int, size: int, value=0):
     return jnp.pad(x, widths, constant_values=value) if size != x.shape[axis] else x
 
 
-def auto_splits(batch: int, kv_heads: int, cache_slots: int, bk: int) -> int:
-    """Cache splits of the Triton kernel: enough programs for the GPU, >= GPU_MIN_SPLIT slots each."""
-    want = pl.cdiv(GPU_PROGRAMS, batch * kv_heads)
+def auto_splits(programs: int, cache_slots: int, bk: int) -> int:
+    """Cache splits of the Triton kernel (``programs`` = B x Nkv x row tiles without splitting):
+    enough programs for the GPU, >= GPU_MIN_SPLIT slots each."""
+    want = pl.cdiv(GPU_PROGRAMS, programs)
     return max(1, min(want, cache_slots // GPU_MIN_SPLIT, cache_slots // bk))
 
 
@@ -100,14 +102,16 @@ def _gpu(q, k_cache, v_cache, cache_len, k_new, v_new, q_blk, k_new_blk, *, scal
     if dp != d:  # Triton tiles are powers of two; real models have D = 128 (no copy)
         k_cache, v_cache = _pad_to(k_cache, 3, dp), _pad_to(v_cache, 3, dp)
     k_cache, v_cache, bk = _fit_cache(k_cache, v_cache, block_kv or GPU_BLOCK_KV)
-    cap = k_cache.shape[1]
-    splits = auto_splits(b, nkv, cap, bk) if splits is None else max(1, min(int(splits), cap // bk))
+    cap, bm = k_cache.shape[1], min(mp, GPU_ROW_TILE)
+    splits = (auto_splits(b * nkv * (mp // bm), cap, bk) if splits is None
+              else max(1, min(int(splits), cap // bk)))
     q_rows = _pad_to(_pad_to(_rows(q, nkv), 2, mp), 3, dp)
     own = lambda x: _pad_to(_pad_to(x, 1, tqp), 3, dp)
     qb = _pad_to(jnp.repeat(q_blk.astype(jnp.int32), g, axis=1), 1, mp, _PAD_Q_BLK)
     kb = _pad_to(k_new_blk.astype(jnp.int32), 1, tqp, _PAD_K_BLK)
     o, lse = kernel.decode_attention_gpu(q_rows, k_cache, v_cache, cache_len, own(k_new), own(v_new),
-                                         qb, kb, scale=scale, bk=bk, splits=splits, interpret=interpret)
+                                         qb, kb, scale=scale, bk=bk, splits=splits, bm=bm,
+                                         interpret=interpret)
     if splits == 1:
         out = o[:, :, 0]
     else:  # log-sum-exp merge of the splits (split 0 always saw its own keys: the sum is > 0)

@@ -6,6 +6,10 @@ the block's own keys, block-causal on absolute positions; the kernel takes that 
 at positions before every query (``KVCache``: a cached call starts at ``length``), so "every slot
 ``< cache_len`` is visible" is the same rule the dense path evaluates per slot.
 
+The kernel holds one row's queries of a kv head (``Tq * G`` rows) on chip, so calls with more than
+``MAX_KERNEL_ROWS`` rows — the prompt prefill and the first block, which run with an empty cache
+and the whole prompt as queries — keep the dense path (``use_kernel``).
+
 Under a multi-device mesh the kernel runs per shard (``jax.shard_map``; XLA cannot partition a
 Mosaic call and would replicate a Triton one): rows over the batch axes when the batch divides
 them, kv heads over ``tensor`` when both head counts divide it, anything else replicated into the
@@ -23,6 +27,13 @@ from jax.sharding import PartitionSpec as P
 from dmax_jax.model.masks import MaskSpec
 from dmax_jax.model.partitioned import HEAD_AXIS, kernel_mesh, row_axes
 from kernels_pallas.decode_attention import decode_attention
+
+MAX_KERNEL_ROWS = 512  # Tq * G: DMax-16B (G = 4) decodes blocks of 32 / cross-blocks of 64 -> 128 / 256
+
+
+def use_kernel(q_len: int, q_heads: int, kv_heads: int) -> bool:
+    """Whether a cached call of ``q_len`` tokens runs the decode kernel (else dense attention)."""
+    return q_len * (q_heads // kv_heads) <= MAX_KERNEL_ROWS
 
 
 def _shard_specs(mesh, batch: int, q_heads: int, kv_heads: int) -> tuple[P, P, P]:
