@@ -66,8 +66,7 @@ def demo_requests(n: int, max_tokens: int):
     for p in test_problems(n):
         msg = [{"role": "user", "content": template.replace("{prompt}", p["question"])}]
         ids = apply_chat_template(model.tokenizer, msg, add_generation_prompt=True)
-        reqs.append(EngineRequest(tuple(ids), max_tokens=max_tokens, strategy=d.strategy,
-                                  threshold=d.threshold, accept_threshold=d.accept_threshold))
+        reqs.append(EngineRequest(tuple(ids), d.replace(gen_length=max_tokens)))
     return model, d, tuple(defaults), reqs
 
 
@@ -90,7 +89,7 @@ def main(argv=None) -> int:
     model, d, strategies, reqs = demo_requests(args.requests, args.max_tokens)
     engines = {}
     for compact, ef in args.settings:
-        eng = Engine(model, max_batch=args.max_batch, block_length=d.block_length, capacity=DEMO_CAPACITY,
+        eng = Engine(model, d, max_batch=args.max_batch, capacity=DEMO_CAPACITY,
                      prefill_chunk=d.prompt_bucket or 128, strategies=strategies, exit_factor=ef,
                      compact=compact)
         eng.warmup()

@@ -138,12 +138,12 @@ def measure_routing(model, prompt_ids: list[int], *, block: int, gen_length: int
             jax.debug.callback(record, route(logits, bias, cfg)[0])
         return out
 
-    api._COMPILED.clear()  # the interceptor must be traced into a fresh program (and not reused later)
+    api.clear_compiled()  # the interceptor must be traced into a fresh program (and not reused later)
     try:
         with nn.intercept_methods(interceptor):
             res = api.generate(model, [prompt_ids], strategy="spd", block_length=block, gen_length=gen_length)
     finally:
-        api._COMPILED.clear()
+        api.clear_compiled()
     single = [d for n, d in seen if n == block]
     cross = [d for n, d in seen if n == 2 * block]
     if not single:

@@ -108,7 +108,7 @@ def start_server(model, defaults: dict, template: str, max_batch: int, prefill_b
     from dmax_jax.serving.server import ServeConfig, create_app
 
     ids, decode = model.config, next(iter(defaults.values()))
-    engine = Engine(model, max_batch=max_batch, block_length=decode.block_length, capacity=DEMO_CAPACITY,
+    engine = Engine(model, decode, max_batch=max_batch, capacity=DEMO_CAPACITY,
                     prefill_chunk=decode.prompt_bucket or 128, prefill_batch=prefill_batch,
                     strategies=tuple(defaults))
     cfg = ServeConfig(model_name=name, decode=decode, per_strategy=defaults, prompt_template=template)

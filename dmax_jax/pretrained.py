@@ -66,9 +66,6 @@ class Pretrained:
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(os.fspath(path))
 
-    def embed(self, ids) -> jax.Array:
-        return jnp.take(self.params["embedding"], jnp.asarray(ids), axis=0)
-
 
 def check_model_dir(path: str | os.PathLike) -> Path:
     """``path`` as a ``Path`` if it is a directory with a config.json, else one-line

@@ -172,10 +172,9 @@ def build(args: argparse.Namespace):
     ids = resolve_special_ids(model.config, model.tokenizer, strict=False)
     capacity = args.capacity or (DEMO_CAPACITY if args.model is None else None)
     prefill_chunk = args.prefill_chunk or dc.prompt_bucket or 128
-    engine = Engine(model, max_batch=args.max_batch, block_length=dc.block_length, capacity=capacity,
-                    prefill_chunk=prefill_chunk, prefill_batch=args.prefill_batch, strategies=strategies,
-                    dtype=dtype, top_k=dc.top_k, max_unroll=dc.max_unroll, expected_tpf=dc.expected_tpf,
-                    soft_embedding_impl=dc.soft_impl, mask_id=ids.mask_id, eos_id=ids.eos_id,
+    defaults = dc.replace(dtype=dtype, mask_id=ids.mask_id, eos_id=ids.eos_id)
+    engine = Engine(model, defaults, max_batch=args.max_batch, capacity=capacity, prefill_chunk=prefill_chunk,
+                    prefill_batch=args.prefill_batch, strategies=strategies,
                     compact={"auto": "auto", "on": True, "off": False}[args.compact])
     name = args.served_model_name or path.resolve().name
     cfg = ServeConfig(model_name=name, decode=dc, per_strategy=dict(args.decode),

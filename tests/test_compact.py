@@ -1,5 +1,6 @@
-"""Compacted forwards (serving/compact.py): the rows that need a forward get exactly its values, the
-others keep the base, and the forward runs at the smallest compact width holding them."""
+"""Compacted forwards (decoding/compact.py, serving/compact.py): the rows that need a forward get
+exactly its values, the others keep the base, and the forward runs at the smallest compact width
+holding them."""
 
 import jax
 import jax.numpy as jnp
@@ -66,26 +67,27 @@ def test_step0_logits_of_crossing_rows_are_the_cross_forwards(compact, cross):
     from test_decoding_oracle import random_params
 
     from dmax_jax.config import tiny_config
+    from dmax_jax.decoding import block
     from dmax_jax.decoding import forwards as fw
+    from dmax_jax.decoding.config import ProgramSpec
     from dmax_jax.model.kv_cache import init_cache
-    from dmax_jax.serving import program as prog
 
     cfg, n, B = tiny_config(), 4, 8
     params = random_params(cfg, seed=0)
-    spec = prog.RoundSpec(strategies=("spd",), block_length=B, capacity=32, prefill_chunk=16,
-                          prefill_batch=1, mask_id=cfg.resolved_mask_token_id, spd_max_steps=B,
-                          threshold_max_steps=B, top_k=1, max_unroll=4, expected_tpf=4, soft_impl="auto",
-                          dtype="float32", compact=compact)
+    spec = ProgramSpec(strategies=("spd",), block_length=B, mask_id=cfg.resolved_mask_token_id,
+                       max_steps=(B,), greedy=None, top_k=1, max_unroll=4, expected_tpf=4, soft_impl="auto",
+                       dtype="float32", platform="cpu", capacity=32, prefill_chunk=16, prefill_batch=1,
+                       compact=compact)
     rng = np.random.default_rng(0)
-    cache = init_cache(cfg, n, spec.width)
+    cache = init_cache(cfg, n, spec.row_len)
     noise = lambda d: {k: jnp.asarray(rng.normal(size=a.shape), jnp.float32) for k, a in d.items()}
     cache = cache.replace(k=noise(cache.k), v=noise(cache.v), length=jnp.asarray([8, 16, 8, 24], jnp.int32))
     r = types.SimpleNamespace(start=cache.length)
     emb = jnp.asarray(rng.normal(size=(n, B, cfg.hidden_size)), jnp.float32)
     logits_c = jnp.full((n, B, cfg.vocab_size), 123.0)
     cross = jnp.asarray(cross, bool)
-    got = jax.jit(lambda: prog._logits_at(spec, cfg, params, cache, r, jnp.ones(n, bool), (logits_c, cross),
-                                          jnp.int32(0), emb))()
+    need = jnp.ones(n, bool) & ~cross    # step 0: live rows that do not take the cross forward's logits
+    got = jax.jit(lambda: block._block_logits(spec, cfg, params, cache, r.start, need, emb, logits_c))()
     full = fw.block_forward(params, cfg, emb, r.start, cache, B, jnp.float32)
     c = np.asarray(cross)
     np.testing.assert_array_equal(np.asarray(got)[c], 123.0)

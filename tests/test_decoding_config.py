@@ -74,16 +74,19 @@ def test_lengths_must_be_positive(gen, block):
 def test_split_static_part_and_traced_rows():
     cfg = DecodeConfig(strategy="spd", block_length=8, gen_length=20, threshold=0.3, temperature=0.0,
                        seed=5).resolve(CFG)
-    static, rows = cfg.split([3, 11], [0, 7])
+    rows = cfg.row_params([3, 11], [0, 7])
+    static = cfg.program_spec("cpu", capacity=48, prompt_len=16)
     assert isinstance(rows, RowParams) and rows.threshold.tolist() == pytest.approx([0.3, 0.3])
     assert rows.request_ids.tolist() == [0, 7] and rows.gen_length.tolist() == [20, 20]
     assert rows.eos_id.tolist() == [CFG.eos_token_id] * 2 and rows.temperature.tolist() == [0.0, 0.0]
     # traced knobs do not change the compile key; static ones do
-    assert cfg.replace(threshold=0.9, seed=1, gen_length=24).static_part() == static
-    assert cfg.replace(temperature=0.5).static_part() != static       # greedy vs sampling
-    assert cfg.replace(block_length=16).static_part() != static
+    spec = lambda c: c.program_spec("cpu", capacity=48, prompt_len=16)  # noqa: E731
+    assert spec(cfg.replace(threshold=0.9, seed=1, gen_length=24)) == static
+    assert spec(cfg.replace(temperature=0.5)) != static       # greedy vs sampling
+    assert spec(cfg.replace(block_length=16)) != static
+    assert cfg.program_spec("gpu", capacity=48, prompt_len=16) != static   # the target platform
     with pytest.raises(ValueError, match="resolve"):
-        DecodeConfig().static_part()
+        DecodeConfig().program_spec("cpu", capacity=48)
     hash(static)
 
 
@@ -143,12 +146,11 @@ def test_per_row_knobs_in_one_batch_equal_each_row_alone(params, strategy):
     """RowParams are per row: one compiled batch whose rows carry different τ / seeds / temperatures
     (greedy rows among sampled ones) / gen lengths gives each row exactly the tokens and NFE it gets
     alone (what a slot engine needs)."""
-    import dataclasses
 
     import jax
 
-    from dmax_jax.decoding import DecodeSpec, buckets
-    from dmax_jax.decoding.api import _executable
+    from dmax_jax.decoding import buckets
+    from dmax_jax.decoding.api import _program
 
     prompts = [[5, 6, 7], list(range(10, 21)), [40, 41]]
     knobs = [dict(threshold=0.05, gen_length=16, seed=0), dict(threshold=0.3, gen_length=13, seed=3,
@@ -163,9 +165,9 @@ def test_per_row_knobs_in_one_batch_equal_each_row_alone(params, strategy):
     row_params = jax.tree.map(lambda *a: np.concatenate(a), *rows)
     padded, capacity = buckets.shapes([len(p) for p in prompts], 16, 8, 16)
     ids, _ = buckets.pack_prompts(prompts, padded, base.mask_id)
-    sampling = base.replace(temperature=0.7).static_part()     # greedy rows run inside a sampling program
-    spec = DecodeSpec(**dataclasses.asdict(sampling), prompt_len=padded, capacity=capacity)
-    exe, _ = _executable(spec, CFG, (params, ids, row_params))
+    sampling = base.replace(temperature=0.7)     # greedy rows run inside a sampling program
+    spec = sampling.program_spec("cpu", prompt_len=padded, capacity=capacity)
+    exe, _ = _program(spec, CFG, params, ids, row_params)
     out = jax.device_get(exe(params, ids, row_params))
     from dmax_jax.decoding.stats import build_result
 

@@ -18,7 +18,7 @@ import pytest
 from test_decoding_oracle import random_params
 
 from dmax_jax.config import tiny_config
-from dmax_jax.decoding import generate
+from dmax_jax.decoding import DecodeConfig, DecodeConfigError, generate
 from dmax_jax.serving import (
     BlockCommitted,
     Engine,
@@ -32,6 +32,7 @@ from dmax_jax.serving import (
 CFG = tiny_config()
 B, CAP, CHUNK, BUCKET = 8, 96, 16, 64
 M = CFG.resolved_mask_token_id
+DEFAULTS = DecodeConfig(block_length=B)
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +41,22 @@ def params():
 
 
 def engine(params, max_batch=3, **kw):
-    return Engine((params, CFG), max_batch=max_batch, block_length=B, capacity=CAP, prefill_chunk=CHUNK, **kw)
+    """An engine of ``DEFAULTS`` (DecodeConfig fields among ``kw`` override them)."""
+    knobs = {k: kw.pop(k) for k in list(kw) if k in DecodeConfig.field_names()}
+    return Engine((params, CFG), DEFAULTS.replace(**knobs), max_batch=max_batch, capacity=CAP,
+                  prefill_chunk=CHUNK, **kw)
+
+
+def request(prompt_ids, max_tokens, *, request_id=0, provisional=False, **knobs):
+    """An :class:`EngineRequest` with ``DEFAULTS`` and these knobs (``max_tokens`` = ``gen_length``)."""
+    return EngineRequest(prompt_ids, DEFAULTS.replace(gen_length=max_tokens, **knobs), request_id=request_id,
+                         provisional=provisional)
 
 
 def alone(params, req: EngineRequest, eos_id=None):
-    """``generate`` on the request's prompt alone (request id = its rng_id; 0 for a lone prompt)."""
-    return generate((params, CFG), [list(req.prompt_ids)], request_ids=[req.rng_id],
-                    strategy=req.strategy or "spd", block_length=B, gen_length=req.max_tokens,
-                    threshold=req.threshold, accept_threshold=req.accept_threshold, steps=req.steps,
-                    temperature=req.temperature, seed=req.seed, prompt_bucket=BUCKET, eos_id=eos_id)
+    """``generate`` on the request's prompt alone (request id = its request_id; 0 for a lone prompt)."""
+    return generate((params, CFG), [list(req.prompt_ids)], req.decode, request_ids=[req.request_id],
+                    prompt_bucket=BUCKET, eos_id=eos_id)
 
 
 def assert_same(fin: Finished, ref, tag=""):
@@ -65,7 +73,7 @@ def random_requests(rng, n, *, max_prompt, tokens=(17, 24)):
         prompt = [int(t) for t in rng.integers(3, CFG.vocab_size, plen)]
         strategy = ["spd", "threshold"][i % 2]
         temperature = [0.0, 0.0, 0.8, 0.8][i % 4]
-        reqs.append(EngineRequest(prompt, int(rng.integers(tokens[0], tokens[1] + 1)), strategy=strategy,
+        reqs.append(request(prompt, int(rng.integers(tokens[0], tokens[1] + 1)), strategy=strategy,
                                   threshold=float(rng.choice([0.02, 0.05, 0.3])),
                                   accept_threshold=float(rng.choice([0.5, 0.9])), temperature=temperature,
                                   seed=int(rng.integers(0, 1000))))
@@ -106,10 +114,10 @@ def test_requests_arriving_at_random_blocks_equal_generate_alone(params):
 def test_many_random_requests_equal_generate_alone(params):
     rng = np.random.default_rng(1)
     reqs = random_requests(rng, 20, max_prompt=70, tokens=(1, 40))
-    reqs += [EngineRequest([7] * 5, 20, steps=3, threshold=0.05, seed=4),                 # spd step cap
-             EngineRequest(list(range(3, 67)), 17, threshold=0.05, rng_id=5, temperature=0.5)]
+    reqs += [request([7] * 5, 20, steps=3, threshold=0.05, seed=4),                 # spd step cap
+             request(list(range(3, 67)), 17, threshold=0.05, request_id=5, temperature=0.5)]
     arrivals = sorted(int(a) for a in rng.integers(0, 30, len(reqs)))
-    eng = Engine((params, CFG), max_batch=4, block_length=B, capacity=128, prefill_chunk=CHUNK, exit_factor=2)
+    eng = Engine((params, CFG), DEFAULTS, max_batch=4, capacity=128, prefill_chunk=CHUNK, exit_factor=2)
     handles = serve_with_arrivals(eng, reqs, arrivals)
     for i, (r, h) in enumerate(zip(reqs, handles)):
         assert_same(h.result(0), alone(params, r), f"request {i}")
@@ -121,7 +129,7 @@ def test_forward_count_is_nfe_alone_and_shared_in_a_batch(params):
     """``stats()["forwards"]`` counts the model forwards a round ran one after another: a lone request
     (prompt in one prefill chunk) runs exactly its NFE; requests decoding together share forwards,
     so the count is below the sum of their NFEs and at least the slowest one's."""
-    reqs = [EngineRequest(list(range(10 + i, 22 + i)), 24, strategy=s, threshold=t, seed=i)
+    reqs = [request(list(range(10 + i, 22 + i)), 24, strategy=s, threshold=t, seed=i)
             for i, (s, t) in enumerate([("spd", 0.3), ("threshold", 0.3), ("spd", 0.9), ("spd", 0.05)])]
     eng = engine(params, max_batch=1)
     for r in reqs:
@@ -140,8 +148,8 @@ def test_forward_count_is_nfe_alone_and_shared_in_a_batch(params):
 @pytest.mark.parametrize(("exit_factor", "compact"), [(4, True), (1, True), (4, False)])
 def test_events_blocks_and_provisional_steps(params, exit_factor, compact):
     eng = engine(params, exit_factor=exit_factor, compact=compact)
-    req = EngineRequest(list(range(10, 29)), 20, threshold=0.6, provisional=True)
-    quiet = eng.submit(EngineRequest(list(range(30, 35)), 20, strategy="threshold", threshold=0.3))
+    req = request(list(range(10, 29)), 20, threshold=0.6, provisional=True)
+    quiet = eng.submit(request(list(range(30, 35)), 20, strategy="threshold", threshold=0.3))
     h = eng.submit(req)
     eng.run_until_idle()
     events = list(h)
@@ -164,13 +172,13 @@ def test_events_blocks_and_provisional_steps(params, exit_factor, compact):
 
 
 def test_eos_and_max_tokens_free_the_slot(params):
-    probe = EngineRequest(list(range(10, 29)), 24, threshold=0.05)
+    probe = request(list(range(10, 29)), 24, threshold=0.05)
     toks = alone(params, probe).token_ids[0]
     # pretend a token this request first decodes in its second block (generated positions 5..12) is EOS
     eos = next(t for t in toks[5:13] if t not in toks[:5])
     eng = engine(params, max_batch=1, eos_id=eos)
     first = eng.submit(probe)
-    second = eng.submit(EngineRequest([5, 6, 7], 17, strategy="threshold", threshold=0.3, seed=1))
+    second = eng.submit(request([5, 6, 7], 17, strategy="threshold", threshold=0.3, seed=1))
     rounds = 0
     while not first.finished:
         eng.step()
@@ -188,9 +196,9 @@ def test_eos_and_max_tokens_free_the_slot(params):
 def test_abort_queued_prefilling_decoding_then_serve(params):
     eng = engine(params, max_batch=1)
     long_prompt = list(range(3, 60))                        # 4 prefill chunks of 16
-    a = eng.submit(EngineRequest(long_prompt, 20, threshold=0.05))
-    b = eng.submit(EngineRequest(list(range(40, 52)), 24, threshold=0.05))
-    c = eng.submit(EngineRequest([9, 9, 9], 20))
+    a = eng.submit(request(long_prompt, 20, threshold=0.05))
+    b = eng.submit(request(list(range(40, 52)), 24, threshold=0.05))
+    c = eng.submit(request([9, 9, 9], 20))
     assert eng.abort(c.id) and c.result(0).reason == "abort" and c.result(0).token_ids == ()   # queued
     eng.step()
     assert eng.stats()["prefilling"] == 1
@@ -204,7 +212,7 @@ def test_abort_queued_prefilling_decoding_then_serve(params):
     full_b = alone(params, b.request)
     assert list(fin_b.token_ids) == full_b.token_ids[0][:len(fin_b.token_ids)]
     assert not eng.abort(b.id)                                                                 # already gone
-    d = eng.submit(EngineRequest(long_prompt, 20, strategy="threshold", threshold=0.3, temperature=0.8,
+    d = eng.submit(request(long_prompt, 20, strategy="threshold", threshold=0.3, temperature=0.8,
                                  seed=2))
     eng.run_until_idle()
     assert_same(d.result(0), alone(params, d.request))
@@ -239,7 +247,7 @@ def test_background_thread_concurrent_clients_and_stop(params):
 
 def test_stop_without_drain_aborts_everything(params):
     eng = engine(params, max_batch=1).start()
-    hs = [eng.submit(EngineRequest(list(range(3, 60)), 24, threshold=0.05)) for _ in range(3)]
+    hs = [eng.submit(request(list(range(3, 60)), 24, threshold=0.05)) for _ in range(3)]
     eng.stop(drain=False)
     assert all(h.result(timeout=60).reason in ("abort", "length") for h in hs)
     assert hs[-1].result(0).reason == "abort"
@@ -264,9 +272,10 @@ def test_stop_without_drain_aborts_everything(params):
 ])
 def test_bad_requests_raise_typed_errors(params, kw, field):
     eng = engine(params)  # validation happens before anything compiles
-    with pytest.raises(EngineRequestError) as e:
-        eng.submit(EngineRequest(**kw))
-    assert e.value.field == field and isinstance(e.value, ValueError)
+    with pytest.raises((EngineRequestError, DecodeConfigError)) as e:   # DecodeConfig checks the knobs
+        eng.submit(request(**kw))
+    assert {"gen_length": "max_tokens"}.get(e.value.field, e.value.field) == field
+    assert isinstance(e.value, ValueError)
     assert eng.stats()["queued"] == 0
 
 
@@ -274,9 +283,9 @@ def test_bad_engine_settings(params):
     with pytest.raises(ValueError, match="llada2"):
         engine(params, strategies=("llada2",))
     with pytest.raises(ValueError, match="prefill_chunk"):
-        Engine((params, CFG), block_length=8, prefill_chunk=12, capacity=CAP)
+        Engine((params, CFG), DecodeConfig(block_length=8), prefill_chunk=12, capacity=CAP)
     with pytest.raises(ValueError, match="capacity"):
-        Engine((params, CFG), block_length=8, capacity=CFG.max_position_embeddings + 8)
+        Engine((params, CFG), DecodeConfig(block_length=8), capacity=CFG.max_position_embeddings + 8)
     with pytest.raises(ValueError, match="exit_factor"):
         engine(params, exit_factor=0)
     with pytest.raises(ValueError, match="compact"):
@@ -286,7 +295,7 @@ def test_bad_engine_settings(params):
 def test_a_failing_round_ends_every_request_with_the_error(params):
     eng = engine(params, max_batch=1)
     eng.warmup()
-    hs = [eng.submit(EngineRequest([5, 6, 7], 17)) for _ in range(2)]
+    hs = [eng.submit(request([5, 6, 7], 17)) for _ in range(2)]
 
     def broken(*a):
         raise RuntimeError("device lost")
@@ -296,7 +305,7 @@ def test_a_failing_round_ends_every_request_with_the_error(params):
     assert isinstance(eng.error, RuntimeError)
     assert all(h.result(10).reason == "error" and "device lost" in h.result(0).error for h in hs)
     with pytest.raises(EngineClosedError):
-        eng.submit(EngineRequest([5, 6, 7], 17))
+        eng.submit(request([5, 6, 7], 17))
 
 
 def test_a_failing_listener_does_not_stop_the_engine(params):
@@ -305,8 +314,8 @@ def test_a_failing_listener_does_not_stop_the_engine(params):
     def bad(event):
         raise ValueError("client bug")
 
-    h1 = eng.submit(EngineRequest([5, 6, 7], 17), listener=bad)
-    h2 = eng.submit(EngineRequest(list(range(10, 29)), 20, threshold=0.05))
+    h1 = eng.submit(request([5, 6, 7], 17), listener=bad)
+    h2 = eng.submit(request(list(range(10, 29)), 20, threshold=0.05))
     eng.run_until_idle()
     assert h1.result(0).reason in ("eos", "length")
     assert_same(h2.result(0), alone(params, h2.request))
@@ -314,7 +323,7 @@ def test_a_failing_listener_does_not_stop_the_engine(params):
 
 def test_soft_top_k_mixing_matches_generate(params):
     eng = engine(params, max_batch=1, top_k=2, strategies=("spd",))
-    req = EngineRequest(list(range(10, 29)), 20, threshold=0.3, temperature=0.7, seed=5)
+    req = request(list(range(10, 29)), 20, threshold=0.3, temperature=0.7, seed=5)
     h = eng.submit(req)
     eng.run_until_idle()
     ref = generate((params, CFG), [list(req.prompt_ids)], block_length=B, gen_length=20, threshold=0.3,

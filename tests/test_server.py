@@ -35,8 +35,8 @@ TIMEOUT = 120.0
 def served(tmp_path_factory):
     path = write_model_dir(tmp_path_factory.mktemp("tiny_serve"), CFG, seed=1)
     model = dmax_jax.load_pretrained(path)
-    engine = Engine(model, max_batch=SLOTS, block_length=BLOCK, capacity=CAPACITY, prefill_chunk=16)
     defaults = DecodeConfig(block_length=BLOCK, gen_length=MAX_TOKENS)
+    engine = Engine(model, defaults, max_batch=SLOTS, capacity=CAPACITY, prefill_chunk=16)
     app = create_app(engine, model.tokenizer, ServeConfig(model_name=NAME, decode=defaults),
                      mask_id=CFG.mask_token_id, vocab_size=CFG.vocab_size)
     s = serve_in_thread(app, engine, model)

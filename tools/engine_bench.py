@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, default=128)
     args = ap.parse_args()
 
-    from dmax_jax.decoding import generate
+    from dmax_jax.decoding import DecodeConfig, generate
     from dmax_jax.demo import load_demo_model, test_problems
     from dmax_jax.eval.benchmarks import get_benchmark
     from dmax_jax.eval.harness import build_input_ids
@@ -33,18 +33,17 @@ def main() -> None:
     model = load_demo_model("dmax")
     bench = get_benchmark("gsm8k")
     prompts = [build_input_ids(model.tokenizer, bench.prompt(r)) for r in test_problems(args.n)]
-    reqs = [EngineRequest(p, args.max_tokens, strategy=args.strategy, threshold=args.threshold)
-            for p in prompts]
-    kw = dict(strategy=args.strategy, block_length=32, gen_length=args.max_tokens, threshold=args.threshold,
-              prompt_bucket=64)
+    cfg = DecodeConfig(strategy=args.strategy, block_length=32, gen_length=args.max_tokens,
+                       threshold=args.threshold, prompt_bucket=64)
+    reqs = [EngineRequest(p, cfg) for p in prompts]
 
-    generate(model, [prompts[0]], **kw)  # compile
+    generate(model, [prompts[0]], cfg)  # compile
     t = time.perf_counter()
-    ref = [generate(model, [p], **kw) for p in prompts]
+    ref = [generate(model, [p], cfg) for p in prompts]
     seq_s = time.perf_counter() - t
     n_tok = sum(r.tokens[0] for r in ref)
 
-    eng = Engine(model, max_batch=args.max_batch, block_length=32, capacity=args.capacity, prefill_chunk=64,
+    eng = Engine(model, cfg, max_batch=args.max_batch, capacity=args.capacity, prefill_chunk=64,
                  strategies=(args.strategy,))
     eng.start()
     t = time.perf_counter()

@@ -1,43 +1,46 @@
-"""``generate``: validate a request (:class:`DecodeConfig`), bucket it, run the compiled program, account.
+"""``generate`` and ``lower_generate``: validate a request (:class:`DecodeConfig`), bucket it, build
+its :class:`ProgramSpec`, run (or lower) the compiled program, account.
 
-Compiled programs are cached by (static spec, model config, argument shapes/dtypes/shardings) and
-compiled ahead of time (``jit(...).lower(...).compile()``), so ``GenerateResult.seconds`` never
-includes compilation and :func:`compile_count` counts compilations exactly.
+Programs are compiled ahead of time (``jax.jit(...).lower(...).compile()``) through the one compile
+cache (:mod:`dmax_jax.decoding.compiled`), so ``GenerateResult.seconds`` never includes compilation
+and :func:`compile_count` counts compilations exactly. ``lower_generate`` is the same path from
+abstract shapes only (``jax.ShapeDtypeStruct`` parameters, e.g. on compile-only TPU / GPU devices),
+for the ahead-of-time compile tool: nothing is allocated.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dmax_jax.config import ModelConfig
 from dmax_jax.decoding import buckets
-from dmax_jax.decoding.config import DecodeConfig
-from dmax_jax.decoding.loop import TRACE_COUNT, DecodeSpec, decode_program
+from dmax_jax.decoding.compiled import COMPILED, abstract, replicated, signature
+from dmax_jax.decoding.config import DecodeConfig, ProgramSpec, RowParams
+from dmax_jax.decoding.loop import decode_program
 from dmax_jax.decoding.stats import GenerateResult, build_result
-
-_COMPILED: dict = {}
+from dmax_jax.platforms import in_mesh_of, platform_of
 
 
 def compile_count(strategy: str | None = None) -> int:
-    """Number of decode programs compiled in this process (optionally for one strategy)."""
-    return TRACE_COUNT[strategy] if strategy else sum(TRACE_COUNT.values())
+    """Number of ``generate`` programs compiled in this process (optionally for one strategy)."""
+    return COMPILED.compiles(lambda k: k[0] == "generate"
+                             and (strategy is None or k[1].strategies == (strategy,)))
 
 
 def clear_compiled() -> None:
     """Drop the cached executables (the compile counter keeps counting): for benchmarks that time
     compilation itself (bench/roofline.py)."""
-    _COMPILED.clear()
+    COMPILED.clear()
 
 
-def _model_parts(model) -> tuple[dict, ModelConfig]:
+def model_parts(model) -> tuple[Any, ModelConfig]:
+    """``(params, config)`` of a ``Pretrained``-like model or a ``(params, config)`` tuple."""
     if isinstance(model, tuple) and len(model) == 2:
         params, config = model
     elif hasattr(model, "params") and hasattr(model, "config"):
@@ -50,28 +53,47 @@ def _model_parts(model) -> tuple[dict, ModelConfig]:
     return params, config
 
 
-def _signature(tree) -> tuple:
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((np.shape(a), jnp.result_type(a), getattr(a, "sharding", None)) for a in leaves)
+def _shapes(cfg: DecodeConfig, prompt_lens: Sequence[int]) -> tuple[int, int]:
+    """``(padded prompt length, capacity)`` of a request (``buckets.shapes`` with the config's bucket)."""
+    B = cfg.block_length
+    bucket = cfg.prompt_bucket or buckets.round_up(max(buckets.DEFAULT_PROMPT_BUCKET, B), B)
+    return buckets.shapes(list(prompt_lens), cfg.gen_length, B, bucket)
 
 
-def _executable(spec: DecodeSpec, config: ModelConfig, args: tuple):
-    """``(compiled program, seconds spent compiling it now — 0.0 when cached)``."""
-    key = (spec, config, _signature(args))
-    exe = _COMPILED.get(key)
-    if exe is not None:
-        return exe, 0.0
-    t = time.perf_counter()
-    fn = jax.jit(functools.partial(decode_program, spec, config))
-    exe = _COMPILED[key] = fn.lower(*args).compile()
-    return exe, time.perf_counter() - t
+def _lowering(spec: ProgramSpec, mcfg: ModelConfig, params, ids, rows: RowParams):
+    """``(the arguments as structs, a thunk lowering the program)``: the one lowering path of
+    ``generate`` and ``lower_generate``, from shapes only; ids and row values live replicated on the
+    parameters' devices."""
+    sh = replicated(params)
+    args = (abstract(params), abstract(ids, sh), abstract(rows, sh))
+    program = in_mesh_of(params, functools.partial(decode_program, spec, mcfg))  # kernels run per shard
+    return args, lambda: jax.jit(program).lower(*args)
+
+
+def _program(spec: ProgramSpec, mcfg: ModelConfig, params, ids, rows: RowParams):
+    """``(compiled program, compile seconds)`` of ``generate`` (cached by spec, config and shapes)."""
+    args, lower = _lowering(spec, mcfg, params, ids, rows)
+    return COMPILED.program(("generate", spec, mcfg, signature(args)), lower)
+
+
+def lower_generate(params, model_config: ModelConfig, decode_config: DecodeConfig, *, batch: int,
+                   prompt_len: int) -> jax.stages.Lowered:
+    """The program ``generate`` runs for ``batch`` prompts of at most ``prompt_len`` tokens under
+    ``decode_config``, lowered from shapes (``params`` may be ``ShapeDtypeStruct``s with shardings;
+    ids and row values are built as structs replicated on the same devices). ``.compile()`` it."""
+    cfg = decode_config.resolve(model_config)
+    padded, capacity = _shapes(cfg, [prompt_len])
+    spec = cfg.program_spec(platform_of(params), capacity=capacity, prompt_len=padded)
+    ids = jax.ShapeDtypeStruct((batch, padded), np.int32)
+    rows = cfg.row_params([prompt_len] * batch, list(range(batch)))   # host values: only shapes are used
+    return _lowering(spec, model_config, params, ids, rows)[1]()
 
 
 def generate(model, prompt_ids: Sequence[Sequence[int]] | Sequence[int], config: DecodeConfig | None = None,
              *,
              batch_size: int | None = None, request_ids: Sequence[int] | None = None,
              **overrides: Any) -> GenerateResult:
-    """Decode a batch of prompts (spec §5) and return tokens, NFE/TPF and optional traces.
+    """Decode a batch of prompts (algorithm §5) and return tokens, NFE/TPF and optional traces.
 
     ``config``: a :class:`DecodeConfig` (default ``DecodeConfig()``); ``overrides`` are its fields as
     keywords (``strategy="llada2", threshold=0.95``; ``soft_embedding_impl`` is the old name of
@@ -83,7 +105,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]] | Sequence[int], config:
     ``batch_size`` pads the batch with copies of row 0 (results dropped) so that a ragged final
     batch reuses the compiled program.
     """
-    params, mcfg = _model_parts(model)
+    params, mcfg = model_parts(model)
     cfg = (config or DecodeConfig()).replace(**overrides) if overrides else (config or DecodeConfig())
     if not isinstance(cfg, DecodeConfig):
         raise TypeError(f"config must be a DecodeConfig, got {type(cfg).__name__}")
@@ -101,21 +123,17 @@ def generate(model, prompt_ids: Sequence[Sequence[int]] | Sequence[int], config:
         rows = rows + [rows[0]] * (batch_size - n_real)
         rids = rids + [rids[0]] * (batch_size - n_real)
 
-    B = cfg.block_length
-    bucket = cfg.prompt_bucket or buckets.round_up(max(buckets.DEFAULT_PROMPT_BUCKET, B), B)
-    padded, capacity = buckets.shapes([len(r) for r in rows], cfg.gen_length, B, bucket)
+    padded, capacity = _shapes(cfg, [len(r) for r in rows])
     ids, lens = buckets.pack_prompts(rows, padded, cfg.mask_id)
-    static, row_params = cfg.split(lens, rids)
-    spec = DecodeSpec(**dataclasses.asdict(static), prompt_len=padded, capacity=capacity)
-    args = (params, ids, row_params)
-
-    exe, compile_seconds = _executable(spec, mcfg, args)
+    row_params = cfg.row_params(lens, rids)
+    spec = cfg.program_spec(platform_of(params), capacity=capacity, prompt_len=padded)
+    exe, compile_seconds = _program(spec, mcfg, params, ids, row_params)
     t1 = time.perf_counter()
-    out = jax.device_get(exe(*args))
+    out = jax.device_get(exe(params, ids, row_params))
     t2 = time.perf_counter()
     meta = None
     if cfg.trace:
-        meta = {"block_length": B, "mask_id": cfg.mask_id, "eos_id": cfg.eos_id,
+        meta = {"block_length": cfg.block_length, "mask_id": cfg.mask_id, "eos_id": cfg.eos_id,
                 "first_cross": cfg.strategy != "llada2"}
     return build_result(out, [len(r) for r in rows[:n_real]], eos_id=cfg.eos_id, seconds=t2 - t1,
                         compile_seconds=compile_seconds, strategy=cfg.strategy, trace_meta=meta)

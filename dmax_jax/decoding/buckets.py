@@ -1,9 +1,9 @@
-"""Where every row's blocks lie, and the static shapes a request compiles to (spec §5.1).
+"""Where every row's blocks lie, and the static shapes a request compiles to (algorithm §5.1).
 
 Why buckets: the decode program is one compiled XLA computation per static shape. Prompts are
 padded to a multiple of ``prompt_bucket`` (itself a multiple of the block) and the cache/sequence
 capacity is ``prompt bucket + gen_length rounded up to the block``, so every prompt of one bucket
-reuses one compilation. Row geometry (spec §5.1, per row so rows of different lengths coexist):
+reuses one compilation. Row geometry (algorithm §5.1, per row so rows of different lengths coexist):
 
     s0 = B * floor(P / B)            first decoded block starts here (may hold the prompt tail)
     T  = B * ceil((P + G) / B)       end of the last block
@@ -24,7 +24,7 @@ DEFAULT_PROMPT_BUCKET = 128
 
 
 def row_geometry(prompt_len, gen_length, block: int):
-    """``(s0, T, n_blocks)`` for prompt length(s) ``P`` (spec §5.1)."""
+    """``(s0, T, n_blocks)`` for prompt length(s) ``P`` (algorithm §5.1)."""
     s0 = (prompt_len // block) * block
     end = round_up(prompt_len + gen_length, block)
     return s0, end, (end - s0) // block

@@ -1,7 +1,7 @@
-"""Compacted forwards: a round's forward computed only for the rows that need it.
+"""Compacted forwards: a block step's forward computed only for the rows that need it.
 
 Why: on a compute-bound device (a CPU; a GPU or TPU once the batch is wide) a forward costs every
-row of its batch, and inside a round most rows often need none: they finished their block and wait
+row of its batch, and inside a block step most rows often need none: they finished their block and wait
 for the step loop to exit, they take their step-0 logits from the cross-block forward, or they do
 not cross a block boundary at all. :func:`compacted` gathers the rows that need the forward into
 the smallest of a few static widths (``compact_widths``: n, n/2, n/4 — all in one program, a
@@ -18,25 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# ``compact="auto"``: on where forwards are compute-bound at serving widths. A GPU or TPU reads the
-# weights once per forward whatever its width at these batch sizes, and a compacted forward adds a
-# copy of the gathered rows' KV cache: off there until bench/engine.py shows otherwise on the device.
-AUTO_COMPACT = {"cpu": True, "gpu": False, "tpu": False}
 COMPACT_DIVISORS = (4, 2)  # a forward over n rows may also run at ceil(n/4) and ceil(n/2) rows
-
-
-def resolve_compact(setting: bool | str, params: Any) -> bool:
-    """``True`` / ``False`` as given; ``"auto"``: ``AUTO_COMPACT`` of the platform the parameters are on."""
-    if isinstance(setting, bool):
-        return setting
-    if setting != "auto":
-        raise ValueError(f"compact must be True, False or 'auto', got {setting!r}")
-    leaf = jax.tree.leaves(params)[0]
-    devices = leaf.devices() if isinstance(leaf, jax.Array) else set()
-    platform = next(iter(devices)).platform if devices else jax.default_backend()
-    if platform not in AUTO_COMPACT:
-        raise ValueError(f"compact='auto' knows the platforms {tuple(AUTO_COMPACT)}, not {platform!r}")
-    return AUTO_COMPACT[platform]
 
 
 def compact_widths(n: int, enabled: bool = True) -> tuple[int, ...]:

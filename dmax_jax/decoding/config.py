@@ -1,21 +1,24 @@
-"""``DecodeConfig``: every knob of one decode request, validated once, split into compile key + traced values.
+"""The chain of decode settings, host to device: ``DecodeConfig`` → ``RowParams`` → ``ProgramSpec``.
 
-Why one object: ``generate``, ``decode.py``, the eval CLI, the demo and the server all take the same
+    DecodeConfig   host, one per request, validated at construction (every knob; what callers build)
+        │  .row_params(prompt_lens, request_ids)
+        ▼
+    RowParams      device, traced, one entry per row: changing a value never recompiles
+        │  .program_spec(platform, capacity=..)   (generate)    program.engine_spec(..)   (Engine)
+        ▼
+    ProgramSpec    static, hashable: the compile key of a decode program (with the model config and
+                   the argument shapes); carries the target platform of every per-platform choice
+
+Why one chain: ``generate``, ``decode.py``, the eval CLI, the demo and the server all take the same
 knobs; validating them in one place means a bad value (τ = 1.5, ``dtype="float8"``) gets the same
 ``DecodeConfigError`` naming the field and its allowed range everywhere, before anything compiles.
 
-Split (what recompiles and what does not): :meth:`DecodeConfig.static_part` is the hashable part of
-the compile key (strategy, block length, greedy vs sampling, forward bound per block, soft-embedding
-settings, dtype, trace); :meth:`DecodeConfig.row_params` builds the traced per-row values
-(:class:`RowParams`: gen length, EOS id, seed, thresholds, temperature, step count) — changing those
-never recompiles, and each row of one batch may carry its own.
-
 ``gen_length`` rule: any positive length. Blocks are aligned to multiples of ``block_length`` from
-``s0 = B·floor(P/B)`` (spec §5.1), so the last block may reach past ``P + gen_length``; those
+``s0 = B·floor(P/B)`` (algorithm §5.1), so the last block may reach past ``P + gen_length``; those
 positions are decoded with their block (they are in its bidirectional attention) but never
 returned: a result holds at most ``gen_length`` tokens, as the LLaDA2 HF ``generate`` returns
-``x[P : P + gen_length]`` (spec §5.5b) and as dInfer's eval, whose bucketed ``G`` makes ``P + G`` a
-block multiple (spec §5.1), never decodes past ``P + G``. TPF counts the returned region only.
+``x[P : P + gen_length]`` (algorithm §5.5b) and as dInfer's eval, whose bucketed ``G`` makes ``P + G`` a
+block multiple (algorithm §5.1), never decodes past ``P + G``. TPF counts the returned region only.
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmax_jax.config import DTYPE_NAMES
+from dmax_jax.decoding.strategies import threshold_max_forwards
 
 STRATEGIES = ("spd", "threshold", "llada2")
+# The knobs a request may set on its own (traced, per row); every other field is a program setting.
+PER_REQUEST = ("strategy", "gen_length", "threshold", "accept_threshold", "steps", "temperature", "seed")
 SOFT_IMPLS = ("auto", "pallas", "xla")
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # Old keyword of ``generate`` → field name (kept so existing callers keep working).
@@ -77,52 +83,59 @@ def _choice(name: str, v: Any, allowed: Sequence[str]) -> None:
         raise DecodeConfigError(name, f"must be one of {', '.join(allowed)}; got {v!r}")
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeStatic:
-    """The config's part of the compile key (hashable). Shapes (prompt bucket, capacity) are added by
-    the program builder from the request."""
-
-    strategy: str
-    block_length: int
-    mask_id: int
-    greedy: bool
-    max_steps: int      # static bound on forwards per block: spd cap, llada2 steps, threshold worst case
-    top_k: int
-    max_unroll: int
-    expected_tpf: int
-    soft_impl: str
-    dtype: str
-    trace: bool
-
-
 @flax.struct.dataclass
 class RowParams:
-    """Traced per-row values of a decode program, each ``[batch]``; changing them never recompiles."""
+    """Traced per-row values of a decode program, each ``[batch]``; changing them never recompiles,
+    and every row of a batch may carry its own.
 
-    prompt_lens: jax.Array        # int32: real prompt length
-    request_ids: jax.Array        # int32: RNG stream of the row (fold_in), independent of the batch
-    gen_length: jax.Array         # int32: tokens asked for (result cut to it)
-    eos_id: jax.Array             # int32
-    seed: jax.Array               # int32
-    threshold: jax.Array          # f32: τ_dec (spd) / τ (threshold, llada2)
-    accept_threshold: jax.Array   # f32: τ_acc (spd)
-    temperature: jax.Array        # f32: 0 = greedy row (also inside a sampling program)
-    steps: jax.Array              # int32: forwards per block (spd cap, llada2 steps, threshold bound)
+    Args:
+        prompt_lens: int32 real prompt length.
+        request_ids: int32 sampling stream of the row (``fold_in``), independent of the batch.
+        gen_length: int32 tokens asked for (the result is cut to it).
+        eos_id: int32 EOS id.
+        seed: int32 sampling seed.
+        threshold: f32 τ_dec (spd) / τ (threshold, llada2).
+        accept_threshold: f32 τ_acc (spd).
+        temperature: f32; 0 = a greedy row (also inside a sampling program).
+        steps: int32 forwards per block (spd cap, llada2 steps, threshold's bound).
+    """
+
+    prompt_lens: jax.Array
+    request_ids: jax.Array
+    gen_length: jax.Array
+    eos_id: jax.Array
+    seed: jax.Array
+    threshold: jax.Array
+    accept_threshold: jax.Array
+    temperature: jax.Array
+    steps: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """Knobs of one decode request; invalid values raise :class:`DecodeConfigError` at construction.
 
-    ``strategy``: ``spd`` (Soft Parallel Decoding: τ_dec = ``threshold``, τ_acc = ``accept_threshold``,
-    soft top-``top_k`` mixing with ``soft_impl``), ``threshold`` (dInfer threshold decoding, τ =
-    ``threshold``, ``max_unroll``/``expected_tpf`` forwards per progress check; takes no ``steps``) or
-    ``llada2`` (the HF ``generate``: ``threshold`` its acceptance threshold, ``steps`` refinement steps
-    per block). ``steps``: spd's forward cap per block / llada2's steps (default ``block_length``;
-    llada2 caps it at ``gen_length``). ``gen_length``: at most this many tokens come back (module doc).
-    ``dtype``: compute dtype (None: the model's). ``prompt_bucket``: prompt padding multiple (None:
-    ``max(128, block_length)`` rounded to the block). ``mask_id``/``eos_id``: None = the model config's.
-    ``trace``: record every step for the HTML viewer.
+    Args:
+        strategy: ``spd`` (Soft Parallel Decoding, algorithm §5.2), ``threshold`` (dInfer threshold
+            decoding, §5.5a) or ``llada2`` (the LLaDA2 HF ``generate`` schedule, §5.5b).
+        block_length: tokens per block (B).
+        gen_length: at most this many tokens come back (module doc).
+        threshold: τ_dec of spd / τ of threshold and llada2, in [0, 1].
+        accept_threshold: τ_acc of spd's convergence test, in [0, 1].
+        steps: spd's forward cap per block / llada2's refinement steps per block (None: block_length;
+            llada2 caps it at gen_length); threshold takes none.
+        temperature: 0 = argmax; above 0 the row samples (Gumbel-max with its own keys).
+        seed: int32 sampling seed; keys are ``fold_in(fold_in(key(seed), request id), forward)``.
+        top_k: spd's soft-embedding mixing over the top k predictions (spd only).
+        soft_impl: soft-embedding kernel: ``auto`` | ``pallas`` | ``xla``.
+        dtype: compute dtype name (None: the model's compute dtype).
+        max_unroll: threshold decoding's forwards per progress check at most.
+        expected_tpf: threshold decoding's expected tokens per forward (unrolling rule).
+        prompt_bucket: prompt padding multiple of ``generate`` (None: ``max(128, block_length)``
+            rounded to the block).
+        mask_id: the [MASK] id (None: the model config's).
+        eos_id: the EOS id (None: the model config's).
+        trace: record every step for the HTML viewer.
     """
 
     strategy: str = "spd"
@@ -210,26 +223,19 @@ class DecodeConfig:
             dtype = "float32" if default_dtype is None else _dtype_name(default_dtype)
         return dataclasses.replace(self, mask_id=int(mask), eos_id=int(eos), dtype=dtype)
 
-    # ---- the split ------------------------------------------------------------------------------
+
+    # ---- the chain: per-row device values and the static program spec ------------------------------
     def step_count(self) -> int:
         """Forwards per block of this request (the runtime value ``RowParams.steps``)."""
         if self.strategy == "threshold":
-            from dmax_jax.decoding.strategies import threshold_max_forwards
-
             return threshold_max_forwards(self.block_length, self.expected_tpf, self.max_unroll)
         n = self.block_length if self.steps is None else int(self.steps)
         return min(n, self.gen_length) if self.strategy == "llada2" else n
 
-    def static_part(self) -> DecodeStatic:
-        """The compile-key part (needs :meth:`resolve` first: mask id and dtype are static)."""
-        if self.mask_id is None or self.dtype is None:
-            raise ValueError("DecodeConfig.static_part needs mask_id and dtype: call resolve(model_config)")
+    def max_steps(self) -> int:
+        """Static bound on forwards per block (the step loop's trip count and trace depth)."""
         n = self.step_count()
-        max_steps = n if self.strategy == "threshold" else max(self.block_length, n)
-        return DecodeStatic(strategy=self.strategy, block_length=self.block_length, mask_id=self.mask_id,
-                            greedy=self.temperature == 0, max_steps=max_steps, top_k=self.top_k,
-                            max_unroll=self.max_unroll, expected_tpf=self.expected_tpf,
-                            soft_impl=self.soft_impl, dtype=self.dtype, trace=self.trace)
+        return n if self.strategy == "threshold" else max(self.block_length, n)
 
     def row_params(self, prompt_lens: Sequence[int], request_ids: Sequence[int]) -> RowParams:
         """The traced values, one entry per row (NumPy; ``jax.tree.map`` them onto devices as needed)."""
@@ -248,6 +254,87 @@ class DecodeConfig:
                          temperature=full(self.temperature, np.float32),
                          steps=full(self.step_count(), np.int32))
 
-    def split(self, prompt_lens: Sequence[int], request_ids: Sequence[int]) -> tuple[DecodeStatic, RowParams]:
-        """``(static_part(), row_params(...))`` of a resolved config."""
-        return self.static_part(), self.row_params(prompt_lens, request_ids)
+    def program_spec(self, platform: str, *, capacity: int, prompt_len: int = 0) -> ProgramSpec:
+        """``generate``'s compile key for this (resolved) config: one strategy, greedy or sampling
+        decided by ``temperature``, rows of ``capacity`` positions, a ``prompt_len`` prompt bucket."""
+        if self.mask_id is None or self.dtype is None:
+            raise ValueError("DecodeConfig.program_spec needs mask_id and dtype: call resolve(model_config)")
+        return ProgramSpec(strategies=(self.strategy,), block_length=self.block_length, mask_id=self.mask_id,
+                           max_steps=(self.max_steps(),), greedy=self.temperature == 0, top_k=self.top_k,
+                           max_unroll=self.max_unroll, expected_tpf=self.expected_tpf,
+                           soft_impl=self.soft_impl, dtype=self.dtype, platform=platform, capacity=capacity,
+                           trace=self.trace, prompt_len=prompt_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramSpec:
+    """Everything static about one compiled decode program (hashable: the compile key, with the model
+    config and the argument shapes). ``generate`` builds it with :meth:`DecodeConfig.program_spec`,
+    the engine with ``serving.program.engine_spec``; the block step (``decoding.block``) reads it.
+
+    Args:
+        strategies: the step rules the program runs (``generate``: one; the engine: those it serves).
+        block_length: tokens per block (B).
+        mask_id: the [MASK] token id.
+        max_steps: per strategy, the static bound on forwards per block.
+        greedy: True: argmax program; False: sampling program (rows at temperature 0 still take the
+            argmax); None: chosen per call from the rows' temperatures (the engine).
+        top_k: SPD's soft-embedding mixing width.
+        max_unroll: threshold decoding's forwards per progress check at most.
+        expected_tpf: threshold decoding's expected tokens per forward (unrolling rule).
+        soft_impl: soft-embedding kernel (``auto`` | ``pallas`` | ``xla``).
+        dtype: compute dtype name (KV cache too).
+        platform: the platform the program is compiled for (``dmax_jax.platforms.platform_of`` the
+            parameters), passed to every model forward and soft-embedding call.
+        capacity: positions per row that may hold valid tokens (KV-cache slots attention reads).
+        trace: record confidences and trace states of every step (``generate(trace=True)``).
+        snapshots: record the block after every forward (the engine's provisional snapshots).
+        prompt_len: ``generate``: the padded prompt bucket.
+        prefill_chunk: the engine: prompt tokens per prefill entry (a multiple of B).
+        prefill_batch: the engine: prompt chunks per prefill call at most.
+        exit_factor: the engine: a round's step loop ends once at most ``1/exit_factor`` of its rows
+            are live (0: every block runs to its end, as in ``generate``).
+        compact: forwards run for the rows that need them only (``decoding.compact``).
+    """
+
+    strategies: tuple[str, ...]
+    block_length: int
+    mask_id: int
+    max_steps: tuple[int, ...]
+    greedy: bool | None
+    top_k: int
+    max_unroll: int
+    expected_tpf: int
+    soft_impl: str
+    dtype: str
+    platform: str
+    capacity: int
+    trace: bool = False
+    snapshots: bool = False
+    prompt_len: int = 0
+    prefill_chunk: int = 0
+    prefill_batch: int = 0
+    exit_factor: int = 0
+    compact: bool = False
+
+    def steps_of(self, strategy: str) -> int:
+        """The static forward bound of ``strategy``'s step loop."""
+        return self.max_steps[self.strategies.index(strategy)]
+
+    @property
+    def record_steps(self) -> int:
+        """Depth of a block's step record: the largest bound of the program's strategies."""
+        return max(self.max_steps)
+
+    @property
+    def max_blocks(self) -> int:
+        return self.capacity // self.block_length
+
+    @property
+    def row_len(self) -> int:
+        """Positions of a token / cache row: ``capacity`` plus, in the engine, scratch columns (the
+        K/V a cross forward of a row that does not cross writes; an overhanging prefill chunk)."""
+        if not self.prefill_chunk:
+            return self.capacity
+        return self.capacity + max(2 * self.block_length, self.prefill_chunk)
+

@@ -1,4 +1,4 @@
-"""The model forwards of block decoding, against the fixed-capacity KV cache (spec §5.1-5.3).
+"""The model forwards of block decoding, against the fixed-capacity KV cache (algorithm §5.1-5.3).
 
 Cache invariant (per row): slots ``[0, length)`` hold the K/V of *final hard tokens* of every
 position before the current block, computed under the block-causal mask. Three forwards keep it:
@@ -6,7 +6,7 @@ position before the current block, computed under the block-causal mask. Three f
 * ``prefill``   one forward over the padded prompt bucket; ``length = s0`` (start of the first
                 decoded block). Slots past ``s0`` were written but stay invisible, so a prompt
                 shorter than a block does not leave stale MASK K/V in the cache — a deliberate
-                departure from the reference's P < 32 quirk (spec §7.10), which a full recompute
+                departure from the reference's P < 32 quirk (algorithm §7.10), which a full recompute
                 could not reproduce either.
 * ``cross``     the first forward of every block after the first: previous + current block
                 (2B hard tokens), commits the previous block (``commit_length = B``); only the
@@ -15,10 +15,12 @@ position before the current block, computed under the block-causal mask. Three f
 
 ``first_block``  the LLaDA2 HF ``generate``'s first forward (prompt bucket + one block): the first
                 block's logits and the prompt's K/V. That schedule recomputes ``[0, end)`` every
-                step (spec §5.5b); under block-causal attention the K/V of a finished block never
+                step (algorithm §5.5b); under block-causal attention the K/V of a finished block never
                 change, so its later steps are ``cross`` (first step of a block) and ``block``
                 forwards against the cache — the same logits for a fraction of the work.
-``window_logits`` is the cache-free recompute itself (kept as the reference for tests and benches).
+
+``platform`` (every function): the platform the program is compiled for (``ProgramSpec.platform``), so
+the model's per-platform kernels are those of the target devices, not of the host.
 """
 
 from __future__ import annotations
@@ -47,18 +49,18 @@ def positions(start: jax.Array, size: int) -> jax.Array:
 
 
 def prefill(params, config: ModelConfig, prompt_ids: jax.Array, s0: jax.Array, capacity: int, block: int,
-            dtype) -> KVCache:
+            dtype, platform: str | None = None) -> KVCache:
     """Prompt-bucket forward ``[b, Pp]`` → cache whose valid prefix is ``[0, s0)`` per row."""
     b, length = prompt_ids.shape
     cache = init_cache(config, b, capacity, dtype)
     pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     _, cache = forward(params, config, prompt_ids, positions=pos, mask=MaskSpec("block_causal", block),
-                       cache=cache, commit=True, dtype=dtype)
+                       cache=cache, commit=True, dtype=dtype, platform=platform)
     return cache.replace(length=s0.astype(jnp.int32))
 
 
 def first_block(params, config: ModelConfig, x: jax.Array, s0: jax.Array, padded_len: int, capacity: int,
-                block: int, dtype) -> tuple[jax.Array, KVCache]:
+                block: int, dtype, platform: str | None = None) -> tuple[jax.Array, KVCache]:
     """Forward of ``x[:, :padded_len + B]`` (prompt bucket + MASKs; holds every row's first block
     ``[s0, s0 + B)``) → ``(first-block logits [b, B, V], cache valid on [0, s0))``. Positions past a
     row's first block cannot influence it (block-causal), so the logits are the reference's first
@@ -67,12 +69,14 @@ def first_block(params, config: ModelConfig, x: jax.Array, s0: jax.Array, padded
     cache = init_cache(config, b, capacity, dtype)
     pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     logits, cache = forward(params, config, x[:, :length], positions=pos,
-                            mask=MaskSpec("block_causal", block), cache=cache, commit=True, dtype=dtype)
+                            mask=MaskSpec("block_causal", block), cache=cache, commit=True, dtype=dtype,
+                            platform=platform)
     return row_slice(logits, s0, block), cache.replace(length=s0.astype(jnp.int32))
 
 
 def cross_forward(params, config: ModelConfig, x: jax.Array, start: jax.Array, cache: KVCache, block: int,
-                  dtype, cache_window: int | None = None) -> tuple[jax.Array, KVCache]:
+                  dtype, cache_window: int | None = None,
+                  platform: str | None = None) -> tuple[jax.Array, KVCache]:
     """Previous + current block from ``x`` (hard ids) against ``cache[:start − B]``; commits the
     previous block. Returns the current block's logits ``[b, B, V]`` and the advanced cache.
     ``cache_window``: as in ``model.llada2.forward``."""
@@ -80,23 +84,16 @@ def cross_forward(params, config: ModelConfig, x: jax.Array, start: jax.Array, c
     ids = row_slice(x, prev, 2 * block)
     logits, cache = forward(params, config, ids, positions=positions(prev, 2 * block),
                             mask=MaskSpec("block_causal", block), cache=cache, commit=True,
-                            commit_length=block, dtype=dtype, cache_window=cache_window)
+                            commit_length=block, dtype=dtype, cache_window=cache_window,
+                            platform=platform)
     return logits[:, block:], cache
 
 
 def block_forward(params, config: ModelConfig, embeds: jax.Array, start: jax.Array, cache: KVCache,
-                  block: int, dtype, cache_window: int | None = None) -> jax.Array:
+                  block: int, dtype, cache_window: int | None = None,
+                  platform: str | None = None) -> jax.Array:
     """Current block from input embeddings ``[b, B, H]`` against the cache; logits ``[b, B, V]``."""
     logits, _ = forward(params, config, inputs_embeds=embeds, positions=positions(start, block),
                         mask=MaskSpec("block_causal", block), cache=cache, dtype=dtype,
-                        cache_window=cache_window)
+                        cache_window=cache_window, platform=platform)
     return logits
-
-
-def window_logits(params, config: ModelConfig, x: jax.Array, start: jax.Array, block: int,
-                  dtype) -> jax.Array:
-    """Logits ``[b, B, V]`` of the current block ``x[:, start:start+B]`` from a cache-free
-    block-causal forward of the whole sequence ``[b, C]``. Positions past a row's current window
-    cannot influence it (block-causal), so this equals recomputing ``[0, window)``."""
-    logits, _ = forward(params, config, x, mask=MaskSpec("block_causal", block), dtype=dtype)
-    return row_slice(logits, start, block)

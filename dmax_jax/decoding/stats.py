@@ -1,9 +1,9 @@
-"""Per-request results: generated tokens, NFE/TPF accounting (spec §6) and decode traces.
+"""Per-request results: generated tokens, NFE/TPF accounting (algorithm §6) and decode traces.
 
-Accounting follows the dInfer evaluation (spec §6, §7.13): NFE counts every model forward of the
+Accounting follows the dInfer evaluation (algorithm §6, §7.13): NFE counts every model forward of the
 request including the prefill; ``tokens_ref`` counts the non-EOS tokens of the generated region
 (so non-EOS tokens after the first EOS inside the final block count, as do [MASK] tokens that
-survive when ``threshold > accept_threshold``, spec §7.6); ``tpf = tokens_ref / nfe``.
+survive when ``threshold > accept_threshold``, algorithm §7.6); ``tpf = tokens_ref / nfe``.
 ``token_ids`` is the generated text proper: everything before the first EOS.
 """
 
@@ -47,10 +47,11 @@ def row_outputs(x: np.ndarray, prompt_len: int, gen_end: int, eos_id: int) -> tu
     return [int(t) for t in cut], int((region != eos_id).sum())
 
 
-def build_result(out: dict, prompt_lens: list[int], *, eos_id: int, seconds: float, compile_seconds: float,
+def build_result(out: Any, prompt_lens: list[int], *, eos_id: int, seconds: float, compile_seconds: float,
                  strategy: str, trace_meta: dict | None) -> GenerateResult:
-    """Host-side conversion of the program outputs (numpy arrays) into a :class:`GenerateResult`."""
-    x, nfe, gen_end = np.asarray(out["x"]), np.asarray(out["nfe"]), np.asarray(out["gen_end"])
+    """Host-side conversion of the program's ``loop.DecodeOutput`` (fetched to the host) into a
+    :class:`GenerateResult`."""
+    x, nfe, gen_end = np.asarray(out.x), np.asarray(out.nfe), np.asarray(out.gen_end)
     ids, refs = [], []
     for i, p in enumerate(prompt_lens):
         t, r = row_outputs(x[i], p, int(gen_end[i]), eos_id)
@@ -59,7 +60,7 @@ def build_result(out: dict, prompt_lens: list[int], *, eos_id: int, seconds: flo
     nfe_l = [int(n) for n in nfe[: len(prompt_lens)]]
     traces = None
     if trace_meta is not None:
-        traces = traces_from_buffers(out["trace"], prompt_lens, **trace_meta)
+        traces = traces_from_buffers(out.trace, prompt_lens, **trace_meta)
         for tr, n, r in zip(traces, nfe_l, refs):  # the viewer's TPF is the result's (RESULT_KEYS)
             tr.update(nfe=n, prefill_forwards=int(n - len(tr["steps"])), tokens_ref=r)
     return GenerateResult(token_ids=ids, nfe=nfe_l, tokens=[len(t) for t in ids], tokens_ref=refs,

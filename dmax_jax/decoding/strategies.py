@@ -1,13 +1,13 @@
 """Per-step decision rules of the three decoders, as pure batched functions over one block.
 
 Shapes: ``xb [batch, block]`` current block tokens, ``logits [batch, block, vocab]`` f32. Nothing
-here runs the model; :mod:`dmax_jax.decoding.loop` drives these rules inside ``lax.while_loop``.
+here runs the model; :mod:`dmax_jax.decoding.block` drives these rules inside ``lax.while_loop``.
 
-* ``spd``       Soft Parallel Decoding (spec §5.2 step 3-5): left-to-right cutoff transfer, revision of
+* ``spd``       Soft Parallel Decoding (algorithm §5.2 step 3-5): left-to-right cutoff transfer, revision of
                 already-decoded active tokens, convergence test, soft input embeddings.
-* ``threshold`` dInfer threshold decoding (spec §5.5a): commit every masked position whose
+* ``threshold`` dInfer threshold decoding (algorithm §5.5a): commit every masked position whose
                 confidence reaches ``min(τ, max c − 1e-5)``; committed tokens are final.
-* ``llada2``    the LLaDA2 HF ``generate`` rule (spec §5.5b): per-step transfer count with a
+* ``llada2``    the LLaDA2 HF ``generate`` rule (algorithm §5.5b): per-step transfer count with a
                 threshold override.
 """
 
@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmax_jax.decoding.config import STRATEGIES  # noqa: F401  (re-exported: the rules are per strategy)
 from dmax_jax.decoding.trace_schema import COMMITTED, MASKED, PROMPT, REVISED, SOFT
 
 
@@ -52,7 +51,7 @@ def choose_tokens(logits: jax.Array, *, greedy: bool, temperature: jax.Array, ke
     Greedy: ``x0 = argmax``. Sampling: ``x0 ~ softmax(logits / temperature)`` by Gumbel-max with the
     row's key (bit-identical to ``jax.random.categorical``; dInfer's ``add_gumbel_noise`` is the same
     rule). The confidence is ``p(x0)`` under the plain softmax (dInfer) or the tempered one
-    (``tempered_confidence``: the HF ``generate`` of spec §5.5b). ``probs`` only if ``need_probs``.
+    (``tempered_confidence``: the HF ``generate`` of algorithm §5.5b). ``probs`` only if ``need_probs``.
     ``temperature`` (scalar or per row): a row at 0 is greedy inside a sampling program too, so rows
     of one batch may mix greedy and sampled decoding.
     """
@@ -73,7 +72,7 @@ def choose_tokens(logits: jax.Array, *, greedy: bool, temperature: jax.Array, ke
     return x0, conf, probs
 
 
-# ---- SPD (spec §5.2) -----------------------------------------------------------------------------
+# ---- SPD (algorithm §5.2) -----------------------------------------------------------------------------
 @flax.struct.dataclass
 class SpdUpdate:
     tokens: jax.Array    # [b, B] block after the update
@@ -89,7 +88,7 @@ def first_true(m: jax.Array) -> jax.Array:
 
 
 def spd_update(xb, active, x0, conf, threshold, accept_threshold, mask_id: int) -> SpdUpdate:
-    """The ``decode_uniform`` update (spec §5.2 step 3-4)."""
+    """The ``decode_uniform`` update (algorithm §5.2 step 3-4)."""
     mask = xb == mask_id
     low = mask & (conf < per_row(threshold))
     cut = jnp.cumsum(low, axis=-1) > 0             # from the first low-confidence masked position on
@@ -105,20 +104,27 @@ def spd_update(xb, active, x0, conf, threshold, accept_threshold, mask_id: int) 
 
 
 def soft_inputs(table: jax.Array, tokens, x0, conf, probs, soft, *, top_k: int, mask_id: int, impl: str,
-                dtype) -> jax.Array:
-    """Next-step input embeddings ``[b, B, H]`` (spec §5.2 step 5): soft positions get
+                dtype, platform: str | None = None) -> jax.Array:
+    """Next-step input embeddings ``[b, B, H]`` (algorithm §5.2 step 5): soft positions get
     ``p·e_x0 + (1−p)·e_mask`` rescaled to the probability-weighted norm (top-k mixing if
     ``top_k > 1``); every other position its hard embedding (MASK rows stay ``e_mask``, prompt tail
     stays hard). Equivalent to the reference's incremental ``base``/``emb`` bookkeeping because a
     non-soft position is always either prompt or MASK."""
+    from dmax_jax.model.partitioned import rows_per_shard
     from kernels_pallas.soft_embedding import soft_embeddings  # lazy: kernels are optional at import
 
     if top_k == 1:
         ids, p = x0[..., None], conf[..., None]
     else:
         p, ids = jax.lax.top_k(probs, top_k)
-    mixed = soft_embeddings(table, ids.astype(jnp.int32), p.astype(jnp.float32), mask_id, impl=impl,
-                            out_dtype=dtype)
+    def mix(ids_, p_, table_):
+        return soft_embeddings(table_, ids_, p_, mask_id, impl=impl, out_dtype=dtype, platform=platform)
+
+    ids, p = ids.astype(jnp.int32), p.astype(jnp.float32)
+    if platform in ("gpu", "tpu"):  # a Pallas kernel there: XLA cannot partition it, run it per shard
+        mixed = rows_per_shard(mix, (ids, p), (table,))
+    else:
+        mixed = mix(ids, p, table)
     hard = jnp.take(table, tokens, axis=0).astype(dtype)
     return jnp.where(soft[..., None], mixed, hard)
 
@@ -130,7 +136,7 @@ def spd_states(update: SpdUpdate, prompt: jax.Array, final: jax.Array, mask_id: 
     return jnp.where(prompt, PROMPT, s).astype(jnp.int8)
 
 
-# ---- dInfer threshold decoding (spec §5.5a) ------------------------------------------------------
+# ---- dInfer threshold decoding (algorithm §5.5a) ------------------------------------------------------
 def threshold_update(xb, x0, conf, threshold, mask_id: int):
     """``get_transfer_index_threshold``: masked positions whose argmax is not MASK compete; commit all
     with ``c >= clamp(max c − 1e-5, −1000, τ)`` (≥ 1 unless every candidate predicts MASK).
@@ -148,7 +154,8 @@ def unroll_count(n_mask, expected_tpf: int, max_unroll: int):
 
 
 def threshold_max_forwards(block: int, expected_tpf: int, max_unroll: int) -> int:
-    """Worst-case forwards for one block (one token per check): the static loop bound."""
+    """Worst-case forwards for one block (one token per progress check, :func:`unroll_count`
+    forwards per check): threshold decoding's static loop bound."""
     return int(sum(max(1, min(m // expected_tpf, max_unroll)) for m in range(1, block + 1)))
 
 
@@ -158,7 +165,7 @@ def final_states(tokens, prompt, mask_id: int) -> jax.Array:
     return jnp.where(prompt, PROMPT, s).astype(jnp.int8)
 
 
-# ---- LLaDA2 HF generate (spec §5.5b) -------------------------------------------------------------
+# ---- LLaDA2 HF generate (algorithm §5.5b) -------------------------------------------------------------
 def transfer_schedule(block: int, steps: int) -> np.ndarray:
     """``_get_num_transfer_tokens``: ``block // steps`` per step, +1 for the first ``block % steps``."""
     sched = np.full((steps,), block // steps, np.int32)

@@ -22,6 +22,7 @@ from dmax_jax.demo.intervals import (
     points,
     ratio_interval,
     wilson_interval,
+    with_intervals,
 )
 
 KEPT_ACCURACY_POINTS = 2.0  # "at kept accuracy": within this many points of base + threshold (τ = 0.95)
@@ -39,15 +40,6 @@ def cell_record(name: str, strategy: str, tau: float, summary: Mapping[str, Any]
         _, lo, hi = mean_interval([s["tokens_ref"] / s["nfe"] for s in samples])
         rec["tpf_ci"] = [lo, hi]
     return with_intervals(rec)
-
-
-def with_intervals(rec: Record) -> dict[str, Any]:
-    """``rec`` with ``correct`` (problems solved) and ``accuracy_ci`` (Wilson) added; works on the
-    records of older results.json files, which hold only accuracy and samples."""
-    out = dict(rec)
-    out["correct"] = round(rec["accuracy"] * rec["samples"])
-    out["accuracy_ci"] = list(wilson_interval(out["correct"], rec["samples"]))
-    return out
 
 
 def evaluate_grid(models: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *, out_dir: str | os.PathLike,
@@ -239,7 +231,7 @@ def results_markdown(records: Sequence[Record], decode: DemoDecode = DEMO_DECODE
 def write_results(records: Sequence[Record], out_dir: str | os.PathLike, decode: DemoDecode = DEMO_DECODE,
                   extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """``results.md``, ``results.json`` and ``tradeoff.png`` under ``out_dir``."""
-    from dmax_jax.demo.plot import plot_tradeoff
+    from dmax_jax.demo.plot import plot_tradeoff  # lazy: matplotlib is an optional extra
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

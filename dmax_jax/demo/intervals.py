@@ -10,7 +10,8 @@ ratios (normal interval from their standard deviation, when the per-problem valu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
 
@@ -58,3 +59,12 @@ def ratio_interval(m1: float, lo1: float, hi1: float, m2: float, lo2: float, hi2
 def points(low_high: tuple[float, float]) -> str:
     """A proportion interval as "[a, b]" in percentage points."""
     return f"[{100 * low_high[0]:.1f}, {100 * low_high[1]:.1f}]"
+
+
+def with_intervals(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """A grid cell's record with ``correct`` (problems solved) and ``accuracy_ci`` (Wilson) added;
+    works on the records of older results.json files, which hold only accuracy and samples."""
+    out = dict(rec)
+    out["correct"] = round(rec["accuracy"] * rec["samples"])
+    out["accuracy_ci"] = list(wilson_interval(out["correct"], rec["samples"]))
+    return out

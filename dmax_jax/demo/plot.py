@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dmax_jax.demo.intervals import with_intervals
+
 STYLES = {("base", "threshold"): ("tab:blue", "o", "-"), ("base", "spd"): ("tab:blue", "s", "--"),
           ("dmax", "threshold"): ("tab:red", "o", "-"), ("dmax", "spd"): ("tab:red", "s", "--")}
 # Label offsets (points) tried in order, nearest first; a label moved further than the first ring
@@ -95,8 +97,6 @@ def tradeoff_figure(records: Sequence[Mapping[str, Any]]) -> Any:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dmax_jax.demo.grid import with_intervals
 
     records = [with_intervals(r) for r in records]
     fig, ax = plt.subplots(figsize=(8.4, 5.6), dpi=120)

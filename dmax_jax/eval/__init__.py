@@ -1,4 +1,5 @@
-"""Benchmarks, answer extraction, sandboxed code execution and the resumable eval loop (algorithm §5.4, §6)."""
+"""Benchmarks, answer extraction, sandboxed code execution and the resumable eval loop
+(algorithm §5.4, §6)."""
 
 from dmax_jax.eval.benchmarks import BENCHMARK_NAMES, Benchmark, Score, extract_code, get_benchmark
 from dmax_jax.eval.extract import canonicalize, extract_candidates, gsm8k_gold, is_correct

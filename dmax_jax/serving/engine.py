@@ -1,17 +1,18 @@
 """A block-level continuous-batching engine for SPD / threshold decoding.
 
-``Engine(model, max_batch=8, block_length=32, capacity=...)`` owns ``max_batch`` slots; slot i is
-row i of one fixed-capacity KV cache and token buffer. Every engine *round* is one call of one
-compiled program that advances every decoding slot by one block — the step loop stays inside
-``lax.while_loop`` — preceded, when requests were admitted, by one call of the compiled prefill
-program (one chunk of ``prefill_chunk`` prompt tokens for each of up to ``prefill_batch`` of them).
-Between rounds the host admits queued requests into free slots, retires finished ones and emits
-events. Requests are batch-invariant: their tokens equal ``dmax_jax.generate`` on the prompt alone.
+``Engine(model, defaults, max_batch=8, capacity=...)`` owns ``max_batch`` slots; slot i is row i of
+one fixed-capacity KV cache and token buffer. Every engine *round* is one call of one compiled
+program that advances every decoding slot by one block with the block step ``generate`` runs
+(``decoding.block``; the step loop stays inside ``lax.while_loop``), preceded, when requests were
+admitted, by one call of the compiled prefill program (one chunk of ``prefill_chunk`` prompt tokens
+for each of up to ``prefill_batch`` of them). Between rounds the host admits queued requests into
+free slots, retires finished ones and emits events. Requests are batch-invariant: their tokens equal
+``dmax_jax.generate`` on the prompt alone.
 
 Usage::
 
-    eng = Engine(model, max_batch=8, block_length=32).start()
-    h = eng.submit(EngineRequest(prompt_ids, max_tokens=256, temperature=0.0))
+    eng = Engine(model, DecodeConfig(block_length=32), max_batch=8).start()
+    h = eng.submit(EngineRequest(prompt_ids, eng.defaults.replace(gen_length=256, temperature=0.0)))
     for ev in h: ...           # ProvisionalStep* / BlockCommitted* / Finished
     eng.stop(drain=True)
 """
@@ -26,14 +27,13 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dmax_jax.decoding.api import _model_parts
-from dmax_jax.decoding.config import SOFT_IMPLS, DecodeConfig, DecodeConfigError
-from dmax_jax.decoding.strategies import threshold_max_forwards
+from dmax_jax.decoding.api import model_parts
+from dmax_jax.decoding.compiled import COMPILED, abstract, replicated, signature
+from dmax_jax.decoding.config import DecodeConfig
 from dmax_jax.serving import program as prog
-from dmax_jax.serving.compact import resolve_compact
+from dmax_jax.serving.program import SERVED_STRATEGIES
 from dmax_jax.serving.requests import (
     BlockCommitted,
     EngineClosedError,
@@ -44,7 +44,9 @@ from dmax_jax.serving.requests import (
     RequestHandle,
     Usage,
 )
-from dmax_jax.serving.slots import SERVED_STRATEGIES, Limits, Slot, check_settings, round_forwards, validate
+from dmax_jax.serving.slots import Limits, Slot, round_forwards, validate
+
+__all__ = ["SERVED_STRATEGIES", "Engine"]
 
 log = logging.getLogger(__name__)
 
@@ -53,79 +55,55 @@ class Engine:
     """Slot engine. Construction validates the configuration; :meth:`start` runs the round loop in
     a background thread (or drive it synchronously with :meth:`step` / :meth:`run_until_idle`).
 
-    ``model``: a ``Pretrained`` (``.params``, ``.config``) or ``(params, config)``; parameters may
-    be sharded over a mesh exactly as for ``generate`` (the engine's own buffers are then
-    replicated over the same devices). ``max_batch`` slots; ``block_length`` B (static);
-    ``capacity`` positions per slot (default: the model's ``max_position_embeddings``; a request
-    needs ``B * ceil((len(prompt) + max_tokens) / B)``); each round prefills one chunk of
-    ``prefill_chunk`` prompt tokens (a multiple of B) for each of up to ``prefill_batch`` admitted
-    requests, so at most ``prefill_chunk * prefill_batch`` prompt tokens delay the slots already
-    decoding; ``strategies`` the strategies served (``spd``, ``threshold``;
-    ``llada2`` is not served); ``dtype`` the compute dtype (cache too); ``top_k``, ``max_unroll``,
-    ``expected_tpf``, ``soft_embedding_impl`` as in ``generate`` (static); ``mask_id`` / ``eos_id``
-    default to the model config's. ``widths``: the batch widths compiled (default 1, max_batch // 4,
-    max_batch): a round computes only the smallest width holding its decoding slots, wherever they
-    sit; the prefill program likewise for 1 or ``prefill_batch`` chunks (``prefill_widths``).
-    ``exit_factor``: a round's step loop ends once at most ``1/exit_factor`` of the slots that
-    entered it are still decoding their block; those pause and resume next round beside the slots
-    that start new blocks (1: one forward per round; large: every block runs to its end).
-    ``compact``: every forward of a round runs only for the rows that need it, at n, n/2 or n/4 rows
-    (``serving.compact``; pays on a compute-bound device, costs compile time; tokens are the same);
-    ``"auto"``: on for CPU, off for GPU / TPU (``compact.AUTO_COMPACT``).
+    Args:
+        model: a ``Pretrained`` (``.params``, ``.config``) or ``(params, config)``; parameters may be
+            sharded over a mesh exactly as for ``generate`` (the engine's own buffers are then
+            replicated over the same devices).
+        defaults: the :class:`DecodeConfig` of requests that bring none; its program settings
+            (``block_length``, ``top_k``, ``soft_impl``, ``dtype`` (None: the model's compute dtype),
+            ``max_unroll``, ``expected_tpf``, ``mask_id`` / ``eos_id``) are the engine's, for every
+            request. Default ``DecodeConfig()``.
+        max_batch: slots.
+        capacity: positions per slot (default: the model's ``max_position_embeddings``; a request
+            needs ``B * ceil((len(prompt) + max_tokens) / B)``).
+        strategies: the strategies served (``spd``, ``threshold``; llada2 is not served); default
+            ``defaults.strategy`` first, then the other.
+        prefill_chunk: prompt tokens prefilled per admitted request per round (a multiple of B).
+        prefill_batch: requests prefilled per round at most, so at most ``prefill_chunk *
+            prefill_batch`` prompt tokens delay the slots already decoding.
+        widths: the round widths compiled (default 1, max_batch // 4, max_batch): a round computes
+            only the smallest width holding its decoding slots, wherever they sit; the prefill
+            program likewise for 1 or ``prefill_batch`` chunks (``prefill_widths``).
+        exit_factor: a round's step loop ends once at most ``1/exit_factor`` of the slots that
+            entered it are still decoding their block; those pause and resume next round beside the
+            slots that start new blocks (1: one forward per round; large: every block to its end).
+        compact: every forward of a round runs only for the rows that need it, at n, n/2 or n/4 rows
+            (``decoding.compact``; pays on a compute-bound device, costs compile time; same tokens);
+            ``"auto"``: on for CPU, off for GPU / TPU — of the parameters' devices.
     """
 
-    def __init__(self, model, *, max_batch: int = 8, block_length: int = 32, capacity: int | None = None,
-                 prefill_chunk: int = 128, prefill_batch: int = 8,
-                 strategies: tuple[str, ...] = SERVED_STRATEGIES, dtype=None,
-                 top_k: int = 1, max_unroll: int = 4, expected_tpf: int = 4,
-                 soft_embedding_impl: str = "auto", mask_id: int | None = None, eos_id: int | None = None,
-                 widths: tuple[int, ...] | None = None, exit_factor: int = 4, compact: bool | str = "auto"):
-        self.params, self.config = _model_parts(model)
-        cfg = self.config
-        strategies = tuple(strategies)
-        check_settings(strategies, max_batch=max_batch, block_length=block_length,
-                        prefill_chunk=prefill_chunk, prefill_batch=prefill_batch, top_k=top_k,
-                        max_unroll=max_unroll, expected_tpf=expected_tpf, exit_factor=exit_factor)
-        if soft_embedding_impl not in SOFT_IMPLS:
-            raise ValueError(f"soft_embedding_impl {soft_embedding_impl!r} is not one of {SOFT_IMPLS}")
-        cap = cfg.max_position_embeddings if capacity is None else int(capacity)
-        if cap < block_length or cap > cfg.max_position_embeddings:
-            raise ValueError(f"capacity {cap} must be in [block_length {block_length}, "
-                             f"max_position_embeddings {cfg.max_position_embeddings}]")
-        cap -= cap % block_length
-        self.eos_id = cfg.eos_token_id if eos_id is None else int(eos_id)
-        if self.eos_id is None:
-            raise ValueError("eos_id is not set and the model config has no eos_token_id")
-        mask_id = cfg.resolved_mask_token_id if mask_id is None else int(mask_id)
-        dtype = getattr(model, "compute_dtype", jnp.float32) if dtype is None else dtype
-        self.spec = prog.RoundSpec(
-            strategies=strategies, block_length=block_length, capacity=cap, prefill_chunk=prefill_chunk,
-            prefill_batch=min(prefill_batch, max_batch),
-            mask_id=mask_id, spd_max_steps=block_length,
-            threshold_max_steps=threshold_max_forwards(block_length, expected_tpf, max_unroll), top_k=top_k,
-            max_unroll=max_unroll, expected_tpf=expected_tpf, soft_impl=soft_embedding_impl,
-            dtype=jnp.dtype(dtype).name, exit_factor=exit_factor,
-            compact=resolve_compact(compact, self.params))
+    def __init__(self, model, defaults: DecodeConfig | None = None, *, max_batch: int = 8,
+                 capacity: int | None = None, strategies: tuple[str, ...] | None = None,
+                 prefill_chunk: int = 128, prefill_batch: int = 8, widths: tuple[int, ...] | None = None,
+                 exit_factor: int = 4, compact: bool | str = "auto"):
+        self.params, self.config = model_parts(model)
+        defaults = DecodeConfig() if defaults is None else defaults
+        if not isinstance(defaults, DecodeConfig):
+            raise TypeError(f"defaults must be a DecodeConfig, got {type(defaults).__name__}")
+        self.defaults = defaults.resolve(self.config, getattr(model, "compute_dtype", None))
+        self.spec = prog.engine_spec(self.params, self.config, self.defaults, max_batch=max_batch,
+                                     capacity=capacity, strategies=strategies, prefill_chunk=prefill_chunk,
+                                     prefill_batch=prefill_batch, exit_factor=exit_factor, compact=compact)
         self.max_batch = max_batch
-        # compiled batch widths: a round gathers its decoding slots into the smallest width holding
-        # them, so a lightly loaded engine does not pay for its idle slots
-        if widths is None:
-            widths = {1, max(1, max_batch // 4), max_batch}
-        self.widths = tuple(sorted(set(widths)))
-        self.prefill_widths = tuple(sorted({1, self.spec.prefill_batch}))
-        if not self.widths or self.widths[-1] != max_batch or self.widths[0] < 1:
-            raise ValueError(f"widths {widths} must be positive batch widths ending at max_batch {max_batch}")
-        try:
-            base = DecodeConfig(strategy=strategies[0], block_length=block_length, top_k=top_k,
-                                soft_impl=soft_embedding_impl, dtype=self.spec.dtype, max_unroll=max_unroll,
-                                expected_tpf=expected_tpf, mask_id=mask_id, eos_id=self.eos_id)
-        except DecodeConfigError as e:
-            raise ValueError(f"engine setting {e}") from None
-        self.limits = Limits(strategies, cap, cfg.vocab_size, base)
-        self._idle_row = base.row_params([1], [0])
-        self._sharding = prog.state_sharding(self.params)
+        self.widths = prog.batch_widths(max_batch, widths)
+        self.prefill_widths = prog.prefill_widths(self.spec)
+        self.eos_id = self.defaults.eos_id
+        self.limits = Limits(self.spec.strategies, self.spec.capacity, self.config.vocab_size,
+                             self.defaults.replace(strategy=self.spec.strategies[0]))
+        self._idle_row = self.defaults.row_params([1], [0])
+        self._sharding = replicated(self.params)
         self._state = None
-        self._exe = None
+        self._programs: dict = {}
         self._lock = threading.Condition()
         self._queue: collections.deque = collections.deque()   # (handle, prompt, DecodeConfig)
         self._slots: list[Slot | None] = [None] * max_batch
@@ -165,7 +143,7 @@ class Engine:
             self._lock.notify_all()
         return handle
 
-    def abort(self, request_id: int, reason: str = "abort") -> bool:
+    def abort(self, handle_id: int, reason: str = "abort") -> bool:
         """End a request at whatever stage it is (queued, prefilling, decoding) and free its slot
         before the next round; its handle gets ``Finished(reason)`` with the tokens committed so
         far. ``reason="stop"`` is the server's stop-string hook. False if it already finished."""
@@ -173,44 +151,49 @@ class Engine:
             raise ValueError(f"abort reason must be 'abort' or 'stop', got {reason!r}")
         with self._lock:
             for item in self._queue:
-                if item[0].id == request_id:
+                if item[0].id == handle_id:
                     self._queue.remove(item)
                     self._finish_queued(item[0], reason)
                     return True
             for i, slot in enumerate(self._slots):
-                if slot is not None and slot.handle.id == request_id:
+                if slot is not None and slot.handle.id == handle_id:
                     self._release(i, reason)
                     return True
         return False
 
     # ---- running ---------------------------------------------------------------------------------
     def warmup(self) -> None:
-        """Compile the round program now (``start`` and ``step`` do it too) by running one idle round."""
+        """Compile the engine's programs now (``start`` and ``step`` do it too): one per round width
+        and one per prefill width, built by ``program.program_lowerings`` (what ``lower_engine``
+        lowers) and shared, through the one compile cache, by every engine of this configuration."""
         if self._state is not None:
             return
-        spec, cfg = self.spec, self.config
+        spec, cfg, sh = self.spec, self.config, self._sharding
         make = functools.partial(prog.init_state, spec, cfg, self.max_batch)
-        self._state = (jax.jit(make, out_shardings=self._sharding) if self._sharding else jax.jit(make))()
-        key = (spec, cfg, self.max_batch, self._sharding)
-        if key not in prog.PROGRAMS:
-            shard = None if self._sharding is None else (jax.tree.map(lambda a: a.sharding, self._state),
-                                                          self._sharding)
-            prog.PROGRAMS[key] = prog.jit_programs(key, shard)
-        self._exe, self._prefill_exe = prog.PROGRAMS[key]
+        self._state = (jax.jit(make, out_shardings=sh) if sh else jax.jit(make))()
         t = time.perf_counter()
-        for w in self.widths:
-            self._run(self._decode_inputs([], w), None)
-        for p in self.prefill_widths:  # entries on the scratch row only: no slot is touched
-            self._run(None, self._prefill_inputs([], p))
+        lowerings = prog.program_lowerings(spec, cfg, self.params, self.max_batch, self.widths,
+                                           self._idle_row)
+        sig = signature(abstract(self.params))
+        for name, lower in lowerings.items():
+            self._programs[name], _ = COMPILED.program(self._key() + (name, sig), lower)
+        self._exe = functools.partial(self._call, "round")
+        self._prefill_exe = functools.partial(self._call, "prefill")
         self._counters["compile_seconds"] = time.perf_counter() - t
 
+    def _key(self) -> tuple:
+        return ("engine", self.spec, self.config, self.max_batch, self._sharding)
+
+    def _call(self, kind: str, params, state, inputs):
+        """Run the compiled ``kind`` program of the inputs' width."""
+        return self._programs[f"{kind}:{inputs.slot.shape[0]}"](params, state, inputs)
+
     def compile_count(self) -> int:
-        """Times the round programs of this engine's configuration were traced in this process
-        (engines of one configuration share them): one per block width and one per prefill width after
-        warm-up, and it stays so."""
-        key = (self.spec, self.config, self.max_batch, self._sharding)
-        return (sum(prog.TRACE_COUNT[(*key, "block", w)] for w in self.widths)
-                + sum(prog.TRACE_COUNT[(*key, "prefill", p)] for p in self.prefill_widths))
+        """Compilations of this engine's configuration in this process (engines of one configuration
+        share them): one per round width and one per prefill width after warm-up, and it stays so."""
+        key, names = self._key(), {f"round:{w}" for w in self.widths} | {f"prefill:{p}" for p in
+                                                                          self.prefill_widths}
+        return COMPILED.compiles(lambda k: k[:5] == key and k[5] in names)
 
     def start(self) -> Engine:
         """Compile (if not yet) and run the round loop in a background thread; returns self."""
@@ -310,37 +293,32 @@ class Engine:
     def _decode_inputs(self, decoding: list[int], width: int) -> prog.SlotRound:
         """Host arrays for the ``decoding`` slots (at most ``width``) that advance one block this
         round: entry j works on slot ``decoding[j]``; the rest are idle on the scratch row."""
-        B = self.block_length
-        f = {k: np.zeros(width, np.int32) for k in ("strategy", "k", "start", "nfe", "bstep", "left")}
-        f["slot"] = np.full(width, self.max_batch, np.int32)
-        f["decoding"], f["resume"] = np.zeros(width, bool), np.zeros(width, bool)
+        r = prog.idle_round(self.max_batch, width, self._idle_row)
         rows = [self._idle_row] * width
         for j, i in enumerate(decoding):
             s = self._slots[i]
-            f["slot"][j], f["decoding"][j], f["strategy"][j], f["k"][j] = i, True, s.strategy, s.k
-            f["start"][j], f["nfe"][j] = s.start(B), s.nfe
-            f["resume"][j], f["bstep"][j], f["left"][j] = s.bstep > 0, s.bstep, s.left
+            r.slot[j], r.decoding[j], r.strategy[j], r.k[j] = i, True, s.strategy, s.k
+            r.start[j], r.nfe[j] = s.start(self.block_length), s.nfe
+            r.resumed[j], r.steps_done[j], r.left[j] = s.steps_done > 0, s.steps_done, s.left
             rows[j] = s.row
-        return prog.SlotRound(rows=jax.tree.map(lambda *a: np.concatenate(a), *rows), **f)
+        return r.replace(rows=jax.tree.map(lambda *a: np.concatenate(a), *rows))
 
     def _prefill_inputs(self, prefill: list[int], width: int) -> prog.PrefillChunk:
         """The next prompt chunk of each ``prefill`` slot (at most ``width``) in ``width`` entries;
         their cursors advance here."""
-        M, C, P = self.spec.mask_id, self.spec.prefill_chunk, width
-        pc = dict(slot=np.full(P, self.max_batch, np.int32), start=np.zeros(P, np.int32),
-                  ids=np.full((P, C), M, np.int32), forward=np.zeros(P, bool), reset=np.zeros(P, bool),
-                  length=np.zeros(P, np.int32))
-        for p, i in enumerate(prefill):
+        C = self.spec.prefill_chunk
+        pc = prog.idle_prefill(self.spec, self.max_batch, width)
+        for e, i in enumerate(prefill):
             s = self._slots[i]
             c = s.cursor
             chunk = s.prompt[c:c + C]
-            pc["ids"][p, :chunk.size] = chunk
-            pc["slot"][p], pc["start"][p], pc["forward"][p], pc["reset"][p] = i, c, c < s.s0, c == 0
-            pc["length"][p] = min(c + C, s.s0)
+            pc.ids[e, :chunk.size] = chunk
+            pc.slot[e], pc.start[e], pc.forward[e], pc.reset[e] = i, c, c < s.s0, c == 0
+            pc.length[e] = min(c + C, s.s0)
             s.cursor = c + C
-        return prog.PrefillChunk(**pc)
+        return pc
 
-    def _run(self, r: prog.SlotRound | None, pc: prog.PrefillChunk | None) -> dict | None:
+    def _run(self, r: prog.SlotRound | None, pc: prog.PrefillChunk | None) -> prog.RoundOutput | None:
         """The round's prefill call (if ``pc``), then its block call (if ``r``); the block outputs."""
         if pc is not None:
             self._state = self._prefill_exe(self.params, self._state, pc)
@@ -373,24 +351,25 @@ class Engine:
                 self._counters[f"rounds_width_{width}"] += 1
                 self._process(plan, out)
 
-    def _process(self, plan: dict, out: dict) -> None:
+    def _process(self, plan: dict, out: prog.RoundOutput) -> None:
         B = self.block_length
         for j, (i, slot) in plan.items():  # entry j of the round worked on slot i
             if self._slots[i] is not slot:  # aborted while the round ran
                 continue
             h = slot.handle
-            slot.nfe = int(out["nfe"][j])
-            ran = np.flatnonzero(out["step_valid"][:, j])
+            slot.nfe = int(out.nfe[j])
+            ran = np.flatnonzero(out.snapshot_valid[:, j])
             if h.request.provisional:
                 for s in ran:
-                    snap = slot.generated(out["steps"][s, j], B)
-                    h._emit(ProvisionalStep(h.id, slot.k, slot.bstep + int(s), tuple(int(t) for t in snap)))
-            if not out["finished"][j]:  # paused mid-block: it resumes next round
-                slot.bstep, slot.left = slot.bstep + ran.size, int(out["left"][j])
+                    snap = slot.generated(out.snapshots[s, j], B)
+                    step = slot.steps_done + int(s)
+                    h._emit(ProvisionalStep(h.id, slot.k, step, tuple(int(t) for t in snap)))
+            if not out.finished[j]:  # paused mid-block: it resumes next round
+                slot.steps_done, slot.left = slot.steps_done + ran.size, int(out.left[j])
                 self._counters["paused"] += 1
                 continue
-            slot.bstep = 0
-            new, reason = slot.commit_block(out["blocks"][j], B, self.eos_id)
+            slot.steps_done = 0
+            new, reason = slot.commit_block(out.tokens[j], B, self.eos_id)
             h._emit(BlockCommitted(h.id, slot.k - 1, tuple(new), slot.nfe))
             self._counters["blocks"] += 1
             if reason is not None:

@@ -1,7 +1,8 @@
 """What a client hands the engine and what it gets back: requests, events, handles, typed errors.
 
 A request lives through ``queued → prefilling → decoding → finished``; every stage can be aborted.
-Events arrive in order on the request's :class:`RequestHandle`:
+Events arrive in order on the request's :class:`RequestHandle` (``handle_id``: the engine's number of
+the submitted request, ``RequestHandle.id``; not the sampling stream ``EngineRequest.request_id``):
 
 * :class:`ProvisionalStep` (only if ``EngineRequest.provisional``): the current block after one
   model forward — tokens that may still be revised (SPD) or still hold [MASK]; never final text.
@@ -21,9 +22,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 from dmax_jax.decoding.config import DecodeConfig
 
-# A request's knobs default to DecodeConfig's: one source of decode defaults.
-_DEFAULT = DecodeConfig()
-
 FINISH_REASONS = ("eos", "length", "stop", "abort", "error")
 log = logging.getLogger(__name__)
 
@@ -42,45 +40,29 @@ class EngineClosedError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class EngineRequest:
-    """One generation request. Every knob is a traced value: changing it never recompiles.
+    """One generation request. Every per-request knob is a traced value: changing it never recompiles.
 
-    ``prompt_ids``: token ids (no [MASK]); ``max_tokens``: generated tokens at most (the blocks cover
-    ``ceil((len(prompt) + max_tokens) / block_length)`` block positions, as ``generate``'s
-    ``gen_length``); ``strategy``: one of the engine's strategies (None: its first);
-    ``threshold`` τ_dec / τ, ``accept_threshold`` τ_acc (spd), ``steps`` spd forwards per block
-    (None: ``block_length``); ``temperature`` 0 = greedy; ``seed`` and ``rng_id`` pick the sampling
-    keys ``fold_in(fold_in(key(seed), rng_id), forward_index)`` — ``rng_id`` 0 is what ``generate``
-    uses for a lone prompt; ``provisional``: also emit :class:`ProvisionalStep` events;
-    ``block_length``: None, or the engine's (anything else is an error, not a silent change).
+    Args:
+        prompt_ids: token ids (no [MASK]).
+        decode: the request's :class:`DecodeConfig` (None: the engine's defaults). The engine takes
+            its per-request part (``config.PER_REQUEST``: strategy, ``gen_length`` = the most tokens
+            returned, thresholds, steps, temperature, seed); its ``block_length`` must be the
+            engine's; the program settings (top-k, kernels, dtype, unrolling) are the engine's.
+        request_id: the request's sampling stream: keys are
+            ``fold_in(fold_in(key(seed), request_id), forward_index)`` — ``generate``'s
+            ``request_ids[i]``; 0 is what ``generate`` uses for a lone prompt.
+        provisional: also emit :class:`ProvisionalStep` events.
     """
 
     prompt_ids: Sequence[int]
-    max_tokens: int
-    strategy: str | None = None
-    threshold: float = _DEFAULT.threshold
-    accept_threshold: float = _DEFAULT.accept_threshold
-    steps: int | None = _DEFAULT.steps
-    temperature: float = _DEFAULT.temperature
-    seed: int = _DEFAULT.seed
-    rng_id: int = 0
+    decode: DecodeConfig | None = None
+    request_id: int = 0
     provisional: bool = False
-    block_length: int | None = None
-
-    @classmethod
-    def from_config(cls, prompt_ids: Sequence[int], config, *, rng_id: int = 0,
-                    provisional: bool = False) -> EngineRequest:
-        """The request ``generate(model, prompt_ids, config)`` decodes (``gen_length`` → ``max_tokens``).
-        The engine's own static settings (top-k, unrolling, dtype) apply; a different block length is
-        rejected."""
-        return cls(prompt_ids=prompt_ids, max_tokens=config.gen_length, strategy=config.strategy,
-                   threshold=config.threshold, accept_threshold=config.accept_threshold, steps=config.steps,
-                   temperature=config.temperature, seed=config.seed, rng_id=rng_id, provisional=provisional,
-                   block_length=config.block_length)
 
 
 @dataclasses.dataclass(frozen=True)
 class Usage:
-    """Accounting of one request (spec §6): ``nfe`` model forwards including the prefill forward
+    """Accounting of one request (algorithm §6): ``nfe`` model forwards including the prefill forward
     (counted once, as ``generate`` does, however many chunks it took); ``tokens`` generated tokens
     returned; ``tokens_ref`` non-EOS tokens of the decoded region (``generate``'s count);
     ``tpf = tokens_ref / nfe``; ``blocks`` decoded blocks."""
@@ -103,7 +85,7 @@ class ProvisionalStep:
     undecided, EOS not cut; SPD may still revise any of them. The last step equals the block's
     :class:`BlockCommitted` tokens before the EOS cut."""
 
-    request_id: int
+    handle_id: int
     block: int
     step: int
     tokens: tuple[int, ...]
@@ -114,7 +96,7 @@ class BlockCommitted:
     """Final tokens of block ``block`` (generated positions only, cut at the first EOS and at
     ``max_tokens``; EOS itself excluded); ``nfe`` the request's forwards so far."""
 
-    request_id: int
+    handle_id: int
     block: int
     token_ids: tuple[int, ...]
     nfe: int
@@ -125,7 +107,7 @@ class Finished:
     """Last event of a request: all generated ``token_ids``, why it ended, its usage, and for
     ``reason == "error"`` the error message."""
 
-    request_id: int
+    handle_id: int
     reason: str
     token_ids: tuple[int, ...]
     usage: Usage
@@ -141,8 +123,8 @@ class RequestHandle:
     :meth:`Engine.submit` is called with every event from the engine thread (keep it cheap, e.g.
     ``loop.call_soon_threadsafe``)."""
 
-    def __init__(self, request_id: int, request: EngineRequest, listener: Callable[[Event], None] | None):
-        self.id = request_id
+    def __init__(self, handle_id: int, request: EngineRequest, listener: Callable[[Event], None] | None):
+        self.id = handle_id
         self.request = request
         self._events: queue.Queue = queue.Queue()
         self._listener = listener
@@ -165,10 +147,6 @@ class RequestHandle:
     @property
     def finished(self) -> bool:
         return self._done.is_set()
-
-    def next_event(self, timeout: float | None = None) -> Event:
-        """The next event (blocks; ``queue.Empty`` after ``timeout`` seconds)."""
-        return self._events.get(timeout=timeout)
 
     def __iter__(self) -> Iterator[Event]:
         while True:

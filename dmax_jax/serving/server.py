@@ -229,9 +229,8 @@ def _engine_request(ctx: ServeContext, parsed: ParsedRequest, prompt_ids: list[i
     except DecodeConfigError as e:
         param = {v: k for k, v in _DECODE_FIELD.items()}.get(e.field, e.field)
         raise RequestError(f"'{param}' {e.reason}", param) from None
-    return EngineRequest(prompt_ids=tuple(prompt_ids), max_tokens=cfg.gen_length, strategy=cfg.strategy,
-                         threshold=cfg.threshold, accept_threshold=cfg.accept_threshold, steps=cfg.steps,
-                         temperature=cfg.temperature, seed=cfg.seed, rng_id=0, provisional=parsed.provisional)
+    return EngineRequest(prompt_ids=tuple(prompt_ids), decode=cfg, request_id=0,
+                         provisional=parsed.provisional)
 
 
 class _Generation:
@@ -328,7 +327,7 @@ class _Generation:
     def dmax(self) -> dict:
         u = self.finished.usage
         return {"nfe": u.nfe, "tpf": u.tpf, "blocks": u.blocks, "tokens_ref": u.tokens_ref,
-                "strategy": self.ereq.strategy}
+                "strategy": self.ereq.decode.strategy}
 
     def finish_reason(self) -> str:
         return "stop" if self.text.stopped else FINISH_REASON[self.finished.reason]

@@ -1,6 +1,6 @@
 """Host-side bookkeeping of the engine: request validation, one slot's progress, block accounting.
 
-A slot's request is laid out exactly as ``generate`` lays out a lone prompt (spec §5.1): blocks
+A slot's request is laid out exactly as ``generate`` lays out a lone prompt (algorithm §5.1): blocks
 start at ``s0 = B·floor(P/B)``; ``n_blocks`` blocks cover ``[s0, B·ceil((P + max_tokens)/B))``; the
 returned tokens are the generated positions ``[P, P + max_tokens)`` cut at the first EOS.
 """
@@ -12,10 +12,16 @@ import dataclasses
 import numpy as np
 
 from dmax_jax.decoding.buckets import row_geometry
-from dmax_jax.decoding.config import INT32_MAX, INT32_MIN, DecodeConfig, DecodeConfigError, RowParams
+from dmax_jax.decoding.config import (
+    INT32_MAX,
+    INT32_MIN,
+    PER_REQUEST,
+    DecodeConfig,
+    DecodeConfigError,
+    RowParams,
+)
 from dmax_jax.serving.requests import EngineRequest, EngineRequestError, RequestHandle, Usage
 
-SERVED_STRATEGIES = ("spd", "threshold")
 FIELDS = {"gen_length": "max_tokens"}  # DecodeConfig field -> EngineRequest field
 
 
@@ -60,10 +66,14 @@ def _prompt(req: EngineRequest, lim: Limits) -> np.ndarray:
 
 def validate(req: EngineRequest, lim: Limits) -> tuple[np.ndarray, DecodeConfig]:
     """``(prompt ids int32, the request's DecodeConfig)`` of a servable request, else
-    :class:`EngineRequestError` naming the field (``DecodeConfig`` checks the knobs)."""
+    :class:`EngineRequestError` naming the field. The config is the engine's (``lim.base``) with the
+    request's per-request knobs (``PER_REQUEST``); ``DecodeConfig`` validated those already."""
     if not isinstance(req, EngineRequest):
         raise TypeError(f"submit takes an EngineRequest, got {type(req).__name__}")
-    strategy = lim.strategies[0] if req.strategy is None else req.strategy
+    asked = lim.base if req.decode is None else req.decode
+    if not isinstance(asked, DecodeConfig):
+        raise EngineRequestError("decode", f"must be a DecodeConfig or None, got {type(asked).__name__}")
+    strategy = asked.strategy
     if strategy == "llada2":
         raise EngineRequestError("strategy", "'llada2' is not served by the engine (it recomputes the whole "
                                  "prefix every step, without a KV cache); served: "
@@ -71,14 +81,12 @@ def validate(req: EngineRequest, lim: Limits) -> tuple[np.ndarray, DecodeConfig]
     if strategy not in lim.strategies:
         raise EngineRequestError("strategy", f"must be one of {', '.join(lim.strategies)}; got {strategy!r}")
     B = lim.base.block_length
-    if req.block_length is not None and req.block_length != B:
+    if asked.block_length != B:
         raise EngineRequestError("block_length", f"this engine decodes blocks of {B} tokens; got "
-                                 f"{req.block_length!r}")
+                                 f"{asked.block_length!r}")
     ids = _prompt(req, lim)
     try:
-        cfg = lim.base.replace(strategy=strategy, gen_length=req.max_tokens, threshold=req.threshold,
-                               accept_threshold=req.accept_threshold, steps=req.steps,
-                               temperature=req.temperature, seed=req.seed,
+        cfg = lim.base.replace(**{f: getattr(asked, f) for f in PER_REQUEST},
                                top_k=lim.base.top_k if strategy == "spd" else 1)
     except DecodeConfigError as e:
         raise EngineRequestError(FIELDS.get(e.field, e.field), e.reason) from None
@@ -87,31 +95,12 @@ def validate(req: EngineRequest, lim: Limits) -> tuple[np.ndarray, DecodeConfig]
         raise EngineRequestError("max_tokens", f"{ids.size} prompt tokens + max_tokens {cfg.gen_length} "
                                  f"(rounded up to the block: {end} positions) exceed the engine's capacity "
                                  f"{lim.capacity}")
-    if req.steps is not None:
-        _int("steps", req.steps, 1, B)  # the step loop's static bound is one forward per token
-    _int("rng_id", req.rng_id, INT32_MIN, INT32_MAX)
+    if cfg.steps is not None:
+        _int("steps", cfg.steps, 1, B)  # the step loop's static bound is one forward per token
+    _int("request_id", req.request_id, INT32_MIN, INT32_MAX)
     if not isinstance(req.provisional, bool):
         raise EngineRequestError("provisional", f"must be true or false, got {req.provisional!r}")
     return ids, cfg
-
-
-
-
-def check_settings(strategies: tuple[str, ...], **ints: int) -> None:
-    """Engine settings: served strategies, positive integers, chunks made of whole blocks."""
-    for s in strategies:
-        if s not in SERVED_STRATEGIES:
-            why = " (llada2 recomputes the whole prefix every step)" if s == "llada2" else ""
-            raise ValueError(f"strategy {s!r} is not served by the engine{why}; "
-                             f"served: {SERVED_STRATEGIES}")
-    if not strategies or len(set(strategies)) != len(strategies):
-        raise ValueError(f"strategies must be a non-empty tuple without repeats, got {strategies}")
-    for name, v in ints.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if ints["prefill_chunk"] % ints["block_length"]:
-        raise ValueError(f"prefill_chunk {ints['prefill_chunk']} must be a multiple of block_length "
-                         f"{ints['block_length']}")
 
 
 @dataclasses.dataclass
@@ -122,21 +111,23 @@ class Slot:
     prompt: np.ndarray
     strategy: int                   # index into the engine's strategies
     row: RowParams                  # the request's traced knobs, one row (NumPy)
+    max_tokens: int                 # the request's gen_length
     s0: int
     n_blocks: int
     cursor: int = 0                 # next prompt position to prefill
     k: int = 0                      # current block index
-    bstep: int = 0                  # forwards of block k run so far (> 0: paused mid-block)
+    steps_done: int = 0             # forwards of block k run so far (> 0: paused mid-block)
     left: int = 0                   # threshold's unroll counter of a paused block
-    nfe: int = 1                    # the prefill forward counts once (spec §6), however many chunks
+    nfe: int = 1                    # the prefill forward counts once (algorithm §6), however many chunks
     tokens: list = dataclasses.field(default_factory=list)
     tokens_ref: int = 0
 
     @classmethod
     def admit(cls, handle: RequestHandle, prompt: np.ndarray, cfg: DecodeConfig, strategy: int) -> Slot:
         s0, _, n = row_geometry(prompt.size, cfg.gen_length, cfg.block_length)
-        row = cfg.row_params([prompt.size], [handle.request.rng_id])
-        return cls(handle=handle, prompt=prompt, strategy=strategy, row=row, s0=int(s0), n_blocks=int(n))
+        row = cfg.row_params([prompt.size], [handle.request.request_id])
+        return cls(handle=handle, prompt=prompt, strategy=strategy, row=row, max_tokens=cfg.gen_length,
+                   s0=int(s0), n_blocks=int(n))
 
     @property
     def plen(self) -> int:
@@ -152,7 +143,7 @@ class Slot:
     def generated(self, xb: np.ndarray, block: int) -> np.ndarray:
         """The block's positions inside ``[P, P + max_tokens)``."""
         start = self.start(block)
-        lo, hi = max(start, self.plen), min(start + block, self.plen + self.handle.request.max_tokens)
+        lo, hi = max(start, self.plen), min(start + block, self.plen + self.max_tokens)
         return xb[lo - start:hi - start]
 
     def commit_block(self, xb: np.ndarray, block: int, eos_id: int) -> tuple[list[int], str | None]:
@@ -173,10 +164,11 @@ class Slot:
                      nfe=self.nfe, blocks=self.k)
 
 
-def round_forwards(r, out: dict | None, pc, n_strategies: int) -> int:
+def round_forwards(r, out, pc, n_strategies: int) -> int:
     """How many model forwards one engine round ran one after another: the prefill call's forward
     (if one of its chunks ``pc``, a ``program.PrefillChunk``, lies before its slot's ``s0``), then,
-    for ``program.round_program``'s host inputs ``r`` (a ``SlotRound``) and its ``out``, the cross
+    for ``program.round_program``'s host inputs ``r`` (a ``SlotRound``) and its ``out`` (a
+    ``RoundOutput``), the cross
     forward (if a decoding slot starts a block past its first) and per strategy its loop's
     forwards — step 0's block forward only if one of its slots is at its first block or resumes a
     paused one (the others use the cross logits), one per later step any of its rows took.
@@ -188,8 +180,8 @@ def round_forwards(r, out: dict | None, pc, n_strategies: int) -> int:
     if r is None or out is None:
         return n
     dec, strat = np.asarray(r.decoding), np.asarray(r.strategy)
-    cross = dec & (np.asarray(r.k) > 0) & ~np.asarray(r.resume)
-    valid = np.asarray(out["step_valid"])
+    cross = dec & (np.asarray(r.k) > 0) & ~np.asarray(r.resumed)
+    valid = np.asarray(out.snapshot_valid)
     n += int(cross.any())
     for i in range(n_strategies):
         rows = dec & (strat == i)

@@ -119,10 +119,6 @@ class MetricsWriter:
             self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                              dynamic_ncols=True)
 
-    @property
-    def jsonl_path(self) -> Path:
-        return self.out_dir / "metrics.jsonl"
-
     def advance(self, n: int = 1) -> None:
         """Move the progress bar by ``n`` steps."""
         if self._bar is not None:
