@@ -208,6 +208,9 @@ def test_quick_demo_fine_tunes_base_and_tabulates(shipped, tmp_path):
         ("base", "spd", spd_tau), ("base", "spd", 0.0), ("dmax", "spd", spd_tau), ("dmax", "spd", 0.0)]
     assert all(r["samples"] == 3 for r in res["records"])
     assert res["headline"] is not None and res["paths"]["markdown"].is_file()
+    # the fine-tune is an HF folder named apart from the shipped dmax, with the demo's decode settings
+    written = {p.name for p in (tmp_path / "dmax_quick").iterdir()}
+    assert {"config.json", "tokenizer.json", "dmax_decode.json"} <= written
     # the fine-tune moved away from base (two OPUT updates at lr > 0)
     tuned = np.asarray(res["summary"].state.params["embedding"])
     assert not np.allclose(tuned, np.asarray(shipped["base"].params["embedding"]))
