@@ -38,9 +38,13 @@ class KVCache:
         n_valid = positions.shape[1] if valid_tokens is None else valid_tokens
 
         def put(cache, upd):
+            # One dynamic-update-slice per row (in place), not a vmapped one: that becomes a batched
+            # scatter, which XLA:GPU's SPMD partitioner cannot partition (the compiler aborts on a
+            # multi-GPU decode program; TPU and CPU take either form).
             upd = upd.astype(cache.dtype)
-            return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (0, s, 0, 0)),
-                            in_axes=(1, 1, 0), out_axes=1)(cache, upd, start)
+            for row in range(cache.shape[1]):
+                cache = jax.lax.dynamic_update_slice(cache, upd[:, row:row + 1], (0, row, start[row], 0, 0))
+            return cache
 
         k = {n: put(self.k[n], new_k[n]) for n in self.k}
         v = {n: put(self.v[n], new_v[n]) for n in self.v}
