@@ -295,14 +295,13 @@ def _finish(run: _Run) -> TrainSummary:
 
 def train(cfg: TrainConfig) -> TrainSummary:
     """Run (or resume) the training described by ``cfg``; see the module docstring. Ctrl-C or SIGTERM
-    raises ``TrainInterrupted`` (a ``KeyboardInterrupt``) after pending checkpoint writes have finished;
-    during setup (before any update) it stops there, writing nothing new."""
+    raises ``TrainInterrupted`` (a ``KeyboardInterrupt``) after pending checkpoint writes have finished.
+    The signals are taken over for the step loop only: during setup nothing is worth saving yet, so
+    Ctrl-C stops at once and SIGTERM keeps its default (the process ends, exit 143)."""
     run, stop = None, StopRequest()
     try:
+        run = _setup(cfg)
         with stop:
-            run = _setup(cfg)
-            if stop.requested:
-                raise KeyboardInterrupt
             _step_loop(run, stop)
         return _finish(run)
     except KeyboardInterrupt:
