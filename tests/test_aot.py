@@ -118,7 +118,8 @@ def test_gpu_target_protos_hold_their_data_sheet_numbers():
             continue
         text = (targets.TARGET_DIR / f"{name}.txtpb").read_text()
         assert text.startswith("# NVIDIA") and "datasheet" in text.splitlines()[0]
-        assert int(re.search(r"device_memory_size: (\d+)", text).group(1)) == tgt.hbm_bytes
+        device_bytes = int(re.search(r"device_memory_size: (\d+)", text).group(1))
+        assert tgt.hbm_bytes <= device_bytes < 1.1 * tgt.hbm_bytes
 
 
 def test_kernel_names_are_read_from_compiled_hlo():

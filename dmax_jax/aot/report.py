@@ -35,21 +35,24 @@ KERNEL_TARGETS = ("tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu", "__cu
 
 @contextlib.contextmanager
 def captured_stderr() -> Iterator[list[str]]:
-    """The compiler logs SPMD warnings from C++ to file descriptor 2; capture it (and re-emit it)."""
+    """The compiler logs SPMD warnings from C++ to file descriptor 2: capture it into a log file
+    (named first, and kept if the compiler aborts the process — XLA aborts on some internal errors)."""
     lines: list[str] = []
+    fd, path = tempfile.mkstemp(prefix="dmax-aot-compiler-", suffix=".log")
+    print(f"(compiler log: {path}; kept if the compiler aborts)", file=sys.stderr)
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            text = tmp.read().decode("utf-8", "replace")
-            lines.extend(text.splitlines())
+    os.dup2(fd, 2)
+    try:
+        yield lines
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines.extend(f.read().splitlines())
+        os.unlink(path)
 
 
 def _kernel_name(line: str) -> str:
@@ -108,27 +111,46 @@ def _cost(compiled: jax.stages.Compiled) -> dict[str, float | str]:
             "bytes_accessed": NOT_REPORTED if bytes_ is None else float(bytes_)}
 
 
-def compile_and_report(lower: Callable[[], jax.stages.Lowered], chip: Target, *,
+def _compile_one(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, float]:
+    t = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, time.perf_counter() - t
+
+
+def compile_and_report(lower: Callable[[], Any], chip: Target, *,
                        default_device: jax.Device | None = None, **facts: Any) -> dict[str, Any]:
-    """Lower and compile (timed, stderr captured) and report the target compiler's view.
-    ``default_device``: libraries that pick kernels by the default device (tokamax) see the target."""
+    """Lower and compile (timed, the compiler's log captured) and report the target compiler's view.
+    ``lower()`` gives one ``Lowered`` or a dict of them (the engine's programs): then the report
+    gives each program's memory and the largest peak. ``default_device``: libraries that pick kernels
+    by the default device (tokamax) see the target."""
     ctx = jax.default_device(default_device) if default_device is not None else contextlib.nullcontext()
     with captured_stderr() as log, ctx:
         t0 = time.perf_counter()
         lowered = lower()
         t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
+        many = isinstance(lowered, dict)
+        compiled = {k: _compile_one(v) for k, v in (lowered.items() if many else [("program", lowered)])}
     remat = [line for line in log if REMAT_WARNING in line]
     for line in log:  # keep the compiler's messages visible, minus per-trace noise
         if "Autotuning cache miss" not in line:
             print(line, file=sys.stderr)
-    mem = _memory(compiled)
+    mems = {k: _memory(c) for k, (c, _) in compiled.items()}
+    main = max(mems, key=lambda k: mems[k]["peak_bytes"] or 0)
+    found: collections.Counter = collections.Counter()
+    for c, _ in compiled.values():
+        found.update(kernels(c.as_text()))
+    mem = mems[main]
     fits = None if mem["peak_bytes"] is None else mem["peak_bytes"] <= chip.fits_bytes
-    return {**facts, **mem, "hbm_bytes": chip.hbm_bytes, "fits_bytes": chip.fits_bytes, "fits": fits,
-            "lower_seconds": round(t1 - t0, 2), "compile_seconds": round(t2 - t1, 2), **_cost(compiled),
-            "kernels": kernels(compiled.as_text()), "remat_warnings": len(remat),
-            "remat_warning_lines": [r[:300] for r in remat[:5]]}
+    report = {**facts, **mem, "hbm_bytes": chip.hbm_bytes, "fits_bytes": chip.fits_bytes, "fits": fits,
+              "lower_seconds": round(t1 - t0, 2),
+              "compile_seconds": round(sum(sec for _, sec in compiled.values()), 2),
+              **_cost(compiled[main][0]), "kernels": dict(sorted(found.items())),
+              "remat_warnings": len(remat), "remat_warning_lines": [r[:300] for r in remat[:5]]}
+    if many:
+        report["largest_program"] = main
+        report["programs"] = {k: {"peak_bytes": m["peak_bytes"], "temp_bytes": m["temp_bytes"],
+                                  "compile_seconds": round(compiled[k][1], 2)} for k, m in mems.items()}
+    return report
 
 
 def dumps(report: dict[str, Any]) -> str:

@@ -31,7 +31,8 @@ class Target:
     """Args:
     name: the ``--target`` name (``h200``, ``v5p``, ...).
     platform: ``gpu`` or ``tpu``.
-    hbm_bytes: memory per chip (data sheet), what "fits" is measured against.
+    hbm_bytes: memory per chip as the data sheet states it (decimal GB; the GPU protos carry the
+        device's exact size, which is larger), what "fits" is measured against.
     devices_per_host: chips per host VM / node (the process count of a topology follows from it).
     default_topology: used when ``--topology`` is not given.
     source: where ``hbm_bytes`` comes from.
@@ -50,12 +51,12 @@ class Target:
 
 
 TARGETS = {
-    "h100": Target("h100", "gpu", 85_520_809_984, 8, "1x1x8", "H100 SXM5 80 GB (81,559 MiB), h100.txtpb"),
-    "h200": Target("h200", "gpu", 150_754_820_096, 8, "1x1x8", "H200 SXM 141 GB (143,771 MiB), h200.txtpb"),
-    "b200": Target("b200", "gpu", 193_273_528_320, 8, "1x1x8", "B200 180 GB (184,320 MiB), b200.txtpb"),
-    "v5e": Target("v5e", "tpu", 16 * 2**30, 4, "v5e:2x2", "TPU v5e: 16 GiB HBM2 per chip (Cloud TPU)"),
-    "v5p": Target("v5p", "tpu", 95 * 2**30, 4, "v5p:2x2x1", "TPU v5p: 95 GiB HBM2e per chip (Cloud TPU)"),
-    "v6e": Target("v6e", "tpu", 32 * 2**30, 4, "v6e:2x2", "TPU v6e: 32 GiB HBM per chip (Cloud TPU)"),
+    "h100": Target("h100", "gpu", 80 * 10**9, 8, "1x1x8", "H100 SXM5 data sheet: 80 GB HBM3 (h100.txtpb)"),
+    "h200": Target("h200", "gpu", 141 * 10**9, 8, "1x1x8", "H200 SXM data sheet: 141 GB HBM3e (h200.txtpb)"),
+    "b200": Target("b200", "gpu", 180 * 10**9, 8, "1x1x8", "HGX B200 data sheet: 180 GB HBM3e (b200.txtpb)"),
+    "v5e": Target("v5e", "tpu", 16 * 10**9, 4, "v5e:2x2", "Cloud TPU v5e: 16 GB HBM2 per chip"),
+    "v5p": Target("v5p", "tpu", 95 * 10**9, 4, "v5p:2x2x1", "Cloud TPU v5p: 95 GB HBM2e per chip"),
+    "v6e": Target("v6e", "tpu", 32 * 10**9, 4, "v6e:2x2", "Cloud TPU v6e: 32 GB HBM per chip"),
 }
 
 _GPU_TOPOLOGY = re.compile(r"^(\d+)x(\d+)x(\d+)$")
