@@ -91,9 +91,17 @@ def test_missing_tokenizer_json_names_the_folder_and_the_file(good, tmp_path):
     _assert_named_everywhere(folder, tmp_path, str(folder), "tokenizer.json is missing")
 
 
-def test_corrupt_tokenizer_json_names_the_file(good, tmp_path):
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_truncated_tokenizer_files_are_named(good, tmp_path, name):
     folder = _copy(good, tmp_path)
-    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    (folder / name).write_text((folder / name).read_text()[:40])
+    with pytest.raises(TokenizerError, match=rf"^{folder / name}: not valid JSON"):
+        dmax_jax.load_pretrained(folder)
+
+
+def test_a_tokenizer_file_transformers_rejects_is_named(good, tmp_path):
+    folder = _copy(good, tmp_path)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "NoSuchModel"}}')
     with pytest.raises(TokenizerError, match=rf"^{folder / 'tokenizer.json'}: cannot load the tokenizer"):
         dmax_jax.load_pretrained(folder)
 

@@ -8,6 +8,7 @@ plain ``tok(text, add_special_tokens=False)`` — and must agree on which ids me
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -40,11 +41,27 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) 
     if not present:
         raise TokenizerError(f"{p}: tokenizer.json is missing (the folder has tokenizer_config.json but no "
                              f"vocabulary file: {', '.join(VOCAB_FILES)})")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        _check_json_file(os.path.join(p, name))
     try:
         return _auto_tokenizer(p, trust_remote_code)
     except Exception as e:  # noqa: BLE001 — transformers / tokenizers raise many types for a bad file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise TokenizerError(f"{os.path.join(p, present[0])}: cannot load the tokenizer ({first})") from None
+
+
+def _check_json_file(path: str) -> None:
+    """An unreadable or truncated JSON file of the tokenizer, named (transformers' own message would
+    name neither it nor its folder)."""
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
 
 
 def _auto_tokenizer(p: str, trust_remote_code: bool) -> Any:
