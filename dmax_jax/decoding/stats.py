@@ -21,16 +21,28 @@ DecodeTrace = dict[str, Any]  # JSON-serialisable, schema in docs/internals.md
 
 @dataclasses.dataclass
 class GenerateResult:
-    """Result of :func:`dmax_jax.decoding.generate`, one list entry per prompt row."""
+    """Result of :func:`dmax_jax.decoding.generate`, one list entry per prompt row.
 
-    token_ids: list[list[int]]     # generated tokens, cut at the first EOS (EOS excluded)
-    nfe: list[int]                 # model forwards, prefill counted
-    tokens: list[int]              # len(token_ids[i])
-    tokens_ref: list[int]          # non-EOS tokens in the generated region (reference count)
-    tpf: list[float]               # tokens_ref / nfe
-    seconds: float                 # wall time of the compiled decode (compilation excluded)
+    Args:
+        token_ids: generated tokens, cut at the first EOS (EOS excluded).
+        nfe: model forwards, prefill counted.
+        tokens: ``len(token_ids[i])``.
+        tokens_ref: non-EOS tokens in the generated region (the reference's count, algorithm §6).
+        tpf: ``tokens_ref / nfe``.
+        seconds: wall time of the compiled decode (compilation excluded).
+        trace: one :data:`DecodeTrace` per row with ``DecodeConfig(trace=True)``, else None.
+        compile_seconds: time spent compiling for this call (0 when cached).
+        strategy: the decoder that ran.
+    """
+
+    token_ids: list[list[int]]
+    nfe: list[int]
+    tokens: list[int]
+    tokens_ref: list[int]
+    tpf: list[float]
+    seconds: float
     trace: list[DecodeTrace] | None = None
-    compile_seconds: float = 0.0   # time spent compiling for this call (0 when cached)
+    compile_seconds: float = 0.0
     strategy: str = ""
 
     @property
