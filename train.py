@@ -139,6 +139,9 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> int:
         return _fail(str(e))
     except NonFiniteLossError as e:
         return _fail(str(e), EXIT_NON_FINITE)
+    except OSError as e:  # the machine, not the input: a full disk, a vanished mount (exit 1, one line)
+        return _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}; the checkpoints written "
+                     "so far are kept (rerun the same command to resume)", 1)
     print(_summary_line(summary))
     return 0
 

@@ -299,6 +299,22 @@ def test_unwritable_out_dir_is_named_before_anything_loads(task, tmp_path, capsy
     assert f"{blocker} is a file" in err and err.count("\n") == 1
 
 
+def test_a_full_disk_mid_run_is_one_line_and_keeps_the_checkpoints(task, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_save = loop._save
+
+    def save_until_disk_full(run, update):
+        if update == 2:
+            raise OSError(28, "No space left on device", str(out / "checkpoints" / "2"))
+        real_save(run, update)
+
+    monkeypatch.setattr(loop, "_save", save_until_disk_full)
+    code, _, err = _main(_args(task, out, "run.num_steps=3", "run.save_every=1"), capsys)
+    assert code == 1 and err.startswith(f"train.py: error: {out / 'checkpoints' / '2'}: No space left")
+    assert "rerun the same command to resume" in err and err.count("\n") == 1
+    assert (out / "checkpoints" / "1").is_dir()
+
+
 def test_tokenizer_larger_than_vocab_size_is_refused_at_load(task, tmp_path, capsys):
     code, _, err = _main(_args(task, tmp_path / "run", "model.overrides.vocab_size=100"), capsys)
     assert code == 2 and "the tokenizer has" in err and "vocab_size (config.json) is 100" in err
