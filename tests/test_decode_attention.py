@@ -28,7 +28,7 @@ FORMULATIONS = ("tpu", "gpu")
 
 # (batch, tq, nq, nkv, d, cap, block, cache_lens, kind, block_kv, splits)
 CASES = {
-    "one-block-gqa2-ragged": (3, 8, 4, 2, 16, 64, 8, (0, 17, 40), "block_causal", 16, 3),
+    "one-block-gqa3-ragged": (3, 8, 6, 2, 16, 64, 8, (0, 17, 40), "block_causal", 16, 3),
     "two-blocks-gqa4": (2, 16, 8, 2, 16, 48, 8, (48, 5), "block_causal", None, None),
     "mha-odd-cap-d8-full": (2, 8, 2, 2, 8, 40, 8, (33, 40), "full", None, None),
     "empty-caches": (2, 8, 4, 1, 16, 32, 8, (0, 0), "block_causal", None, None),
@@ -92,7 +92,7 @@ def test_bfloat16():
 
 def test_slots_past_cache_len_are_never_seen():
     """NaN in every unused slot changes nothing (the kernels never use data past cache_len)."""
-    case = CASES["one-block-gqa2-ragged"]
+    case = CASES["one-block-gqa3-ragged"]
     q, kc, vc, lens, kn, vn, positions, spec = _inputs(case)
     blk = _blk(positions, spec)
     unused = jnp.arange(kc.shape[1])[None, :, None, None] >= lens[:, None, None, None]
