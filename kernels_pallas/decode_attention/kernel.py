@@ -154,7 +154,8 @@ def decode_attention_tpu(q_rows, k_cache, v_cache, cache_len, k_new, v_new, q_bl
 
 def _gpu_kernel(len_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, qb_ref, kb_ref, o_ref, lse_ref,
                 *, scale: float, bk: int, per_split: int):
-    """Program (b, j, s): cache tiles of split s for row b, kv head j (+ own keys if s == 0)."""
+    """Program (b, kv head x row tile, s): the cache tiles of split s for those query rows of row
+    b (+ the own keys if s == 0)."""
     b, s = pl.program_id(0), pl.program_id(2)
     q = q_ref[...]
     n = len_ref[b]
