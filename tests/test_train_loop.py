@@ -1,5 +1,5 @@
 """Training config (YAML + overrides), the loop (exact resume, keep_last, non-finite stop, HF export)
-and ``train.py`` end to end. The in-process runs share one compiled step (``loop._build`` cache):
+and ``train.py`` end to end. The in-process runs share one compiled step (``training.program.build_train_program`` cache):
 same model (one MoE layer, to keep the CPU compile short), step, optimizer and mesh config, on the
 8 fake CPU devices of conftest."""
 
@@ -139,7 +139,7 @@ def _losses(out: Path) -> dict[int, float]:
 def _built(task_data, out: Path):
     """The loop's cached mesh / shardings / compiled step for the test config."""
     cfg = _cfg(task_data, out).resolve(total_steps=4, mask_id=2)
-    return loop._build(loop.resolve_model_config(cfg), cfg)
+    return loop.build_train_program(loop.resolve_model_config(cfg), cfg)
 
 
 def _steps(out: Path) -> list[int]:
@@ -221,7 +221,7 @@ def test_resume_accepts_the_same_data_file_named_relatively(task_data, tmp_path,
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(runs, task_data, tmp_path, monkeypatch,
                                                               save_every, kept):
     """Step 3 produces a NaN loss and NaN params: the run raises, step 3 (and 4) are never saved."""
-    real_build = loop._build
+    real_build = loop.build_train_program
 
     def build_with_nan(model_config, cfg):
         built = real_build(model_config, cfg)  # the cached, already compiled step
@@ -235,14 +235,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(runs, task_data, t
 
         return dataclasses.replace(built, step_fn=step_fn)
 
-    monkeypatch.setattr(loop, "_build", build_with_nan)
+    monkeypatch.setattr(loop, "build_train_program", build_with_nan)
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan .* micro-step 3 .* checkpoint: step "
                                                  f"{kept[-1]}"):
         train(_cfg(task_data, out, "run.num_steps=4", f"run.save_every={save_every}", "run.keep_last=3"))
     assert _steps(out) == kept
     assert 3 not in _losses(out) and sorted(_losses(out)) == [1, 2]
-    monkeypatch.setattr(loop, "_build", real_build)
+    monkeypatch.setattr(loop, "build_train_program", real_build)
     built = _built(task_data, out)
     with TrainCheckpointer(out / "checkpoints") as ck:
         state, _ = ck.restore(kept[-1], abstract_with_shardings(built.abstract_state, built.state_shardings),
