@@ -1,7 +1,7 @@
 """Training config (YAML + overrides), the loop (exact resume, keep_last, non-finite stop, HF export)
-and ``train.py`` end to end. The in-process runs share one compiled step (``training.program.build_train_program`` cache):
-same model (one MoE layer, to keep the CPU compile short), step, optimizer and mesh config, on the
-8 fake CPU devices of conftest."""
+and ``train.py`` end to end. The in-process runs share one compiled step (the cache of
+``training.program.build_train_program``): same model (one MoE layer, to keep the CPU compile
+short), step, optimizer and mesh config, on the 8 fake CPU devices of conftest."""
 
 from __future__ import annotations
 
