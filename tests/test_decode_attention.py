@@ -26,13 +26,14 @@ from kernels_pallas.decode_attention import decode_attention, decode_attention_r
 TOL = {"float32": 2e-5, "bfloat16": 2e-2}
 FORMULATIONS = ("tpu", "gpu")
 
-# (batch, tq, nq, nkv, d, cap, block, cache_lens, kind, block_kv, splits)
+# (batch, tq, nq, nkv, d, cap, block, cache_lens, kind, block_kv, cache splits (None = default))
 CASES = {
     "one-block-gqa3-ragged": (3, 8, 6, 2, 16, 64, 8, (0, 17, 40), "block_causal", 16, 3),
     "two-blocks-gqa4": (2, 16, 8, 2, 16, 48, 8, (48, 5), "block_causal", None, None),
     "mha-odd-cap-d8-full": (2, 8, 2, 2, 8, 40, 8, (33, 40), "full", None, None),
     "empty-caches": (2, 8, 4, 1, 16, 32, 8, (0, 0), "block_causal", None, None),
     "many-splits": (2, 4, 4, 2, 16, 96, 4, (96, 33), "block_causal", 16, 4),
+    "one-row-default-splits": (1, 8, 4, 2, 16, 64, 8, (40,), "block_causal", 16, None),  # TPU: 2
     "cross-block-256-rows": (2, 64, 8, 2, 16, 64, 32, (64, 20), "block_causal", 16, 2),  # 2 GPU row tiles
 }
 
@@ -70,9 +71,8 @@ def test_kernels_match_reference_and_model_dense(name):
     dense = _cached_attention(q, kn, vn, positions, (kc, vc, lens), spec, "cpu")
     _close(ref, dense, "float32", "reference vs model dense")
     for platform in FORMULATIONS:
-        extra = {"splits": case[10]} if platform == "gpu" else {}
         out = decode_attention(q, kc, vc, lens, kn, vn, blk, blk, impl="pallas", platform=platform,
-                               interpret=True, block_kv=case[9], **extra)
+                               interpret=True, block_kv=case[9], splits=case[10])
         assert out.shape == q.shape and out.dtype == q.dtype
         _close(out, ref, "float32", f"{platform} kernel vs reference")
 
@@ -159,14 +159,17 @@ _COMPILE = textwrap.dedent("""
                                             topology="1x1x1")
     mesh = Mesh(np.array(topo.devices[:1]).reshape(1), ("x",))
     S = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, P()))
-    b, tq, nq, nkv, d, cap, bf = 2, 16, 4, 2, 128, 256, jnp.bfloat16
-    args = (S((b, tq, nq, d), bf), S((b, cap, nkv, d), bf), S((b, cap, nkv, d), bf), S((b,), jnp.int32),
-            S((b, tq, nkv, d), bf), S((b, tq, nkv, d), bf), S((b, tq), jnp.int32), S((b, tq), jnp.int32))
-    fn = functools.partial(decode_attention, impl="pallas", platform=platform, block_kv=128)
-    with jax.default_device(topo.devices[0]):
-        compiled = jax.jit(fn).lower(*args).compile()
-    assert jax.default_backend() == "cpu"
-    print(compiled.as_text())
+    tq, nq, nkv, d, cap, bf = 16, 4, 2, 128, 256, jnp.bfloat16
+    for b, splits in ((2, 1), (1, 2)):  # one output, and partials merged by log-sum-exp
+        args = (S((b, tq, nq, d), bf), S((b, cap, nkv, d), bf), S((b, cap, nkv, d), bf),
+                S((b,), jnp.int32), S((b, tq, nkv, d), bf), S((b, tq, nkv, d), bf), S((b, tq), jnp.int32),
+                S((b, tq), jnp.int32))
+        fn = functools.partial(decode_attention, impl="pallas", platform=platform, block_kv=128,
+                               splits=splits)
+        with jax.default_device(topo.devices[0]):
+            compiled = jax.jit(fn).lower(*args).compile()
+        assert jax.default_backend() == "cpu"
+        print(compiled.as_text())
 """)
 
 
@@ -182,13 +185,13 @@ def _compile_hlo(platform: str) -> str:
 def test_mosaic_kernel_compiles_for_tpu_deviceless():
     pytest.importorskip("libtpu", reason="needs libtpu (jax[tpu]) for the deviceless TPU compiler")
     hlo = _compile_hlo("tpu")
-    assert "tpu_custom_call" in hlo and "decode_attention_tpu" in hlo
+    assert hlo.count("tpu_custom_call") == 2 and "decode_attention_tpu" in hlo
 
 
 def test_triton_kernel_compiles_for_h200_deviceless():
     pytest.importorskip("jax_cuda12_plugin", reason="needs jax[cuda12] for the deviceless GPU compiler")
     hlo = _compile_hlo("gpu")
-    assert "__gpu$xla.gpu.triton" in hlo and "decode_attention_gpu" in hlo
+    assert hlo.count("__gpu$xla.gpu.triton") == 2 and "decode_attention_gpu" in hlo
 
 
 @pytest.mark.parametrize("batch", [2, 3])

@@ -7,8 +7,9 @@ so one ``[M, D] x [D, bk]`` product scores all G heads sharing a kv head against
 slots with an online softmax, stops at ``cache_len[b]`` (tiles past it are never read), then
 adds the step's own keys with the block-causal mask ``k_new_blk <= q_blk``.
 
-* **TPU (Mosaic)** — ``decode_attention_tpu``: grid ``(B, C / bk)``, the tile axis is the
-  sequential reduction; one ``[bk, Nkv, D]`` cache block serves every kv head (a static loop).
+* **TPU (Mosaic)** — ``decode_attention_tpu``: grid ``(B, S, C / bk / S)``, the tile axis is the
+  sequential reduction; one ``[bk, Nkv, D]`` cache block serves every kv head (a static loop);
+  S > 1 cache splits (merged like the GPU's) let a megacore chip's two cores share one row.
   ``cache_len`` is scalar-prefetched into SMEM; the cache ``index_map`` clamps the tile index to
   the row's last valid tile, so steps past ``cache_len`` name the block already in VMEM and the
   pipeline issues no DMA, and ``pl.when`` skips their compute.
@@ -70,12 +71,16 @@ def _pv(p, v):  # [M, n] x [n, D] -> [M, D] f32
 # TPU (Mosaic)
 
 
-def _tpu_kernel(len_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, qb_ref, kb_ref, o_ref,
-                acc_ref, m_ref, l_ref, *, scale: float, bk: int):
-    """Grid step (b, t): cache tile t of row b for every kv head; the last step adds the own keys.
-    Head j's keys are the strided slice ``ref[:, j, :]`` of a ``[bk, Nkv, D]`` block."""
-    b, t = pl.program_id(0), pl.program_id(1)
-    n = len_ref[b]
+def _tpu_kernel(len_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, qb_ref, kb_ref, *refs, scale: float,
+                bk: int, partial: bool):
+    """Grid step (b, s, t): cache tile ``s * T + t`` of row b for every kv head (head j's keys are
+    the strided slice ``ref[:, j, :]`` of a ``[bk, Nkv, D]`` block); the last step of split 0 adds
+    the own keys; the last step of each split writes (``partial``: f32 output + log-sum-exp)."""
+    o_ref, lse_ref = (refs[0], refs[1]) if partial else (refs[0], None)
+    acc_ref, m_ref, l_ref = refs[-3:]
+    b, s, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n, last = len_ref[b], pl.num_programs(2) - 1
+    start = (s * pl.num_programs(2) + t) * bk
     heads = acc_ref.shape[0]
 
     @pl.when(t == 0)
@@ -85,62 +90,78 @@ def _tpu_kernel(len_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, qb_ref, kb_ref, 
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
 
     def fold(j, k, v, ok):
-        s = _qk(q_ref[j], k) * scale
-        acc, m, den = _online_update((acc_ref[j], m_ref[j], l_ref[j]), s, ok, v, _pv, True)
+        sc = _qk(q_ref[j], k) * scale
+        acc, m, den = _online_update((acc_ref[j], m_ref[j], l_ref[j]), sc, ok, v, _pv, True)
         acc_ref[j], m_ref[j], l_ref[j] = acc, m, den
 
-    @pl.when(t * bk < n)
+    @pl.when(start < n)
     def _cache_tile():
-        start = t * bk
         ok = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1) < n
         row_ok = start + lax.broadcasted_iota(jnp.int32, (bk, 1), 0) < n
-        for j in range(heads):  # static: Nkv is small
+        for j in range(heads):  # static: Nkv is small (a dynamic strided head index won't lower)
             v = jnp.where(row_ok, vc_ref[:, j, :].astype(vn_ref.dtype), 0)
             fold(j, kc_ref[:, j, :].astype(kn_ref.dtype), v, ok)
 
-    @pl.when(t == pl.num_programs(1) - 1)
-    def _own_and_write():
+    @pl.when((t == last) & (s == 0))
+    def _own():
         own_ok = kb_ref[...] <= qb_ref[...]  # [1, Tq] vs [M, 1]
         for j in range(heads):
             fold(j, kn_ref[:, j, :], vn_ref[:, j, :], own_ok)
+
+    @pl.when(t == last)
+    def _write():
+        for j in range(heads):
             den = l_ref[j]
-            o_ref[j] = (acc_ref[j] / jnp.where(den > 0, den, 1.0)).astype(o_ref.dtype)
+            safe = jnp.where(den > 0, den, 1.0)
+            o_ref[j] = (acc_ref[j] / safe).astype(o_ref.dtype)
+            if partial:
+                lse_ref[j] = jnp.where(den > 0, m_ref[j] + jnp.log(safe), NEG)
 
 
 def decode_attention_tpu(q_rows, k_cache, v_cache, cache_len, k_new, v_new, q_blk_rows, k_new_blk, *,
-                         scale: float, bk: int, out_dtype, interpret: bool = False) -> jax.Array:
+                         scale: float, bk: int, out_dtype, splits: int = 1, interpret: bool = False):
     """q_rows ``[B, Nkv, M, D]``; k/v_cache ``[B, C, Nkv, D]`` (C a multiple of bk); k/v_new
-    ``[B, Tq, Nkv, D]``; q_blk_rows ``[B, M]``; k_new_blk ``[B, Tq]`` -> ``[B, Nkv, M, D]``.
+    ``[B, Tq, Nkv, D]``; q_blk_rows ``[B, M]``; k_new_blk ``[B, Tq]`` -> ``[B, Nkv, M, D]`` in
+    out_dtype, or with ``splits`` > 1 the partials ``o [B, S, Nkv, M, D]`` f32 and ``lse [B, S,
+    Nkv, M, 1]`` f32 (the split axis is "parallel": both TensorCores of a megacore chip work on
+    one row).
 
     A cache block holds all kv heads (``[bk, Nkv, D]``: Mosaic blocks must keep the last two dims
     whole or (8, 128)-aligned, and a head-major copy of the cache would cost a full cache pass)."""
     b, nkv, m, d = q_rows.shape
     cap, tq = k_cache.shape[1], k_new.shape[1]
+    per_split = pl.cdiv(cap // bk, splits)
 
-    def kv_map(i, t, len_ref):  # clamp to the row's last valid tile: no DMA past cache_len
+    def kv_map(i, s, t, len_ref):  # clamp to the row's last valid tile: no DMA past cache_len
         last = jnp.maximum(lax.div(len_ref[i] + bk - 1, bk) - 1, 0)  # lax.div: no sign op
-        return i, jnp.minimum(t, last), 0, 0
+        return i, jnp.minimum(s * per_split + t, last), 0, 0
 
-    whole = lambda shape: pl.BlockSpec((None, *shape), lambda i, t, len_ref: (i,) + (0,) * len(shape))
+    whole = lambda shape: pl.BlockSpec((None, *shape), lambda i, s, t, len_ref: (i,) + (0,) * len(shape))
+    split = lambda shape: pl.BlockSpec((None, None, *shape),
+                                       lambda i, s, t, len_ref: (i, s) + (0,) * len(shape))
+    partial = splits > 1
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
-        grid=(b, cap // bk),
+        grid=(b, splits, per_split),
         in_specs=[whole((nkv, m, d)), pl.BlockSpec((None, bk, nkv, d), kv_map),
                   pl.BlockSpec((None, bk, nkv, d), kv_map), whole((tq, nkv, d)), whole((tq, nkv, d)),
                   whole((m, 1)), whole((1, tq))],
-        out_specs=whole((nkv, m, d)),
+        out_specs=[split((nkv, m, d)), split((nkv, m, 1))] if partial else whole((nkv, m, d)),
         scratch_shapes=[pltpu.VMEM((nkv, m, d), jnp.float32), pltpu.VMEM((nkv, m, 1), jnp.float32),
                         pltpu.VMEM((nkv, m, 1), jnp.float32)],
     )
+    out_shape = ([jax.ShapeDtypeStruct((b, splits, nkv, m, d), jnp.float32),
+                  jax.ShapeDtypeStruct((b, splits, nkv, m, 1), jnp.float32)] if partial
+                 else jax.ShapeDtypeStruct((b, nkv, m, d), out_dtype))
     itemsize = k_cache.dtype.itemsize
     cost = pl.CostEstimate(flops=int(4 * b * nkv * m * d * (cap + tq)),
                            transcendentals=int(b * nkv * m * (cap + tq)),
                            bytes_accessed=int(2 * b * cap * nkv * d * itemsize + 2 * q_rows.size * itemsize))
     return pl.pallas_call(
-        functools.partial(_tpu_kernel, scale=scale, bk=bk),
+        functools.partial(_tpu_kernel, scale=scale, bk=bk, partial=partial),
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((b, nkv, m, d), out_dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=cost,
         interpret=interpret,
         name="decode_attention_tpu",

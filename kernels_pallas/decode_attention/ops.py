@@ -86,6 +86,13 @@ def _pad_to(x, axis: int, size: int, value=0):
     return jnp.pad(x, widths, constant_values=value) if size != x.shape[axis] else x
 
 
+def merge_splits(o, lse, *, axis: int):
+    """Log-sum-exp merge of per-split normalised outputs ``o`` (f32) with ``lse`` (same rank, last
+    dim 1) along ``axis``; split 0 always saw its own keys, so the weights never all vanish."""
+    w = jnp.exp(lse - jnp.max(lse, axis=axis, keepdims=True))
+    return jnp.sum(o * w, axis=axis) / jnp.sum(w, axis=axis)
+
+
 def auto_splits(programs: int, cache_slots: int, bk: int) -> int:
     """Cache splits of the Triton kernel (``programs`` = B x Nkv x row tiles without splitting):
     enough programs for the GPU, >= GPU_MIN_SPLIT slots each."""
@@ -112,21 +119,23 @@ def _gpu(q, k_cache, v_cache, cache_len, k_new, v_new, q_blk, k_new_blk, *, scal
     o, lse = kernel.decode_attention_gpu(q_rows, k_cache, v_cache, cache_len, own(k_new), own(v_new),
                                          qb, kb, scale=scale, bk=bk, splits=splits, bm=bm,
                                          interpret=interpret)
-    if splits == 1:
-        out = o[:, :, 0]
-    else:  # log-sum-exp merge of the splits (split 0 always saw its own keys: the sum is > 0)
-        w = jnp.exp(lse - jnp.max(lse, axis=2, keepdims=True))
-        out = jnp.sum(o * w[..., None], axis=2) / jnp.sum(w, axis=2)[..., None]
+    out = o[:, :, 0] if splits == 1 else merge_splits(o, lse[..., None], axis=2)
     return _unrows(out[:, :, :tq * g, :d], tq).astype(q.dtype)
 
 
-def _tpu(q, k_cache, v_cache, cache_len, k_new, v_new, q_blk, k_new_blk, *, scale, block_kv, interpret):
-    nkv = k_new.shape[2]
+def _tpu(q, k_cache, v_cache, cache_len, k_new, v_new, q_blk, k_new_blk, *, scale, block_kv, splits,
+         interpret):
+    b, nkv = q.shape[0], k_new.shape[2]
     g = q.shape[2] // nkv
     k_cache, v_cache, bk = _fit_cache(k_cache, v_cache, block_kv or TPU_BLOCK_KV)
+    tiles = k_cache.shape[1] // bk
+    splits = (2 if b == 1 else 1) if splits is None else int(splits)  # b == 1: feed both megacore TCs
+    splits = max(1, min(splits, tiles))
     out = kernel.decode_attention_tpu(_rows(q, nkv), k_cache, v_cache, cache_len, k_new, v_new,
                                       jnp.repeat(q_blk, g, axis=1), k_new_blk, scale=scale, bk=bk,
-                                      out_dtype=q.dtype, interpret=interpret)
+                                      out_dtype=q.dtype, splits=splits, interpret=interpret)
+    if splits > 1:
+        out = merge_splits(*out, axis=1).astype(q.dtype)
     return _unrows(out, q.shape[1])
 
 
@@ -140,15 +149,18 @@ def decode_attention(q, k_cache, v_cache, cache_len, k_new, v_new, q_blk, k_new_
     visible); cache_len ``[B]`` int; k/v_new ``[B, Tq, Nkv, D]`` (the step's own keys); q_blk /
     k_new_blk ``[B, Tq]`` int block ids (own key j visible to query i iff ``k_new_blk[j] <=
     q_blk[i]``; zeros = full attention). ``block_kv``: cache slots per kernel tile (rounded to a
-    power of two dividing C; default 64 on GPU, 256 on TPU). ``splits``: GPU cache splits
-    (default ``auto_splits``). Kernel cost scales with ``cache_len``, not C.
+    power of two dividing C; default 64 on GPU, 256 on TPU). ``splits``: cache splits merged by
+    log-sum-exp (GPU default ``auto_splits``: enough programs for the SMs; TPU default 2 for a
+    single row, so both TensorCores of a megacore chip work, else 1). Kernel cost scales with
+    ``cache_len``, not C (``cache_len`` is clipped to ``[0, C]``: no read past the cache).
     """
     check_inputs(q, k_cache, v_cache, cache_len, k_new, v_new, q_blk, k_new_blk)
     impl, platform, interpret = _resolve(impl, interpret, platform)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    cache_len = jnp.clip(cache_len.astype(jnp.int32), 0, k_cache.shape[1])
     args = (q, k_cache, v_cache, cache_len, k_new, v_new, q_blk, k_new_blk)
     if impl == "xla":
         return decode_attention_reference(*args, scale=scale)
     if platform == "gpu":
         return _gpu(*args, scale=scale, block_kv=block_kv, splits=splits, interpret=interpret)
-    return _tpu(*args, scale=scale, block_kv=block_kv, interpret=interpret)
+    return _tpu(*args, scale=scale, block_kv=block_kv, splits=splits, interpret=interpret)
