@@ -24,6 +24,7 @@ from dmax_jax.decoding.compiled import COMPILED, abstract, replicated, signature
 from dmax_jax.decoding.config import DecodeConfig, ProgramSpec, RowParams
 from dmax_jax.decoding.loop import decode_program
 from dmax_jax.decoding.stats import GenerateResult, build_result
+from dmax_jax.model.quant import params_for
 from dmax_jax.platforms import in_mesh_of, platform_of
 
 
@@ -82,6 +83,7 @@ def lower_generate(params, model_config: ModelConfig, decode_config: DecodeConfi
     ``decode_config``, lowered from shapes (``params`` may be ``ShapeDtypeStruct``s with shardings;
     ids and row values are built as structs replicated on the same devices). ``.compile()`` it."""
     cfg = decode_config.resolve(model_config)
+    params = params_for(params, cfg.weights)
     padded, capacity = _shapes(cfg, [prompt_len])
     spec = cfg.program_spec(platform_of(params), capacity=capacity, prompt_len=padded)
     ids = jax.ShapeDtypeStruct((batch, padded), np.int32)
@@ -110,6 +112,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]] | Sequence[int], config:
     if not isinstance(cfg, DecodeConfig):
         raise TypeError(f"config must be a DecodeConfig, got {type(cfg).__name__}")
     cfg = cfg.resolve(mcfg, getattr(model, "compute_dtype", None))
+    params = params_for(params, cfg.weights)  # int8 weight-only: quantized once per params tree
     rows = buckets.normalize_prompts(prompt_ids)
     buckets.validate_prompts(rows, vocab_size=mcfg.vocab_size, mask_id=cfg.mask_id, gen_length=cfg.gen_length,
                              block=cfg.block_length, max_positions=mcfg.max_position_embeddings)

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from dmax_jax.decoding.config import DTYPE_NAMES, SOFT_IMPLS, STRATEGIES, DecodeConfig, DecodeConfigError
+from dmax_jax.model.quant import WEIGHT_MODES
 
 # field -> (type, help); choices come from the config module
 _FLAGS: dict[str, tuple[Any, str]] = {
@@ -35,11 +36,13 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "top_k": (int, "spd soft-embedding mixing over the top k predictions"),
     "soft_impl": (str, "soft-embedding kernel"),
     "dtype": (str, "compute dtype (and parameter dtype where the command loads a model)"),
+    "weights": (str, "weights as loaded (native) or int8 weight-only (per-channel scales, quantized at "
+                     "load)"),
     "max_unroll": (int, "threshold: forwards per progress check at most"),
     "expected_tpf": (int, "threshold: expected tokens per forward of the unrolling rule"),
     "prompt_bucket": (int, "prompts are padded to a multiple of this (unset: max(128, block length))"),
 }
-_CHOICES = {"strategy": STRATEGIES, "soft_impl": SOFT_IMPLS, "dtype": DTYPE_NAMES}
+_CHOICES = {"strategy": STRATEGIES, "soft_impl": SOFT_IMPLS, "dtype": DTYPE_NAMES, "weights": WEIGHT_MODES}
 CLI_FIELDS = tuple(_FLAGS)
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from dmax_jax.config import DTYPE_NAMES
 from dmax_jax.decoding.strategies import threshold_max_forwards
+from dmax_jax.model.quant import WEIGHT_MODES
 
 STRATEGIES = ("spd", "threshold", "llada2")
 # The knobs a request may set on its own (traced, per row); every other field is a program setting.
@@ -129,6 +130,8 @@ class DecodeConfig:
         top_k: spd's soft-embedding mixing over the top k predictions (spd only).
         soft_impl: soft-embedding kernel: ``auto`` | ``pallas`` | ``xla``.
         dtype: compute dtype name (None: the model's compute dtype).
+        weights: ``native`` (the params as loaded) | ``int8`` (weight-only int8, per-channel scales,
+            quantized once at first use: ``model/quant.py``).
         max_unroll: threshold decoding's forwards per progress check at most.
         expected_tpf: threshold decoding's expected tokens per forward (unrolling rule).
         prompt_bucket: prompt padding multiple of ``generate`` (None: ``max(128, block_length)``
@@ -149,6 +152,7 @@ class DecodeConfig:
     top_k: int = 1
     soft_impl: str = "auto"
     dtype: str | None = None
+    weights: str = "native"
     max_unroll: int = 4
     expected_tpf: int = 4
     prompt_bucket: int | None = None
@@ -170,6 +174,7 @@ class DecodeConfig:
         _choice("soft_impl", self.soft_impl, SOFT_IMPLS)
         if self.dtype is not None:
             _choice("dtype", self.dtype, DTYPE_NAMES)
+        _choice("weights", self.weights, WEIGHT_MODES)
         _int("max_unroll", self.max_unroll, 1)
         _int("expected_tpf", self.expected_tpf, 1)
         _int("mask_id", self.mask_id, 0, optional=True)

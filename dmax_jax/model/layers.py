@@ -21,8 +21,13 @@ def round_up(x, multiple):
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: tuple):
-    """Declare a parameter carrying logical axis names (the sharding rules map them to mesh axes)."""
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+    """Declare a parameter carrying logical axis names (the sharding rules map them to mesh axes).
+    An int8 weight-only parameter (``model/quant.py``: a ``<name>_qscale`` sibling) comes back
+    dequantized, so no module needs to know."""
+    w = module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+    if module.has_variable("params", name + "_qscale"):
+        w = w.astype(jnp.float32) * module.get_variable("params", name + "_qscale")
+    return w
 
 
 class RMSNorm(nn.Module):
@@ -79,5 +84,6 @@ class GatedMLP(nn.Module):
         wu = param_with_axes(self, "up", init, (h, self.width), self.param_dtype, ("embed", self.mlp_axis))
         wd = param_with_axes(self, "down", init, (self.width, h), self.param_dtype, (self.mlp_axis, "embed"))
         x = x.astype(self.dtype)
-        a = jax.nn.silu(x @ wg.astype(self.dtype)) * (x @ wu.astype(self.dtype))
-        return a @ wd.astype(self.dtype)
+        # jnp.dot (= ``@``) because qwix's LoRA intercepts jnp.dot / einsum, not the ``@`` operator.
+        a = jax.nn.silu(jnp.dot(x, wg.astype(self.dtype))) * jnp.dot(x, wu.astype(self.dtype))
+        return jnp.dot(a, wd.astype(self.dtype))

@@ -139,15 +139,20 @@ def forward(params, config: ModelConfig, input_ids=None, *, inputs_embeds=None, 
             mask: MaskSpec = MaskSpec("full"), cache: KVCache | None = None, commit: bool = False,
             commit_length: int | None = None, dtype=jnp.float32, attention_backend: str = "xla_dense",
             moe_impl: str = "auto", remat: str | None = None, logits_prefix: int | None = None,
-            cache_window: int | None = None, platform: str | None = None):
+            cache_window: int | None = None, platform: str | None = None, lora=None):
     """Functional forward: ``(logits f32, cache)``. Wrap in ``jax.jit`` with the static arguments.
     ``cache_window``: attend to cache slots ``[0, cache_window)`` only — for a cache wider than any
     row's valid length (the serving engine's scratch columns), so attention skips what it would mask.
     ``platform``: the platform the program is compiled for (``dmax_jax.platforms.platform_of`` the
-    params); it picks the MoE kernel of ``moe_impl="auto"``. None = the host's default backend."""
+    params); it picks the MoE kernel of ``moe_impl="auto"``. None = the host's default backend.
+    ``lora``: a ``model.lora.LoraConfig`` — ``params`` is then ``lora.combine(base, adapters)``."""
     model = LLaDA2MoeModel(config, dtype=dtype, param_dtype=jnp.float32, attention_backend=attention_backend,
                            moe_impl=moe_impl, remat=remat, cache_window=cache_window,
                            platform=platform)
+    if lora is not None and lora.enabled:
+        from dmax_jax.model.lora import adapt_model  # noqa: PLC0415  (qwix only when adapters are on)
+
+        model = adapt_model(model, lora)
     return model.apply({"params": params}, input_ids, inputs_embeds=inputs_embeds, positions=positions,
                        mask=mask, cache=cache, commit=commit, commit_length=commit_length,
                        logits_prefix=logits_prefix)
@@ -155,7 +160,7 @@ def forward(params, config: ModelConfig, input_ids=None, *, inputs_embeds=None, 
 
 forward_jit = jax.jit(forward, static_argnames=("config", "mask", "commit", "commit_length", "dtype",
                                                "attention_backend", "moe_impl", "remat", "logits_prefix",
-                                               "cache_window", "platform"))
+                                               "cache_window", "platform", "lora"))
 forward_jit.__doc__ = "``forward`` under ``jax.jit`` (config, mask and flags static)."
 
 

@@ -86,18 +86,36 @@ def build_train_program(model_config: ModelConfig, cfg: TrainConfig,
     # The abstract parameter tree, built once: its boxes give the shardings, its values the state's shapes.
     boxed = jax.eval_shape(lambda k: init_params(model_config, k, boxed=True), jax.random.key(seed))
     p_shard = param_shardings(boxed, mesh)
-    abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer, seed), nn.meta.unbox(boxed))
-    s_shard = train_state_shardings(abstract_state, p_shard, mesh)
+    if step_cfg.lora.enabled:  # LoRA OPUT: state params {"base", "adapters"}, optimizer on adapters only
+        init_fn, state_p_shard, make_step = _lora_pieces(model_config, step_cfg, optimizer, seed, p_shard,
+                                                         mesh)
+    else:
+        init_fn, state_p_shard = (lambda p: init_train_state(p, optimizer, seed)), p_shard
+        make_step = make_train_step
+    abstract_state = jax.eval_shape(init_fn, nn.meta.unbox(boxed))
+    s_shard = train_state_shardings(abstract_state, state_p_shard, mesh)
     b_shard = batch_shardings(mesh, REQUIRED_KEYS)
     built = TrainProgram(
         mesh=mesh, param_shardings=p_shard, state_shardings=s_shard, batch_shardings=b_shard,
         abstract_state=abstract_state, step_config=step_cfg,
         init_params=jax.jit(lambda k: init_params(model_config, jax.random.fold_in(k, 1)),
                             out_shardings=p_shard),
-        init_state=jax.jit(lambda p: init_train_state(p, optimizer, seed), out_shardings=s_shard,
-                           donate_argnums=0),
-        step_fn=jit_train_step(make_train_step(model_config, step_cfg, optimizer), s_shard, b_shard, mesh))
+        init_state=jax.jit(init_fn, out_shardings=s_shard, donate_argnums=0),
+        step_fn=jit_train_step(make_step(model_config, step_cfg, optimizer), s_shard, b_shard, mesh))
     while len(_BUILT) >= _BUILT_MAX:
         _BUILT.pop(next(iter(_BUILT)))
     _BUILT[key] = built
     return built
+
+
+def _lora_pieces(model_config: ModelConfig, step_cfg: StepConfig, optimizer, seed: int, p_shard, mesh):
+    """LoRA OPUT's state init, state-params shardings (base as the full model's, adapters from their
+    logical names) and step builder (``training/lora.py``)."""
+    from dmax_jax.model.lora import init_adapters  # noqa: PLC0415
+    from dmax_jax.training.lora import init_lora_state, make_lora_train_step  # noqa: PLC0415
+
+    boxed = jax.eval_shape(lambda k: init_adapters(model_config, step_cfg.lora, k, boxed=True),
+                           jax.random.key(seed))
+    state_p_shard = {"base": p_shard, "adapters": param_shardings(boxed, mesh)}
+    init_fn = lambda p: init_lora_state(p, model_config, step_cfg.lora, optimizer, seed)  # noqa: E731
+    return init_fn, state_p_shard, make_lora_train_step

@@ -30,6 +30,7 @@ from dmax_jax.config import ModelConfig
 from dmax_jax.data.transforms import IGNORE_INDEX
 from dmax_jax.model.experts import MOE_IMPLS
 from dmax_jax.model.llada2 import REMAT_POLICIES, forward
+from dmax_jax.model.lora import LoraConfig, combine
 from dmax_jax.model.masks import MaskSpec
 from dmax_jax.training.optim import current_lr
 from dmax_jax.training.sharding import constrain
@@ -54,6 +55,8 @@ class StepConfig:
     moe_impl: str = "auto"  # model.experts.MOE_IMPLS; "auto" = tiled on CPU, tokamax / megablox on GPU / TPU
     # The mesh's platform, set by training.program (not a config key: the devices decide it).
     platform: str | None = dataclasses.field(default=None, metadata={"internal": True})
+    # LoRA OPUT (model/lora.py; rank 0 = off): params are then {"base": frozen, "adapters": trained}.
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -97,10 +100,12 @@ def _logits(params, model_config: ModelConfig, step_cfg: StepConfig, noisy, clea
     """Noisy-half logits ``[batch, L, vocab]`` (f32) of the ``[noisy | clean]`` forward."""
     half = noisy.shape[1]
     ids = constrain(jnp.concatenate([noisy, clean], axis=1).astype(jnp.int32), ("batch", "length"))
+    if step_cfg.lora.enabled:
+        params = combine(params["base"], params["adapters"], step_cfg.lora)
     logits, _ = forward(params, model_config, ids, mask=MaskSpec("noisy_clean", step_cfg.block_length),
                         dtype=step_cfg.dtype, attention_backend=step_cfg.attention_backend,
                         moe_impl=step_cfg.moe_impl, remat=remat, logits_prefix=half,
-                        platform=step_cfg.platform)
+                        platform=step_cfg.platform, lora=step_cfg.lora)
     return constrain(logits, ("batch", "length", "vocab"))
 
 
