@@ -54,17 +54,17 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
-            raise ValueError(f"rank: must be an integer >= 0 (0 = off), got {self.rank!r}")
+            raise ValueError(f"rank must be an integer >= 0 (0 = off), got {self.rank!r}")
         if not self.alpha > 0:
-            raise ValueError(f"alpha: must be > 0, got {self.alpha!r}")
+            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
         targets = tuple(self.targets)
         bad = [t for t in targets if t not in LORA_TARGETS]
         if bad or not targets or len(set(targets)) != len(targets):
-            raise ValueError(f"targets: must be a non-empty list of distinct names from "
+            raise ValueError(f"targets must be a non-empty list of distinct names from "
                              f"{list(LORA_TARGETS)}, got {list(targets)}")
         object.__setattr__(self, "targets", targets)
         if self.base_dtype not in BASE_DTYPES:
-            raise ValueError(f"base_dtype: must be one of {list(BASE_DTYPES)} (int8 / nf4 QLoRA bases are "
+            raise ValueError(f"base_dtype must be one of {list(BASE_DTYPES)} (int8 / nf4 QLoRA bases are "
                              f"not implemented), got {self.base_dtype!r}")
 
     @property
@@ -77,7 +77,15 @@ class LoraConfig:
 
 
 class _LinenLoraProvider(qwix.LoraProvider):
-    """qwix's LoRA with an einsum that works inside linen compact modules (see the module docstring)."""
+    """qwix's LoRA with an einsum that works inside linen compact modules (see the module docstring),
+    and outputs in the un-adapted op's dtype: the float32 adapters' delta is added, then the sum is cast
+    back (bf16 compute stays bf16, as ``nn.scan``'s carry requires)."""
+
+    def dot_general(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                    out_sharding=None):
+        out = super().dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                                  out_sharding=out_sharding)
+        return out.astype(preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype))
 
     def einsum(self, einsum_str, *operands, **kwargs):
         res = qwix_lora.ptq.PtqProvider.einsum(self, einsum_str, *operands, **kwargs)
@@ -92,7 +100,7 @@ class _LinenLoraProvider(qwix.LoraProvider):
             lhs.shape, rhs.shape, einsum_str, rule.rank)
         a, b = qwix_lora._get_or_create_lora_params(name=name, rule=rule, a_shape=a_shape, b_shape=b_shape,
                                                     a_sharding_transpose=a_t, b_sharding_transpose=b_t)
-        return res + jnp.einsum(lora_str, lhs, a, b, **kwargs) * (rule.alpha / rule.rank)
+        return (res + jnp.einsum(lora_str, lhs, a, b, **kwargs) * (rule.alpha / rule.rank)).astype(res.dtype)
 
 
 def qwix_targets(lora: LoraConfig) -> tuple[str, ...]:
