@@ -100,11 +100,43 @@ def print_table(rows: list[dict]) -> None:
               f"{kernels}  remat warnings: {r['remat_warnings']}")
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The README's table of ``rows`` (reports as ``compile_program`` returns them)."""
+    from dmax_jax.aot.targets import TARGETS  # noqa: PLC0415
+
+    lines = ["| program | chip, topology | mesh | rows | peak GB / chip | HBM GB | fits | compile s "
+             "| kernels |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['program']} | {r['target']} {r['topology']} | | | | | error | | "
+                         f"{r['error']} |")
+            continue
+        chip = TARGETS[r["target"]]  # HBM and fit as the chip table states them now
+        fits = r["peak_bytes"] <= chip.fits_bytes
+        mesh = " × ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1) or "1 chip"
+        batch = r.get("global_batch", r.get("batch", r.get("max_batch", "")))
+        kernels = ", ".join(f"{k.split(':')[-1]} ×{n}" for k, n in r["kernels"].items() if ":" in k)
+        lines.append(f"| {r['program']} | {r['target']} {r['topology']} | {mesh} | {batch} | "
+                     f"{r['peak_bytes'] / 1e9:.1f} | {chip.hbm_bytes / 1e9:.0f} | {fits} | "
+                     f"{r['compile_seconds']:.0f} | {kernels} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="train,generate,engine,bytes")
     ap.add_argument("--out", default=str(REPO / "results" / "aot"))
+    ap.add_argument("--from-results", action="store_true",
+                    help="compile nothing: print the markdown table of the JSON files in --out")
     args = ap.parse_args(argv)
+    if args.from_results:
+        order = {"train": 0, "generate": 1, "engine": 2}
+        rows = [json.loads(p.read_text()) for p in sorted(Path(args.out).glob("*.json"))
+                if p.name.startswith(tuple(order))]
+        rows.sort(key=lambda r: (order[r["program"]], r["target"] != "h200", r["target"],
+                                 r.get("batch", 0) or 0, r["topology"]))
+        print(markdown_table(rows))
+        return 0
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = [p for p in parts if p not in (*CASES, "bytes")]
     if unknown:
