@@ -64,6 +64,17 @@ class StepRecord:
 
 
 @flax.struct.dataclass
+class _Rows:
+    """What every step rule reads of the block's rows (fixed for the block step)."""
+
+    params: RowParams       # the rows' traced knobs
+    table: jax.Array        # the embedding table
+    prompt: jax.Array       # [n, B] prompt-tail positions
+    decoded: jax.Array      # [n, B] positions SPD decodes (and may revise): past the prompt
+    steps_done: Any         # forwards of this block run in earlier calls (0 or [n])
+
+
+@flax.struct.dataclass
 class BlockOutput:
     """What one call of :func:`decode_block` leaves, per row.
 
@@ -84,7 +95,7 @@ class BlockOutput:
     record: Any
 
 
-def _cache_rows(cache: KVCache, idx) -> KVCache:
+def cache_rows(cache: KVCache, idx) -> KVCache:
     """Rows ``idx`` of a cache (its row axis is 1); the cache itself for ``None``."""
     if idx is None:
         return cache
@@ -92,7 +103,7 @@ def _cache_rows(cache: KVCache, idx) -> KVCache:
                    cache.length[idx])
 
 
-def _put_cache_rows(cache: KVCache, idx, part: KVCache) -> KVCache:
+def put_cache_rows(cache: KVCache, idx, part: KVCache) -> KVCache:
     """``cache`` with ``part``'s K/V written into rows ``idx`` (``None``: all rows; lengths untouched)."""
     if idx is None:
         return cache.replace(k=part.k, v=part.v)
@@ -109,7 +120,7 @@ def first_logits(spec: ProgramSpec, cfg: ModelConfig, params, x: jax.Array, star
     B, dt = spec.block_length, jnp.dtype(spec.dtype)
 
     def run(idx):
-        part, crosses = _cache_rows(cache, idx), take_rows(crossing, idx)
+        part, crosses = cache_rows(cache, idx), take_rows(crossing, idx)
         at = jnp.where(crosses, take_rows(start, idx), spec.capacity + B)  # others: scratch
         logits, new = fw.cross_forward(params, cfg, take_rows(x, idx), at, part, B, dt,
                                        cache_window=spec.capacity, platform=spec.platform)
@@ -117,7 +128,7 @@ def first_logits(spec: ProgramSpec, cfg: ModelConfig, params, x: jax.Array, star
 
     def put(acc, idx, res, _):
         (logits, c), (lg, part) = acc, res
-        c = _put_cache_rows(c, idx, part)
+        c = put_cache_rows(c, idx, part)
         return put_rows(logits, idx, lg), c.replace(length=put_rows(c.length, idx, part.length))
 
     return compacted(crossing, run, (base, cache), put, enabled=spec.compact)
@@ -128,7 +139,7 @@ def _block_logits(spec: ProgramSpec, cfg: ModelConfig, params, cache, start, nee
 
     def run(idx):
         return fw.block_forward(params, cfg, take_rows(embeds, idx), take_rows(start, idx),
-                                _cache_rows(cache, idx), spec.block_length, jnp.dtype(spec.dtype),
+                                cache_rows(cache, idx), spec.block_length, jnp.dtype(spec.dtype),
                                 cache_window=spec.capacity, platform=spec.platform)
 
     def put(acc, idx, lg, keep):  # a row not needed keeps its logits (step 0: the cross forward's)
@@ -174,12 +185,12 @@ def empty_record(spec: ProgramSpec, n: int) -> StepRecord | None:
 def _spd_rule(spec: ProgramSpec, b, step, xb, x0, conf, probs, left):
     """SPD (algorithm §5.2 steps 3-5): cutoff transfer and revision, then the next soft inputs."""
     M = spec.mask_id
-    u = st.spd_update(xb, b["decoded"], x0, conf, b["rows"].threshold, b["rows"].accept_threshold, M)
-    emb = st.soft_inputs(b["table"], u.tokens, x0, conf, probs, u.soft, top_k=spec.top_k, mask_id=M,
+    u = st.spd_update(xb, b.decoded, x0, conf, b.params.threshold, b.params.accept_threshold, M)
+    emb = st.soft_inputs(b.table, u.tokens, x0, conf, probs, u.soft, top_k=spec.top_k, mask_id=M,
                          impl=spec.soft_impl, dtype=jnp.dtype(spec.dtype), platform=spec.platform)
-    at_cap = b["steps_done"] + step + 1 >= b["rows"].steps
+    at_cap = b.steps_done + step + 1 >= b.params.steps
     stop = u.stop | at_cap
-    return u.tokens, emb, left, stop, lambda: st.spd_states(u, b["prompt"], stop, M)
+    return u.tokens, emb, left, stop, lambda: st.spd_states(u, b.prompt, stop, M)
 
 
 def _threshold_rule(spec: ProgramSpec, b, step, xb, x0, conf, probs, left):
@@ -187,23 +198,23 @@ def _threshold_rule(spec: ProgramSpec, b, step, xb, x0, conf, probs, left):
     ``unroll_count`` forwards. At temperature 0 a forward that transfers nothing while masks remain
     (every masked argmax is MASK) would repeat forever in the reference: it ends the block here."""
     M = spec.mask_id
-    tokens, transfer = st.threshold_update(xb, x0, conf, b["rows"].threshold, M)
+    tokens, transfer = st.threshold_update(xb, x0, conf, b.params.threshold, M)
     n_mask = (tokens == M).sum(-1)
     left = left - 1
-    stuck = ~transfer.any(-1) & (n_mask > 0) & (b["rows"].temperature == 0)
+    stuck = ~transfer.any(-1) & (n_mask > 0) & (b.params.temperature == 0)
     stop = ((left == 0) & (n_mask == 0)) | stuck
     left = jnp.where(left == 0, st.unroll_count(n_mask, spec.expected_tpf, spec.max_unroll), left)
-    return tokens, None, left, stop, lambda: st.final_states(tokens, b["prompt"], M)
+    return tokens, None, left, stop, lambda: st.final_states(tokens, b.prompt, M)
 
 
 def _llada2_rule(spec: ProgramSpec, b, step, xb, x0, conf, probs, left):
     """The LLaDA2 HF ``generate`` rule (algorithm §5.5b): the step's transfer count, with a threshold
     override; the block ends when it holds no MASK or its steps are spent."""
-    M, rows = spec.mask_id, b["rows"]
-    n = st.transfer_count(spec.block_length, rows.steps, b["steps_done"] + step)
+    M, rows = spec.mask_id, b.params
+    n = st.transfer_count(spec.block_length, rows.steps, b.steps_done + step)
     tokens, _ = st.llada2_update(xb, x0, conf, rows.threshold, n, M)
-    stop = ~(tokens == M).any(-1) | (b["steps_done"] + step + 1 >= rows.steps)
-    return tokens, None, left, stop, lambda: st.final_states(tokens, b["prompt"], M)
+    stop = ~(tokens == M).any(-1) | (b.steps_done + step + 1 >= rows.steps)
+    return tokens, None, left, stop, lambda: st.final_states(tokens, b.prompt, M)
 
 
 RULES = {"spd": _spd_rule, "threshold": _threshold_rule, "llada2": _llada2_rule}
@@ -243,9 +254,8 @@ def decode_block(spec: ProgramSpec, strategy: str, cfg: ModelConfig, params, row
     table = embedding_table(params)
     xb0 = fw.row_slice(x, start, B)
     pos = fw.positions(start, B)
-    b = {"rows": rows, "table": table, "prompt": pos < rows.prompt_lens[:, None],
-         "decoded": pos >= rows.prompt_lens[:, None],    # what SPD decodes (and may revise)
-         "steps_done": 0 if resume is None else resume.steps_done}
+    b = _Rows(params=rows, table=table, prompt=pos < rows.prompt_lens[:, None],
+              decoded=pos >= rows.prompt_lens[:, None], steps_done=0 if resume is None else resume.steps_done)
     hard = lambda xb: jnp.take(table, xb, axis=0).astype(dt)  # noqa: E731
     emb0 = hard(xb0) if strategy == "spd" else None
     left0 = st.unroll_count((xb0 == M).sum(-1), spec.expected_tpf, spec.max_unroll)
@@ -259,7 +269,7 @@ def decode_block(spec: ProgramSpec, strategy: str, cfg: ModelConfig, params, row
         step, done, xb, emb, left, nfe, rec = c
         run = ~done
         if strategy == "llada2":  # a row past its own step count, or without MASK, is done
-            run = run & (xb == M).any(-1) & (b["steps_done"] + step < rows.steps)
+            run = run & (xb == M).any(-1) & (b.steps_done + step < rows.steps)
         need = run & ~((step == 0) & given)
         inputs = hard(xb) if emb is None else emb
         logits = _block_logits(spec, cfg, params, cache, start, need, inputs, logits0)

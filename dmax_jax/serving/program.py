@@ -178,11 +178,11 @@ def prefill_program(spec: ProgramSpec, cfg: ModelConfig, params, state: SlotStat
     x = state.x.at[pc.slot].set(fw.row_update(rows, pc.start, pc.ids))
 
     def chunk_forward(cache: KVCache) -> KVCache:
-        part = block._cache_rows(cache, pc.slot).replace(length=pc.start)
+        part = block.cache_rows(cache, pc.slot).replace(length=pc.start)
         _, part = forward(params, cfg, pc.ids, positions=fw.positions(pc.start, spec.prefill_chunk),
                           mask=MaskSpec("block_causal", spec.block_length), cache=part, commit=True,
                           dtype=jnp.dtype(spec.dtype), cache_window=spec.capacity, platform=spec.platform)
-        return block._put_cache_rows(cache, pc.slot, part)
+        return block.put_cache_rows(cache, pc.slot, part)
 
     cache = jax.lax.cond(pc.forward.any(), chunk_forward, lambda c: c, state.cache)
     cache = cache.replace(length=cache.length.at[pc.slot].set(pc.length))
@@ -190,12 +190,12 @@ def prefill_program(spec: ProgramSpec, cfg: ModelConfig, params, state: SlotStat
 
 
 def _gather(state: SlotState, slot) -> SlotState:
-    return SlotState(x=state.x[slot], cache=block._cache_rows(state.cache, slot), emb=state.emb[slot])
+    return SlotState(x=state.x[slot], cache=block.cache_rows(state.cache, slot), emb=state.emb[slot])
 
 
 def _scatter(state: SlotState, part: SlotState, slot) -> SlotState:
     """``part``'s rows back into their slots (entries on the scratch row may collide: it holds nothing)."""
-    c = block._put_cache_rows(state.cache, slot, part.cache)
+    c = block.put_cache_rows(state.cache, slot, part.cache)
     cache = c.replace(length=c.length.at[slot].set(part.cache.length))
     return SlotState(x=state.x.at[slot].set(part.x), cache=cache, emb=state.emb.at[slot].set(part.emb))
 
