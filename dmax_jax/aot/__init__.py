@@ -58,7 +58,8 @@ def compile_program(*, target: str, program: str, topology: str | None = None, c
                     overrides: Sequence[str] = (), model: str | None = None, global_batch: int | None = None,
                     mesh: str | None = None, batch: int = 1, prompt_len: int = 256, gen_length: int = 256,
                     block_length: int = 32, strategy: str = "spd", dtype: str = "bfloat16",
-                    max_batch: int = 16, capacity: int | None = None) -> dict[str, Any]:
+                    max_batch: int = 16, capacity: int | None = None,
+                    weights: str = "native") -> dict[str, Any]:
     """Compile ``program`` for ``target`` / ``topology`` from shapes alone and report it (see
     ``aot.report.compile_and_report`` for the fields)."""
     from dmax_jax.aot import programs  # noqa: PLC0415
@@ -87,7 +88,8 @@ def compile_program(*, target: str, program: str, topology: str | None = None, c
         mcfg = _model_config(source)
         lower, more = programs.decode_lowering(
             program, mcfg, devices, mesh=mesh, batch=batch, prompt_len=prompt_len, gen_length=gen_length,
-            block_length=block_length, strategy=strategy, dtype=dtype, max_batch=max_batch, capacity=capacity)
+            block_length=block_length, strategy=strategy, dtype=dtype, max_batch=max_batch, capacity=capacity,
+            weights=weights)
     facts.update(more)
     print(f"compiling {program} for {tgt.name} {topo} ({len(devices)} devices) ...", file=sys.stderr)
     report = compile_and_report(lower, tgt, default_device=devices[0], **facts)

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--strategy", default="spd", choices=("spd", "threshold", "llada2"))
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="generate/engine weights and compute")
+    ap.add_argument("--weights", default="native", choices=("native", "int8"),
+                    help="generate/engine: weights as --dtype (native) or int8 weight-only with per-channel "
+                         "scales (DecodeConfig.weights)")
     ap.add_argument("--max-batch", type=int, default=16, help="engine: slots")
     ap.add_argument("--capacity", type=int, default=None,
                     help="engine: positions per slot (default prompt-len + gen-length)")
@@ -53,6 +56,8 @@ def _positive(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             ap.error(f"argument --{name.replace('_', '-')}: must be >= 1, got {v}")
     if args.overrides and args.config is None:
         ap.error(f"key=value overrides ({args.overrides[0]}) need --config")
+    if args.program == "train" and args.weights != "native":
+        ap.error("--weights int8 applies to the generate / engine programs (LoRA OPUT's base: step.lora)")
     if args.program == "train" and args.config is None:
         ap.error("--program train needs --config (a train YAML, e.g. configs/llada2_mini_oput.yaml)")
 
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides=args.overrides, model=args.model, global_batch=args.global_batch, mesh=args.mesh,
             batch=args.batch, prompt_len=args.prompt_len, gen_length=args.gen_length,
             block_length=args.block_length, strategy=args.strategy, dtype=args.dtype,
-            max_batch=args.max_batch, capacity=args.capacity)
+            max_batch=args.max_batch, capacity=args.capacity, weights=args.weights)
     except (OutputPathError, ValueError, FileNotFoundError) as e:
         print(error_line(PROG, str(e).splitlines()[0] if str(e) else type(e).__name__), file=sys.stderr)
         return 2

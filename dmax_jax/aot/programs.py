@@ -83,16 +83,19 @@ def parse_mesh(text: str | None) -> MeshConfig:
 
 def decode_lowering(program: str, model_config: ModelConfig, devices: Sequence[jax.Device], *,
                     mesh: str | None, batch: int, prompt_len: int, gen_length: int, block_length: int,
-                    strategy: str, dtype: str, max_batch: int, capacity: int | None
+                    strategy: str, dtype: str, max_batch: int, capacity: int | None, weights: str = "native"
                     ) -> tuple[Callable[[], Any], dict[str, Any]]:
     """``(lower, facts)`` for ``generate`` (``batch`` rows) or the serving engine (``max_batch``
     slots of ``capacity`` positions) with ``dtype`` weights sharded over the decode mesh."""
     from dmax_jax.decoding import DecodeConfig  # noqa: PLC0415
 
     m = decode_mesh(devices, parse_mesh(mesh))
-    params = abstract_params(model_config, m, dtype)
-    cfg = DecodeConfig(strategy=strategy, block_length=block_length, gen_length=gen_length, dtype=dtype)
-    facts = {"mesh": dict(m.shape), "weights_dtype": dtype, "strategy": strategy,
+    from dmax_jax.model.quant import params_for  # noqa: PLC0415
+
+    params = params_for(abstract_params(model_config, m, dtype), weights)  # int8: weight + per-channel scale
+    cfg = DecodeConfig(strategy=strategy, block_length=block_length, gen_length=gen_length, dtype=dtype,
+                       weights=weights)
+    facts = {"mesh": dict(m.shape), "weights_dtype": dtype, "weights": weights, "strategy": strategy,
              "block_length": block_length, "prompt_len": prompt_len, "gen_length": gen_length,
              "moe_impl": "auto",
              "attention_backend": "auto (decode kernel)", "platform": devices[0].platform}
