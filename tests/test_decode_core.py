@@ -76,3 +76,13 @@ def test_lower_engine_from_shapes_is_what_the_engine_runs(params):
     h = eng.submit(EngineRequest([5, 6, 7], DC))
     eng.run_until_idle()
     assert list(h.result(0).token_ids) == generate((params, CFG), [[5, 6, 7]], DC).token_ids[0]
+
+
+def test_int8_weights_engine_equals_generate(params):
+    """``DecodeConfig.weights`` is a program setting both drivers apply the same way."""
+    cfg = DC.replace(weights="int8")
+    eng = Engine((params, CFG), cfg, max_batch=1, capacity=64, prefill_chunk=16, strategies=("spd",))
+    h = eng.submit(EngineRequest([5, 6, 7, 8], cfg))
+    eng.run_until_idle()
+    ref = generate((params, CFG), [[5, 6, 7, 8]], cfg)
+    assert list(h.result(0).token_ids) == ref.token_ids[0] and h.result(0).usage.nfe == ref.nfe[0]

@@ -32,6 +32,7 @@ import numpy as np
 from dmax_jax.decoding.api import model_parts
 from dmax_jax.decoding.compiled import COMPILED, abstract, replicated, signature
 from dmax_jax.decoding.config import DecodeConfig
+from dmax_jax.model.quant import params_for
 from dmax_jax.serving import program as prog
 from dmax_jax.serving.program import SERVED_STRATEGIES
 from dmax_jax.serving.requests import (
@@ -61,8 +62,8 @@ class Engine:
             replicated over the same devices).
         defaults: the :class:`DecodeConfig` of requests that bring none; its program settings
             (``block_length``, ``top_k``, ``soft_impl``, ``dtype`` (None: the model's compute dtype),
-            ``max_unroll``, ``expected_tpf``, ``mask_id`` / ``eos_id``) are the engine's, for every
-            request. Default ``DecodeConfig()``.
+            ``weights``, ``max_unroll``, ``expected_tpf``, ``mask_id`` / ``eos_id``) are the engine's,
+            for every request. Default ``DecodeConfig()``.
         max_batch: slots.
         capacity: positions per slot (default: the model's ``max_position_embeddings``; a request
             needs ``B * ceil((len(prompt) + max_tokens) / B)``).
@@ -91,6 +92,7 @@ class Engine:
         if not isinstance(defaults, DecodeConfig):
             raise TypeError(f"defaults must be a DecodeConfig, got {type(defaults).__name__}")
         self.defaults = defaults.resolve(self.config, getattr(model, "compute_dtype", None))
+        self.params = params_for(self.params, self.defaults.weights)   # int8 weight-only, as generate
         self.spec = prog.engine_spec(self.params, self.config, self.defaults, max_batch=max_batch,
                                      capacity=capacity, strategies=strategies, prefill_chunk=prefill_chunk,
                                      prefill_batch=prefill_batch, exit_factor=exit_factor, compact=compact)

@@ -36,6 +36,7 @@ from dmax_jax.decoding.strategies import threshold_max_forwards
 from dmax_jax.model.kv_cache import KVCache, init_cache
 from dmax_jax.model.llada2 import forward
 from dmax_jax.model.masks import MaskSpec
+from dmax_jax.model.quant import params_for
 from dmax_jax.platforms import in_mesh_of, platform_of
 from dmax_jax.serving.compact import resolve_compact
 
@@ -300,6 +301,7 @@ def lower_engine(params, model_config: ModelConfig, defaults: DecodeConfig, *, m
     shapes (``params`` may be ``ShapeDtypeStruct``s sharded on compile-only devices): ``round:<w>``
     per round width and ``prefill:<w>`` per prefill width. ``.compile()`` each."""
     defaults = defaults.resolve(model_config)
+    params = params_for(params, defaults.weights)       # as Engine.__init__
     spec = engine_spec(params, model_config, defaults, max_batch=max_batch, capacity=capacity,
                        strategies=strategies, prefill_chunk=prefill_chunk, prefill_batch=prefill_batch,
                        exit_factor=exit_factor, compact=compact)
