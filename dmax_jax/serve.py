@@ -44,7 +44,7 @@ def _int_at_least(lo: int, hi: int | None = None):
 # soft_impl, max_unroll, expected_tpf, dtype) and the defaults of requests that leave a knob out
 # (gen_length = default max_tokens).
 SERVE_FIELDS = ("strategy", "block_length", "gen_length", "threshold", "accept_threshold", "steps",
-                "temperature", "seed", "top_k", "soft_impl", "dtype", "max_unroll", "expected_tpf")
+                "temperature", "seed", "top_k", "soft_impl", "dtype", "max_unroll", "expected_tpf", "weights")
 DEMO_CAPACITY = 128   # the demo's prompt bucket 64 + 64 generated positions per slot
 
 
@@ -167,6 +167,12 @@ def build(args: argparse.Namespace):
     dc = args.decode[strategies[0]]
     dtype = dc.dtype or "float32"       # validated by DecodeConfig (--dtype)
     model = dmax_jax.load_pretrained(path, dtype=dtype)
+    if dc.weights != "native":  # --weights int8: quantized once at load, every engine program reads int8
+        import dataclasses
+
+        from dmax_jax.model.quant import params_for
+
+        model = dataclasses.replace(model, params=params_for(model.params, dc.weights))
     if model.tokenizer is None:
         raise ValueError(f"--model {path}: holds no tokenizer files; the server needs one")
     ids = resolve_special_ids(model.config, model.tokenizer, strict=False)
