@@ -160,7 +160,7 @@ def expected_adapters(config: ModelConfig, lora: LoraConfig) -> list[str]:
         elif t == "mlp" and "dense_layers" in stacks:
             paths += [f"dense_layers/mlp/{w}" for w in _WEIGHTS[t]]
         elif t == "shared" and "moe_layers" in stacks and config.num_shared_experts > 0:
-            paths += [f"moe_layers/moe/shared/{w}" for w in _WEIGHTS[t]]
+            paths += ["/".join(("moe_layers", "moe", "shared", w)) for w in _WEIGHTS[t]]
         elif t == "experts" and "moe_layers" in stacks:
             paths += [f"moe_layers/moe/{w}" for w in EXPERT_WEIGHTS]
     return paths
