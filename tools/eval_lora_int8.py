@@ -56,7 +56,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str, str, tuple[str, 
             ("base", "base", "float32", "native", ("spd",), SPD_TAUS),
             ("dmax", "dmax", "float32", "native", ("spd",), SPD_TAUS),
             ("dmax_bf16", "dmax", "bfloat16", "native", ("spd",), SPD_TAUS),
-            ("dmax_int8", "dmax", "float32", "int8", ("spd",), SPD_TAUS)]
+            ("dmax_int8", "dmax", "float32", "int8", ("spd",), SPD_TAUS),
+            ("dmax_int8_bf16", "dmax", "bfloat16", "int8", ("spd",), SPD_TAUS)]
     for spec in args.lora:
         name, _, path = spec.partition("=")
         rows.append((name, path, "float32", "native", ("spd",), SPD_TAUS))

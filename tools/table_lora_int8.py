@@ -14,7 +14,8 @@ from pathlib import Path
 from dmax_jax.demo.grid import compare, find_cell
 from dmax_jax.eval.harness import load_samples
 
-WEIGHTS_OF = {"dmax": "f32", "dmax_bf16": "bf16", "dmax_int8": "int8 (f32 compute)"}
+WEIGHTS_OF = {"dmax": "f32", "dmax_bf16": "bf16", "dmax_int8": "int8 (f32 compute)",
+              "dmax_int8_bf16": "int8 (bf16 compute)"}
 
 
 def _samples(out: Path, rec: dict) -> list[dict]:
@@ -47,7 +48,7 @@ def _row(out: Path, cells: list[dict], rec: dict) -> str:
     vs = "—"
     frac = "—"
     name = rec["model"]
-    if name in ("dmax_bf16", "dmax_int8"):
+    if name in ("dmax_bf16", "dmax_int8", "dmax_int8_bf16"):
         ref = find_cell(cells, "dmax", rec["strategy"], rec["threshold"])
         if ref is not None and ref["samples"] == rec["samples"]:
             a, b = _samples(out, rec), _samples(out, ref)
@@ -69,7 +70,7 @@ def _row(out: Path, cells: list[dict], rec: dict) -> str:
 
 def write_table(out: Path, cells: list[dict]) -> str:
     """``OUT/results.md`` from the cells; returns its text."""
-    order = {"base": 0, "dmax": 1, "dmax_bf16": 2, "dmax_int8": 3}
+    order = {"base": 0, "dmax": 1, "dmax_bf16": 2, "dmax_int8": 3, "dmax_int8_bf16": 4}
     cells = sorted(cells, key=lambda r: (order.get(r["model"], 9), r["model"], r["strategy"] != "threshold",
                                          -r["threshold"]))
     n = min(r["samples"] for r in cells)
