@@ -166,3 +166,7 @@ def test_lora_run_resumes_bit_exact_and_exports_merged(tmp_path):
     adapted = np.asarray(_logits(combine(p["base"], p["adapters"], c.step.lora), mcfg, c.step.lora))
     exported = np.asarray(_logits(load_hf_params(a.hf_export_dir, mcfg), mcfg))
     np.testing.assert_allclose(exported, adapted, rtol=0, atol=2e-5)
+    adapters, lora = load_adapters(tmp_path / "a" / "adapters")  # written beside hf_final
+    assert lora == c.step.lora
+    for x, y in zip(jax.tree.leaves(p["adapters"]), jax.tree.leaves(adapters), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -37,7 +37,7 @@ from dmax_jax.config import ModelConfig
 from dmax_jax.data.chat import check_tokenizer_fits, load_tokenizer, resolve_special_ids
 from dmax_jax.data.pipeline import TrainData, make_dataset
 from dmax_jax.training.config import TrainConfig, TrainConfigError, dump_train_config
-from dmax_jax.training.lora import export_params
+from dmax_jax.training.lora import export_params, save_adapters
 from dmax_jax.training.metrics import MetricsWindow, MetricsWriter
 from dmax_jax.training.program import TrainProgram, build_train_program
 from dmax_jax.training.resolve import check_data_paths, num_updates, resolve_model_config, tokenizer_dir
@@ -282,6 +282,8 @@ def _finish(run: _Run) -> TrainSummary:
         export_dir = run.out / "hf_final"
         export_hf(export_params(run.state.params, run.cfg.step.lora), run.model_config, export_dir,
                   dtype=run.cfg.run.export_dtype, overwrite=True)
+        if run.cfg.step.lora.enabled and jax.process_index() == 0:  # LoRA: the adapters alone too
+            save_adapters(run.state.params, run.cfg.step.lora, run.out / "adapters")
         if jax.process_index() == 0:
             run.tokenizer.save_pretrained(os.fspath(export_dir))
             run.writer.message(f"exported HF checkpoint to {export_dir}")
