@@ -4,7 +4,8 @@
                              [--max-queue N] [--compile-cache DIR|none]
 
 Without ``--model`` it serves the shipped demo ``dmax`` model (dmax_jax/assets/demo/dmax) with the
-demo's decoding geometry (block 32, 128-position slots, 64 new tokens by default). Flags are checked
+demo's decoding geometry (block 32); slots hold the model's ``max_position_embeddings`` positions
+(``--max-model-len``: fewer), and a request without ``max_tokens`` may use all that fit. Flags are checked
 before anything loads: a bad value prints one line naming it and exits with status 2. SIGTERM (or
 Ctrl-C) stops accepting connections, lets in-flight requests finish for up to ``--drain-timeout``
 seconds (then cancels them, which aborts their engine requests), stops the engine and exits 0.
@@ -45,7 +46,6 @@ def _int_at_least(lo: int, hi: int | None = None):
 # (gen_length = default max_tokens).
 SERVE_FIELDS = ("strategy", "block_length", "gen_length", "threshold", "accept_threshold", "steps",
                 "temperature", "seed", "top_k", "soft_impl", "dtype", "max_unroll", "expected_tpf", "weights")
-DEMO_CAPACITY = 128   # the demo's prompt bucket 64 + 64 generated positions per slot
 
 
 def model_path(args: argparse.Namespace) -> Path:
@@ -88,8 +88,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=_int_at_least(0, 65535), default=8000, help="0 = any free port")
     ap.add_argument("--max-batch", type=_int_at_least(1), default=16, help="engine slots (default 16)")
-    ap.add_argument("--capacity", type=_int_at_least(1), help="positions per slot (default: the model's "
-                    f"max_position_embeddings; demo: {DEMO_CAPACITY})")
+    ap.add_argument("--max-model-len", "--capacity", dest="capacity", type=_int_at_least(1), metavar="N",
+                    help="positions per slot: prompt + max_tokens of one request at most (default and "
+                    "upper bound: the model's max_position_embeddings; the demo's is 512)")
     ap.add_argument("--prefill-chunk", type=_int_at_least(1), help="prompt tokens per prefilled request "
                     "per round (default: the model's prompt_bucket from dmax_decode.json, else 128)")
     ap.add_argument("--prefill-batch", type=_int_at_least(1), default=8,
@@ -176,7 +177,11 @@ def build(args: argparse.Namespace):
     if model.tokenizer is None:
         raise ValueError(f"--model {path}: holds no tokenizer files; the server needs one")
     ids = resolve_special_ids(model.config, model.tokenizer, strict=False)
-    capacity = args.capacity or (DEMO_CAPACITY if args.model is None else None)
+    capacity = args.capacity     # None: the model's max_position_embeddings
+    limit = model.config.max_position_embeddings
+    if capacity is not None and not dc.block_length <= capacity <= limit:
+        raise ValueError(f"--max-model-len {capacity}: must be in [{dc.block_length} (the block length), "
+                         f"{limit} (the model's max_position_embeddings)]")
     prefill_chunk = args.prefill_chunk or dc.prompt_bucket or 128
     defaults = dc.replace(dtype=dtype, mask_id=ids.mask_id, eos_id=ids.eos_id)
     engine = Engine(model, defaults, max_batch=args.max_batch, capacity=capacity, prefill_chunk=prefill_chunk,

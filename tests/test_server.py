@@ -259,14 +259,14 @@ OK_CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.mark.parametrize("body,param", [
-    ({**OK_CHAT, "model": "gpt-4"}, "model"),
     ({**OK_CHAT, "threshold": 1.2}, "threshold"),
     ({**OK_CHAT, "accept_threshold": -1}, "accept_threshold"),
     ({**OK_CHAT, "max_tokens": 0}, "max_tokens"),
     ({**OK_CHAT, "max_tokens": CAPACITY}, "max_tokens"),               # beyond the slot's positions
     ({**OK_CHAT, "block_length": BLOCK * 2}, "block_length"),
     ({**OK_CHAT, "strategy": "llada2"}, "strategy"),
-    ({**OK_CHAT, "n": 2}, "n"),
+    ({**OK_CHAT, "n": 0}, "n"),
+    ({**OK_CHAT, "top_p": 1.5}, "top_p"),
     ({**OK_CHAT, "logprobs": True}, "logprobs"),
     ({**OK_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({**OK_CHAT, "messages": []}, "messages"),
@@ -277,6 +277,16 @@ OK_CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
 ])
 def test_chat_400s(served, body, param):
     assert_400(post(served, "/chat/completions", body), param)
+
+
+def test_unknown_model_is_404_with_an_openai_error(served, client, caplog):
+    r = post(served, "/chat/completions", {**OK_CHAT, "model": "gpt-4"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert r.json()["error"]["code"] == "model_not_found"
+    with caplog.at_level("WARNING", logger="dmax_jax.serve"), pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="secret prompt text")
+    line = [m for m in caplog.messages if "404" in m][-1]
+    assert "param=model" in line and "secret prompt text" not in line
 
 
 def test_completion_400s_and_malformed_json(served):
@@ -293,7 +303,7 @@ def test_completion_400s_and_malformed_json(served):
 
 def test_openai_client_raises_bad_request(client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], n=2)
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], n=0)
     assert e.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}],
@@ -317,9 +327,9 @@ _BAD_VALUES = {
                           st.lists(st.integers(), min_size=1, max_size=3),
                           st.lists(st.fixed_dictionaries({"role": st.sampled_from(BAD_ROLES),
                                                           "content": st.text()}), min_size=1, max_size=2)),
-    "n": st.integers(min_value=2, max_value=10**6),
+    "n": st.one_of(st.integers(min_value=129, max_value=10**6), st.integers(max_value=0)),
     "stream": st.one_of(st.integers(), st.text()),
-    "model": st.one_of(st.integers(), st.text().filter(lambda s: s != NAME)),
+    "model": st.one_of(st.integers(), st.booleans()),
     "strategy": st.text().filter(lambda s: s not in ("spd", "threshold")),
 }
 

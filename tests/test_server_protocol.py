@@ -38,10 +38,14 @@ def test_valid_chat_request_with_every_supported_field():
 
 
 def test_valid_completion_prompt_forms():
-    assert parse(COMP_OK, COMPLETION).prompt == "hi"
-    assert parse({**COMP_OK, "prompt": ["hi"]}, COMPLETION).prompt == "hi"
-    assert parse({**COMP_OK, "prompt": [5, 6]}, COMPLETION).prompt == (5, 6)
-    assert parse({**COMP_OK, "prompt": [[5, 6]]}, COMPLETION).prompt == (5, 6)
+    assert parse(COMP_OK, COMPLETION).prompts == ("hi",)
+    assert parse({**COMP_OK, "prompt": ["hi"]}, COMPLETION).prompts == ("hi",)
+    assert parse({**COMP_OK, "prompt": [5, 6]}, COMPLETION).prompts == ((5, 6),)
+    assert parse({**COMP_OK, "prompt": [[5, 6]]}, COMPLETION).prompts == ((5, 6),)
+    assert parse({**COMP_OK, "prompt": ["a", "b"]}, COMPLETION).prompts == ("a", "b")   # one row each
+    assert parse({**COMP_OK, "prompt": [[5], "b"]}, COMPLETION).prompts == ((5,), "b")
+    r = parse({**COMP_OK, "n": 3, "top_p": 0.5, "top_k": 7}, COMPLETION)
+    assert (r.n, r.top_p, r.top_k) == (3, 0.5, 7)
     r = parse({**COMP_OK, "max_tokens": None, "seed": None}, COMPLETION)     # JSON null = absent
     assert r.max_tokens is None and r.seed is None and r.stop == ()
 
@@ -93,7 +97,11 @@ BAD = [  # (kind, body, param)
     (CHAT, {**CHAT_OK, "dmax": {"provisional": "yes"}}, "dmax.provisional"),
     (CHAT, {**CHAT_OK, "dmax": {"steps": 3}}, "dmax.steps"),
     (CHAT, {**CHAT_OK, "dmax": True}, "dmax"),
-    (CHAT, {**CHAT_OK, "n": 2}, "n"),
+    (CHAT, {**CHAT_OK, "n": 0}, "n"),
+    (CHAT, {**CHAT_OK, "n": 1.5}, "n"),
+    (CHAT, {**CHAT_OK, "n": 129}, "n"),
+    (CHAT, {**CHAT_OK, "top_k": -2}, "top_k"),
+    (CHAT, {**CHAT_OK, "top_p": 0}, "top_p"),
     (CHAT, {**CHAT_OK, "logprobs": True}, "logprobs"),
     (CHAT, {**CHAT_OK, "top_logprobs": 2}, "top_logprobs"),
     (CHAT, {**CHAT_OK, "response_format": {"type": "json_object"}}, "response_format"),
@@ -103,13 +111,14 @@ BAD = [  # (kind, body, param)
     (CHAT, {**CHAT_OK, "logit_bias": {"5": 1}}, "logit_bias"),
     (CHAT, {**CHAT_OK, "presence_penalty": 0.5}, "presence_penalty"),
     (CHAT, {**CHAT_OK, "frequency_penalty": 1}, "frequency_penalty"),
-    (CHAT, {**CHAT_OK, "top_p": 0.9}, "top_p"),
+    (CHAT, {**CHAT_OK, "top_p": 1.5}, "top_p"),
     (CHAT, {**CHAT_OK, "prompt": "x"}, "prompt"),
     (CHAT, {**CHAT_OK, "colour": "blue"}, "colour"),
     (COMPLETION, {"model": "m"}, "prompt"),
     (COMPLETION, {**COMP_OK, "prompt": ""}, "prompt"),
     (COMPLETION, {**COMP_OK, "prompt": []}, "prompt"),
-    (COMPLETION, {**COMP_OK, "prompt": ["a", "b"]}, "prompt"),
+    (COMPLETION, {**COMP_OK, "prompt": ["a", ""]}, "prompt[1]"),
+    (COMPLETION, {**COMP_OK, "prompt": [[1], []]}, "prompt[1]"),
     (COMPLETION, {**COMP_OK, "prompt": [1, "a"]}, "prompt"),
     (COMPLETION, {**COMP_OK, "prompt": {"text": "a"}}, "prompt"),
     (COMPLETION, {**COMP_OK, "echo": True}, "echo"),

@@ -155,7 +155,8 @@ def _pick(spec: ProgramSpec, rows: RowParams, logits, nfe, live, *, tempered: bo
     def pick(greedy: bool):
         keys = None if greedy else st.row_keys(rows.seed, rows.request_ids, nfe)
         return st.choose_tokens(logits, greedy=greedy, temperature=rows.temperature, keys=keys,
-                                tempered_confidence=tempered, need_probs=spec.top_k > 1)
+                                tempered_confidence=tempered, need_probs=spec.top_k > 1, top_p=rows.top_p,
+                                top_k=rows.top_k)
 
     if spec.greedy is not None:
         return pick(spec.greedy)

@@ -39,7 +39,8 @@ from dmax_jax.model.quant import WEIGHT_MODES
 
 STRATEGIES = ("spd", "threshold", "llada2")
 # The knobs a request may set on its own (traced, per row); every other field is a program setting.
-PER_REQUEST = ("strategy", "gen_length", "threshold", "accept_threshold", "steps", "temperature", "seed")
+PER_REQUEST = ("strategy", "gen_length", "threshold", "accept_threshold", "steps", "temperature", "top_p",
+               "sample_top_k", "seed")
 SOFT_IMPLS = ("auto", "pallas", "xla")
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # Old keyword of ``generate`` → field name (kept so existing callers keep working).
@@ -98,6 +99,8 @@ class RowParams:
         threshold: f32 τ_dec (spd) / τ (threshold, llada2).
         accept_threshold: f32 τ_acc (spd).
         temperature: f32; 0 = a greedy row (also inside a sampling program).
+        top_p: f32 nucleus mass of a sampled row (1: off).
+        top_k: int32 most likely tokens a sampled row draws from (0: off).
         steps: int32 forwards per block (spd cap, llada2 steps, threshold's bound).
     """
 
@@ -109,6 +112,8 @@ class RowParams:
     threshold: jax.Array
     accept_threshold: jax.Array
     temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
     steps: jax.Array
 
 
@@ -126,6 +131,12 @@ class DecodeConfig:
         steps: spd's forward cap per block / llada2's refinement steps per block (None: block_length;
             llada2 caps it at gen_length); threshold takes none.
         temperature: 0 = argmax; above 0 the row samples (Gumbel-max with its own keys).
+        top_p: a sampled row draws from the smallest set of most likely tokens whose probability
+            reaches ``top_p`` (after temperature and ``sample_top_k``; 1 = off), in (0, 1].
+        sample_top_k: a sampled row draws from its ``sample_top_k`` most likely tokens (0 = off); the
+            request field ``top_k`` (not SPD's soft mixing width ``top_k``). Both filters follow
+            LLaDA2's ``_sample_with_temperature_topk_topp`` (``decoding.strategies.filter_logits``);
+            at temperature 0 they change nothing (the argmax survives both).
         seed: int32 sampling seed; keys are ``fold_in(fold_in(key(seed), request id), forward)``.
         top_k: spd's soft-embedding mixing over the top k predictions (spd only).
         soft_impl: soft-embedding kernel: ``auto`` | ``pallas`` | ``xla``.
@@ -148,6 +159,8 @@ class DecodeConfig:
     accept_threshold: float = 0.9
     steps: int | None = None
     temperature: float = 0.0
+    top_p: float = 1.0
+    sample_top_k: int = 0
     seed: int = 0
     top_k: int = 1
     soft_impl: str = "auto"
@@ -169,6 +182,10 @@ class DecodeConfig:
         _real("threshold", self.threshold, 0.0, 1.0)
         _real("accept_threshold", self.accept_threshold, 0.0, 1.0)
         _real("temperature", self.temperature, 0.0, math.inf)
+        _real("top_p", self.top_p, 0.0, 1.0)
+        if self.top_p == 0:
+            raise DecodeConfigError("top_p", "must be in (0, 1], got 0")
+        _int("sample_top_k", self.sample_top_k, 0)
         _int("seed", self.seed, INT32_MIN)
         _int("top_k", self.top_k, 1)
         _choice("soft_impl", self.soft_impl, SOFT_IMPLS)
@@ -257,6 +274,7 @@ class DecodeConfig:
                          seed=full(self.seed, np.int32), threshold=full(self.threshold, np.float32),
                          accept_threshold=full(self.accept_threshold, np.float32),
                          temperature=full(self.temperature, np.float32),
+                         top_p=full(self.top_p, np.float32), top_k=full(self.sample_top_k, np.int32),
                          steps=full(self.step_count(), np.int32))
 
     def program_spec(self, platform: str, *, capacity: int, prompt_len: int = 0) -> ProgramSpec:

@@ -44,8 +44,29 @@ def argmax_first(x: jax.Array) -> jax.Array:
     return jnp.minimum(first, x.shape[-1] - 1)  # NaN rows: stay in range
 
 
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """LLaDA2 ``generate``'s ``_top_k_logits`` then ``_top_p_logits`` (``_sample_with_temperature_topk_topp``
+    in ``modeling_llada2_moe.py``), per row: logits below the row's k-th largest become -inf (k <= 0:
+    off); then, in descending order, a token is dropped once the probability mass *before* it exceeds
+    ``top_p`` (the most likely token always stays; 1: off). ``logits [b, T, V]`` (already divided by
+    the temperature), ``top_k [b]`` int, ``top_p [b]`` float."""
+    V = logits.shape[-1]
+    srt = -jnp.sort(-logits, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V).astype(jnp.int32)[:, None, None]
+    kth = jnp.take_along_axis(srt, jnp.broadcast_to(k - 1, srt.shape[:-1] + (1,)), axis=-1)
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    srt = jnp.where(jnp.arange(V) < k, srt, -jnp.inf)           # the same filter, in sorted order
+    probs = jax.nn.softmax(srt, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs                  # mass of the tokens ranked above
+    keep = jnp.maximum((before <= top_p[:, None, None]).sum(-1, keepdims=True), 1)
+    keep = jnp.where(top_p[:, None, None] >= 1, k, keep)         # 1: off (no rounding at the tail)
+    floor = jnp.take_along_axis(srt, keep - 1, axis=-1)          # the least likely kept logit
+    return jnp.where(logits < floor, -jnp.inf, logits)
+
+
 def choose_tokens(logits: jax.Array, *, greedy: bool, temperature: jax.Array, keys: jax.Array | None,
-                  tempered_confidence: bool, need_probs: bool = False):
+                  tempered_confidence: bool, need_probs: bool = False, top_p: jax.Array | None = None,
+                  top_k: jax.Array | None = None):
     """``(x0 [b, T] int32, confidence [b, T] f32, probs [b, T, V] f32 | None)``.
 
     Greedy: ``x0 = argmax``. Sampling: ``x0 ~ softmax(logits / temperature)`` by Gumbel-max with the
@@ -53,7 +74,10 @@ def choose_tokens(logits: jax.Array, *, greedy: bool, temperature: jax.Array, ke
     rule). The confidence is ``p(x0)`` under the plain softmax (dInfer) or the tempered one
     (``tempered_confidence``: the HF ``generate`` of algorithm §5.5b). ``probs`` only if ``need_probs``.
     ``temperature`` (scalar or per row): a row at 0 is greedy inside a sampling program too, so rows
-    of one batch may mix greedy and sampled decoding.
+    of one batch may mix greedy and sampled decoding. ``top_p`` / ``top_k`` (per row; None: off) filter a
+    sampled row's tempered logits first (:func:`filter_logits`, skipped when no row filters): the draw
+    comes from the filtered distribution; the tempered confidence is under it too, as LLaDA2's
+    ``_sample_with_temperature_topk_topp`` returns it, while dInfer's plain confidence stays unfiltered.
     """
     if greedy:
         base = logits
@@ -63,6 +87,8 @@ def choose_tokens(logits: jax.Array, *, greedy: bool, temperature: jax.Array, ke
         t = t[:, None, None] if t.ndim == 1 else t
         cold = t == 0
         scaled = jnp.where(cold, logits, logits / jnp.where(cold, 1.0, t))
+        if top_p is not None or top_k is not None:
+            scaled = _filtered(scaled, cold[:, 0, 0] if cold.ndim == 3 else cold, top_k, top_p)
         noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[1:], logits.dtype))(keys)
         x0 = jnp.where(cold[..., 0], argmax_first(logits), argmax_first(scaled + noise))
         base = scaled if tempered_confidence else logits
@@ -70,6 +96,17 @@ def choose_tokens(logits: jax.Array, *, greedy: bool, temperature: jax.Array, ke
     conf = jnp.exp(jnp.take_along_axis(base, x0[..., None], axis=-1)[..., 0] - lse)
     probs = jnp.exp(base - lse[..., None]) if need_probs else None
     return x0, conf, probs
+
+
+def _filtered(scaled: jax.Array, cold: jax.Array, top_k: jax.Array | None, top_p: jax.Array | None):
+    """``filter_logits`` for the sampled rows (a greedy row keeps its logits), behind a ``cond`` so a
+    batch with no filtering row skips the vocabulary sort."""
+    b = scaled.shape[0]
+    k = jnp.broadcast_to(jnp.asarray(0 if top_k is None else top_k, jnp.int32), (b,))
+    p = jnp.broadcast_to(jnp.asarray(1.0 if top_p is None else top_p, jnp.float32), (b,))
+    on = ~jnp.broadcast_to(cold, (b,)) & ((k > 0) | (p < 1))
+    pick = lambda: jnp.where(on[:, None, None], filter_logits(scaled, k, p), scaled)
+    return jax.lax.cond(on.any(), pick, lambda: scaled)
 
 
 # ---- SPD (algorithm §5.2) -----------------------------------------------------------------------------

@@ -20,6 +20,8 @@ ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4                      # OpenAI's limit on stop sequences
 SEED_RANGE = (-(2**31), 2**31 - 1)  # the seed feeds jax.random.key as an int32
 TEMPERATURE_RANGE = (0.0, 2.0)    # OpenAI's range; 0 = greedy
+MAX_N = 128                       # OpenAI's limit on n
+MAX_PROMPTS = 2048                # OpenAI's limit on the prompts of one completions request
 
 
 class RequestError(ValueError):
@@ -49,9 +51,12 @@ class ParsedRequest:
     kind: str                                   # CHAT | COMPLETION
     model: str
     messages: tuple[tuple[str, str], ...] | None = None   # (role, content) for CHAT
-    prompt: str | tuple[int, ...] | None = None           # text or token ids for COMPLETION
+    prompts: tuple[str | tuple[int, ...], ...] = ()       # COMPLETION: each prompt (text or token ids)
+    n: int = 1                                  # samples per prompt (choice index = prompt * n + sample)
     max_tokens: int | None = None
     temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stream: bool = False
@@ -117,7 +122,6 @@ def _json_type(v: Any) -> str:
 
 # ---- fields accepted only at their neutral value ----------------------------------------------------
 _NEUTRAL = {
-    "n": (lambda v: v == 1 and _is_int(v), "only n = 1 is supported"),
     "best_of": (lambda v: v == 1 and _is_int(v), "only best_of = 1 is supported"),
     "logprobs": (lambda v: v is False, "logprobs are not supported"),
     "top_logprobs": (lambda v: False, "top_logprobs are not supported"),
@@ -126,7 +130,6 @@ _NEUTRAL = {
     "logit_bias": (lambda v: v == {}, "logit_bias is not supported"),
     "presence_penalty": (lambda v: _is_number(v) and v == 0, "presence_penalty is not supported"),
     "frequency_penalty": (lambda v: _is_number(v) and v == 0, "frequency_penalty is not supported"),
-    "top_p": (lambda v: _is_number(v) and v == 1, "top_p sampling is not supported (only top_p = 1)"),
     "response_format": (lambda v: v == {"type": "text"}, "response_format other than text is not supported"),
     "tools": (lambda v: v == [], "tools are not supported"),
     "tool_choice": (lambda v: v == "none", "tool_choice is not supported"),
@@ -139,7 +142,7 @@ _CHAT_ONLY = {"messages", "max_completion_tokens", "top_logprobs", "response_for
 _COMPLETION_ONLY = {"prompt", "best_of", "echo", "suffix"}
 _COMMON = {"model", "max_tokens", "temperature", "seed", "stop", "stream", "stream_options", "user", "dmax",
            "strategy", "threshold", "accept_threshold", "block_length", "steps", "n", "logprobs",
-           "logit_bias", "presence_penalty", "frequency_penalty", "top_p"}
+           "logit_bias", "presence_penalty", "frequency_penalty", "top_p", "top_k"}
 
 
 def _check_fields(body: dict, kind: str) -> None:
@@ -169,11 +172,19 @@ def parse_request(body: Any, kind: str, *, strategies: tuple[str, ...]) -> Parse
         if get("max_completion_tokens") is not None:
             fields["max_tokens"] = _int(body["max_completion_tokens"], "max_completion_tokens", 1)
     else:
-        fields["prompt"] = _prompt(body.get("prompt", _MISSING))
+        fields["prompts"] = _prompts(body.get("prompt", _MISSING))
     if get("max_tokens") is not None:
         fields["max_tokens"] = _int(body["max_tokens"], "max_tokens", 1)
     if get("temperature") is not None:
         fields["temperature"] = _number(body["temperature"], "temperature", *TEMPERATURE_RANGE)
+    if get("n") is not None:
+        fields["n"] = _int(body["n"], "n", 1, MAX_N)
+    if get("top_p") is not None:
+        fields["top_p"] = _number(body["top_p"], "top_p", 0.0, 1.0)
+        if fields["top_p"] == 0:
+            raise RequestError("'top_p' must be in (0, 1], got 0", "top_p")
+    if get("top_k") is not None:
+        fields["top_k"] = max(0, _int(body["top_k"], "top_k", -1))   # -1 (vLLM) and 0: no top-k limit
     if get("seed") is not None:
         fields["seed"] = _int(body["seed"], "seed", *SEED_RANGE)
     if get("stop") is not None:
@@ -245,22 +256,30 @@ def _content(v: Any, where: str) -> str:
                        "invalid_type")
 
 
-def _prompt(v: Any) -> str | tuple[int, ...]:
+def _prompts(v: Any) -> tuple[str | tuple[int, ...], ...]:
+    """``prompt`` in the four forms the OpenAI API allows: a string, an array of strings, an array of
+    token ids, an array of such arrays; each prompt is one request row of its own."""
     if v is _MISSING or v is None:
         raise RequestError("'prompt' is required", "prompt", "missing_required_parameter")
-    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
-        v = v[0]                     # the client's one-element batch form
+    if isinstance(v, str) or (isinstance(v, list) and v and all(_is_int(t) for t in v)):
+        return (_one_prompt(v, "prompt"),)
+    if isinstance(v, list) and v and all(isinstance(t, (str, list)) for t in v):
+        if len(v) > MAX_PROMPTS:
+            raise RequestError(f"'prompt' holds {len(v)} prompts; at most {MAX_PROMPTS} per request",
+                               "prompt")
+        return tuple(_one_prompt(t, f"prompt[{i}]") for i, t in enumerate(v))
+    raise RequestError("'prompt' must be a non-empty string, array of strings, array of token ids or array "
+                       f"of token-id arrays, got {_json_type(v)}", "prompt", "invalid_type")
+
+
+def _one_prompt(v: Any, where: str) -> str | tuple[int, ...]:
     if isinstance(v, str):
         if not v:
-            raise RequestError("'prompt' must not be empty", "prompt")
+            raise RequestError(f"'{where}' must not be empty", where)
         return v
     if isinstance(v, list) and v and all(_is_int(t) for t in v):
         return tuple(int(t) for t in v)
-    if isinstance(v, list) and len(v) > 1 and all(isinstance(t, (str, list)) for t in v):
-        raise RequestError("'prompt' holds several prompts; send one prompt per request", "prompt",
-                           "unsupported_parameter")
-    raise RequestError(f"'prompt' must be a non-empty string or array of token ids, got {_json_type(v)}",
-                       "prompt", "invalid_type")
+    raise RequestError(f"'{where}' must be a non-empty string or array of token ids", where, "invalid_type")
 
 
 def _stop(v: Any) -> tuple[str, ...]:
@@ -307,23 +326,26 @@ def usage_object(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def response_object(kind: str, rid: str, model: str, text: str, finish_reason: str, usage: dict,
+def response_object(kind: str, rid: str, model: str, choices: list[tuple[str, str]], usage: dict,
                     dmax: dict, created: int | None = None) -> dict[str, Any]:
-    """The non-streamed ``chat.completion`` / ``text_completion`` object (plus our ``dmax`` stats)."""
-    if kind == CHAT:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        obj = "text_completion"
+    """The non-streamed ``chat.completion`` / ``text_completion`` object (plus our ``dmax`` stats);
+    ``choices``: ``(text, finish_reason)`` in index order."""
+    out = []
+    for i, (text, finish_reason) in enumerate(choices):
+        if kind == CHAT:
+            out.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                        "finish_reason": finish_reason})
+        else:
+            out.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason})
+    obj = "chat.completion" if kind == CHAT else "text_completion"
     return {"id": rid, "object": obj, "created": created or int(time.time()), "model": model,
-            "choices": [choice], "usage": usage, "dmax": dmax}
+            "choices": out, "usage": usage, "dmax": dmax}
 
 
 def chunk_object(kind: str, rid: str, model: str, created: int, *, text: str | None = None,
                  role: bool = False, finish_reason: str | None = None, usage: dict | None = None,
-                 no_choices: bool = False, dmax: dict | None = None, include_usage: bool = False) -> dict:
+                 no_choices: bool = False, dmax: dict | None = None, include_usage: bool = False,
+                 index: int = 0) -> dict:
     """One streamed chunk. ``text`` is committed text only; ``dmax`` carries the extension fields
     (provisional snapshots, final stats) that standard clients ignore."""
     if no_choices:
@@ -334,9 +356,9 @@ def chunk_object(kind: str, rid: str, model: str, created: int, *, text: str | N
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        choices = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
     else:
-        choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
+        choices = [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
     obj = "chat.completion.chunk" if kind == CHAT else "text_completion"
     out: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
     if include_usage:
