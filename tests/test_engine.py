@@ -10,6 +10,7 @@ test_decoding.py) so decisions are confident, multi-token and revised.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import jax
@@ -67,17 +68,26 @@ def assert_same(fin: Finished, ref, tag=""):
 
 
 def random_requests(rng, n, *, max_prompt, tokens=(17, 24)):
+    """Greedy and sampled requests (sampled ones with top-p / top-k and a sample index as the server's
+    ``n`` gives them: ``request_id`` = the sample)."""
     reqs = []
     for i in range(n):
         plen = int(rng.integers(1, max_prompt + 1))
         prompt = [int(t) for t in rng.integers(3, CFG.vocab_size, plen)]
         strategy = ["spd", "threshold"][i % 2]
         temperature = [0.0, 0.0, 0.8, 0.8][i % 4]
+        sampled = dict(top_p=float(rng.choice([1.0, 0.9, 0.6])), sample_top_k=int(rng.choice([0, 5])),
+                       request_id=int(rng.integers(0, 3))) if temperature else {}
         reqs.append(request(prompt, int(rng.integers(tokens[0], tokens[1] + 1)), strategy=strategy,
                                   threshold=float(rng.choice([0.02, 0.05, 0.3])),
                                   accept_threshold=float(rng.choice([0.5, 0.9])), temperature=temperature,
-                                  seed=int(rng.integers(0, 1000))))
+                                  seed=int(rng.integers(0, 1000)), **sampled))
     return reqs
+
+
+def samples_of(req: EngineRequest, n: int) -> list[EngineRequest]:
+    """The server's ``n`` samples of one prompt: the same request on sampling streams 0 .. n-1."""
+    return [dataclasses.replace(req, request_id=i) for i in range(n)]
 
 
 def serve_with_arrivals(eng: Engine, reqs, arrivals):
@@ -96,14 +106,16 @@ def serve_with_arrivals(eng: Engine, reqs, arrivals):
 def test_requests_arriving_at_random_blocks_equal_generate_alone(params):
     rng = np.random.default_rng(0)
     reqs = random_requests(rng, 5, max_prompt=60)
+    reqs += samples_of(request([9, 8, 7], 12, temperature=1.0, top_p=0.8, seed=3), 2)   # n = 2, together
     eng = engine(params, widths=(1, 2, 3), exit_factor=2)  # a round ends once 1 of 3 rows is left
     eng.warmup()
     assert eng.compile_count() == 3 + len(eng.prefill_widths)
     before = jax.tree.leaves(eng._state)
-    handles = serve_with_arrivals(eng, reqs, arrivals=[0, 0, 1, 3, 4])
+    handles = serve_with_arrivals(eng, reqs, arrivals=[0, 0, 1, 3, 4, 2, 2])
     assert all(a.is_deleted() for a in before)          # the slot buffers were donated, not copied
     for i, (r, h) in enumerate(zip(reqs, handles)):
         assert_same(h.result(0), alone(params, r), f"request {i}")
+    assert handles[5].result(0).token_ids != handles[6].result(0).token_ids   # two streams, two samples
     assert eng.stats()["prefill_chunks"] > len(reqs)  # some prompts took several chunks
     assert eng.compile_count() == 3 + len(eng.prefill_widths)  # knobs, arrivals, strategies, widths: flat
     assert sum(eng.stats()[f"rounds_width_{w}"] > 0 for w in eng.widths) >= 2  # slots changed widths
