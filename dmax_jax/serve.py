@@ -42,10 +42,11 @@ def _int_at_least(lo: int, hi: int | None = None):
 
 
 # DecodeConfig fields the server takes as flags: the engine's static geometry (block_length, top_k,
-# soft_impl, max_unroll, expected_tpf, dtype) and the defaults of requests that leave a knob out
-# (gen_length = default max_tokens).
-SERVE_FIELDS = ("strategy", "block_length", "gen_length", "threshold", "accept_threshold", "steps",
-                "temperature", "seed", "top_k", "soft_impl", "dtype", "max_unroll", "expected_tpf", "weights")
+# soft_impl, max_unroll, expected_tpf, dtype) and the defaults of requests that leave a knob out. No
+# gen_length: a request without max_tokens may generate up to the slot's positions (--max-model-len).
+SERVE_FIELDS = ("strategy", "block_length", "threshold", "accept_threshold", "steps",
+                "temperature", "top_p", "sample_top_k", "seed", "top_k", "soft_impl", "dtype", "max_unroll",
+                "expected_tpf", "weights")
 
 
 def model_path(args: argparse.Namespace) -> Path:
@@ -81,7 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     ap = OneLineParser(
         prog=PROG, description="Serve a DMax / LLaDA2-MoE model behind the OpenAI API. Decoding "
-                 "flags set the defaults of requests that leave a knob out (gen-length: max_tokens); "
+                 "flags set the defaults of requests that leave a knob out (max_tokens: all that fits); "
                  "unset flags come from the model's dmax_decode.json, then the DecodeConfig defaults.")
     ap.add_argument("--model", help="HF model directory (default: the shipped demo 'dmax' model)")
     ap.add_argument("--served-model-name", help="model id clients send (default: the directory's name)")

@@ -32,6 +32,9 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "steps": (int, "spd: forward cap per block (unset: block length); llada2: steps per block (unset: "
                    "block length, capped at gen length); threshold takes none"),
     "temperature": (float, "sampling temperature (0 = greedy)"),
+    "top_p": (float, "sampled rows draw from the smallest most-likely set holding this probability mass, "
+                     "in (0, 1] (1 = off)"),
+    "sample_top_k": (int, "sampled rows draw from their k most likely tokens (0 = off)"),
     "seed": (int, "sampling seed (rows draw from fold_in(seed, row index, forward index))"),
     "top_k": (int, "spd soft-embedding mixing over the top k predictions"),
     "soft_impl": (str, "soft-embedding kernel"),

@@ -36,8 +36,8 @@ from dmax_jax.serving.tokenizer_routes import add_tokenizer_routes
 @dataclasses.dataclass
 class ServeConfig:
     """What the server answers with when a request leaves a field out: ``decode`` holds the default
-    strategy's thresholds, temperature, seed, steps and (as ``gen_length``) the default ``max_tokens``
-    — absent ``max_tokens`` = ``decode.gen_length``, or what fits the slot if less; ``per_strategy``
+    strategy's thresholds, temperature, top-p / top-k, seed and steps (an absent ``max_tokens`` is all
+    that fits the slot: ``generation.check_fits``; ``decode.gen_length`` plays no part); ``per_strategy``
     the defaults of the other served strategies (a model's ``dmax_decode.json`` may set e.g. τ 0.95
     for threshold). ``prompt_template`` (``{prompt}`` once; from ``dmax_decode.json``) wraps the content
     of every chat *user* message, the prompt format the model was trained on; completions are raw."""
