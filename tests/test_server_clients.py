@@ -101,7 +101,7 @@ def test_tokenizer_endpoints_and_metrics(served):
 # ---- openai: arrays, n, sampling ------------------------------------------------------------------------
 def test_prompt_arrays_each_a_row_in_order(served, client):
     t = served.tokenizer
-    prompts = [Q, "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:"]
+    prompts = [get_benchmark("gsm8k").prompt(r) for _, r in read_jsonl(DATA / "demo_arith.jsonl")[3:5]]
     forms = [prompts, [encode(t, p) for p in prompts]]
     singles = [client.completions.create(model=NAME, prompt=p, max_tokens=64) for p in prompts]
     for form in forms:
@@ -139,8 +139,8 @@ def test_langchain_batch_and_chat_stream(served, client):
     from langchain_openai import ChatOpenAI, OpenAI
 
     llm = OpenAI(model=NAME, base_url=served.v1, api_key="unused", temperature=0, max_retries=0)
-    prompts = [f"Question: {Q}\nLet's think step by step\nAnswer:", "Question: What is 6*7?\nAnswer:"]
-    got = llm.batch(prompts)
+    prompts = [get_benchmark("gsm8k").prompt(r) for _, r in read_jsonl(DATA / "demo_arith.jsonl")[:3]]
+    got = llm.batch(prompts)                                   # one request, a prompt array
     assert got == [client.completions.create(model=NAME, prompt=p, max_tokens=256).choices[0].text
                    for p in prompts]
     chat = ChatOpenAI(model=NAME, base_url=served.v1, api_key="unused", temperature=0, max_retries=0)
