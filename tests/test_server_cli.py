@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
     (["--max-batch", "0"], "--max-batch"),
     (["--max-queue", "-1"], "--max-queue"),
     (["--threshold", "1.5"], "--threshold"),
+    (["--top-p", "0"], "--top-p"),
+    (["--max-model-len", "0"], "--max-model-len"),
+    (["--gen-length", "64"], "--gen-length"),      # absent max_tokens = all that fits: no such flag
     (["--compile-cache", "/proc/no/such/cache"], "--compile-cache /proc/no/such/cache: cannot create it"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):

@@ -10,6 +10,7 @@ process (the tests) never collide; engine gauges are read at scrape time from ``
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,7 +35,7 @@ class _EngineCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[Any]:
-        s = self.engine.stats()
+        s = collections.defaultdict(int, self.engine.stats())
         yield GaugeMetricFamily(f"{NS}_requests_running", "Requests in a slot (prefilling or decoding)",
                                 value=s["prefilling"] + s["decoding"])
         yield GaugeMetricFamily(f"{NS}_requests_queued", "Requests waiting for a slot", value=s["queued"])
