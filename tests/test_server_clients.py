@@ -192,4 +192,4 @@ def test_lm_eval_scores_what_dmax_eval_scores(served, tmp_path, chat):
         ids = build_input_ids(served.tokenizer, bench.prompt(row), chat)
         text = alone(served, ids)
         assert s["resps"][0][0] == text, s["doc_id"]
-        assert s["exact_match"] == float(bench.score(text, row).correct), s["doc_id"]
+        assert s["acc"] == float(bench.score(text, row).correct), s["doc_id"]
