@@ -83,13 +83,14 @@ def one_pass(eng, reqs) -> tuple[float, list, dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dmax_jax.serve import DEMO_CAPACITY
     from dmax_jax.serving import Engine
+
+    capacity = 128   # the recorded runs' slots: the demo's prompt bucket 64 + 64 tokens
 
     model, d, strategies, reqs = demo_requests(args.requests, args.max_tokens)
     engines = {}
     for compact, ef in args.settings:
-        eng = Engine(model, d, max_batch=args.max_batch, capacity=DEMO_CAPACITY,
+        eng = Engine(model, d, max_batch=args.max_batch, capacity=capacity,
                      prefill_chunk=d.prompt_bucket or 128, strategies=strategies, exit_factor=ef,
                      compact=compact)
         eng.warmup()
