@@ -68,6 +68,30 @@ def _row(out: Path, cells: list[dict], rec: dict) -> str:
             f"| {frac} |")
 
 
+def lora_vs_full(out: Path, cells: list[dict], name: str, tau: float, boot: int = 2000) -> str | None:
+    """One line: LoRA − full OPUT (paired accuracy and TPF on the same problems) and the LoRA TPF gain as
+    a fraction of full OPUT's with a bootstrap 95 % interval (problems resampled jointly for the three
+    cells); None if a cell is missing."""
+    import random
+
+    recs = [find_cell(cells, "base", "threshold", 0.95), find_cell(cells, "dmax", "spd", tau),
+            find_cell(cells, name, "spd", tau)]
+    if any(r is None for r in recs) or len({r["samples"] for r in recs}) != 1:
+        return None
+    base, full, lora = (_samples(out, r) for r in recs)
+    a, t = paired(lora, full, lambda s: 100.0 * bool(s["correct"])), paired(lora, full, _tpf)
+    rng, n, frac = random.Random(0), len(base), []
+    for _ in range(boot):
+        idx = [rng.randrange(n) for _ in range(n)]
+        mb, mf, ml = (sum(_tpf(c[i]) for i in idx) for c in (base, full, lora))
+        frac.append((ml - mb) / (mf - mb))
+    frac.sort()
+    gain = (sum(map(_tpf, lora)) - sum(map(_tpf, base))) / (sum(map(_tpf, full)) - sum(map(_tpf, base)))
+    return (f"- {name} vs full OPUT, SPD τ={tau:g}: accuracy {a[0]:+.1f} pts [{a[1]:+.1f}, {a[2]:+.1f}], TPF "
+            f"{t[0]:+.2f} [{t[1]:+.2f}, {t[2]:+.2f}] (paired); TPF gain over base+thr = {gain:.2f}"
+            f" of full OPUT's [{frac[int(0.025 * boot)]:.2f}, {frac[int(0.975 * boot) - 1]:.2f}] (bootstrap)")
+
+
 def write_table(out: Path, cells: list[dict]) -> str:
     """``OUT/results.md`` from the cells; returns its text."""
     order = {"base": 0, "dmax": 1, "dmax_bf16": 2, "dmax_int8": 3, "dmax_int8_bf16": 4}
@@ -78,6 +102,8 @@ def write_table(out: Path, cells: list[dict]) -> str:
             "in brackets.", "",
             "| model | weights | decoder | accuracy % | TPF | TPF / base+thr τ0.95 | accuracy (and TPF) "
             "change | LoRA gain / full-OPUT gain |", "|---|---|---|---|---|---|---|---|"]
-    text = "\n".join(head + [_row(out, cells, r) for r in cells]) + "\n"
+    lora = sorted({r["model"] for r in cells if r["model"].startswith("lora")})
+    extra = [line for name in lora for tau in (0.5, 0.0) if (line := lora_vs_full(out, cells, name, tau))]
+    text = "\n".join(head + [_row(out, cells, r) for r in cells] + ([""] + extra if extra else [])) + "\n"
     (out / "results.md").write_text(text)
     return text
