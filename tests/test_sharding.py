@@ -165,9 +165,9 @@ def test_sharded_step_with_expert_parallel_moe(monkeypatch):
     ref_losses, ref_params = reference_run()
     calls = []
 
-    def spy(*args, impl):
+    def spy(*args, impl, platform=None):
         calls.append(dict(jax.sharding.get_abstract_mesh().shape).get("expert", 1))
-        return experts.routed_experts(*args, impl="ep")
+        return experts.routed_experts(*args, impl="ep", platform=platform)
 
     monkeypatch.setattr(moe_module, "routed_experts", spy)
     losses, params, _ = run_steps((2, 2, 2, 1))
