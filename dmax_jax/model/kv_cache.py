@@ -29,7 +29,7 @@ class KVCache:
         return self.k[name], self.v[name]
 
     def write(self, new_k: dict, new_v: dict, positions: jax.Array,
-              valid_tokens: int | None = None) -> KVCache:
+              valid_tokens: int | None = None, *, rowwise: bool = False) -> KVCache:
         """Store a block's K/V (``[layers, batch, block, kv_heads, head_dim]`` per stack) at its
         positions (``[batch, block]``, contiguous per row) and advance ``length`` past its first
         ``valid_tokens`` tokens (all by default). The cross-block step commits only the previous block
@@ -38,13 +38,17 @@ class KVCache:
         n_valid = positions.shape[1] if valid_tokens is None else valid_tokens
 
         def put(cache, upd):
-            # One dynamic-update-slice per row (in place), not a vmapped one: that becomes a batched
-            # scatter, which XLA:GPU's SPMD partitioner cannot partition (the compiler aborts on a
-            # multi-GPU decode program; TPU and CPU take either form).
             upd = upd.astype(cache.dtype)
-            for row in range(cache.shape[1]):
-                cache = jax.lax.dynamic_update_slice(cache, upd[:, row:row + 1], (0, row, start[row], 0, 0))
-            return cache
+            if rowwise:
+                # GPU: one dynamic-update-slice per row. The vmapped form is a batched scatter that
+                # XLA:GPU's SPMD partitioner aborts on (multi-GPU decode programs); on CPU the
+                # per-row form deadlocks sharded programs' collectives, so CPU / TPU keep the vmap.
+                for row in range(cache.shape[1]):
+                    cache = jax.lax.dynamic_update_slice(cache, upd[:, row:row + 1],
+                                                         (0, row, start[row], 0, 0))
+                return cache
+            return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (0, s, 0, 0)),
+                            in_axes=(1, 1, 0), out_axes=1)(cache, upd, start)
 
         k = {n: put(self.k[n], new_k[n]) for n in self.k}
         v = {n: put(self.v[n], new_v[n]) for n in self.v}

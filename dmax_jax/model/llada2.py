@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dmax_jax import platforms
 from dmax_jax.config import ModelConfig
 from dmax_jax.model import attention_backends
 from dmax_jax.model.attention_layer import Attention
@@ -121,7 +122,8 @@ class LLaDA2MoeModel(nn.Module):
                                    (cfg.hidden_size, cfg.vocab_size), self.param_dtype, ("embed", "vocab"))
         logits = (h @ head.astype(self.dtype)).astype(jnp.float32)
         if commit:
-            cache = cache.write(new_k, new_v, positions, commit_length)
+            cache = cache.write(new_k, new_v, positions, commit_length,
+                                rowwise=platforms.resolve(self.platform) == "gpu")
         return logits, cache
 
 
