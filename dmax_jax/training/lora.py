@@ -24,7 +24,7 @@ from dmax_jax.config import ModelConfig
 from dmax_jax.model.lora import LoraConfig, adapter_part, init_adapters, merge
 from dmax_jax.training.optim import current_lr
 from dmax_jax.training.state import TrainState
-from dmax_jax.training.step import StepConfig, loss_fn, oput_rollout
+from dmax_jax.training.step import StepConfig, apply_rollout, loss_fn
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,17 +57,8 @@ def make_lora_train_step(model_config: ModelConfig, step_cfg: StepConfig,
     grad_fn = jax.value_and_grad(adapter_loss, has_aux=True)
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
-        batch = dict(batch)
         base, adapters = state.params["base"], state.params["adapters"]
-        if step_cfg.mode == "oput":
-            noisy = batch["noisy_input_ids"]
-            rolled = oput_rollout(state.params, model_config, step_cfg, batch)
-            filled = (noisy == step_cfg.mask_id) & batch["flag"].astype(bool)[:, None]
-            changed = (filled & (rolled != batch["input_ids"])).sum()
-            changed_fraction = changed / jnp.maximum(filled.sum(), 1)
-            batch["noisy_input_ids"] = rolled
-        else:
-            changed_fraction = jnp.zeros((), jnp.float32)
+        batch, changed_fraction = apply_rollout(state.params, model_config, step_cfg, batch)
         (loss, aux), grads = grad_fn(adapters, base, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, adapters)
         adapters = optax.apply_updates(adapters, updates)

@@ -119,6 +119,22 @@ def oput_rollout(params, model_config: ModelConfig, step_cfg: StepConfig, batch:
     return jax.lax.stop_gradient(jnp.where(fill, pred, noisy))
 
 
+def apply_rollout(params, model_config: ModelConfig, step_cfg: StepConfig, batch: Mapping[str, jax.Array]
+                  ) -> tuple[dict, jax.Array]:
+    """The batch the loss sees — its noisy ids after the OPUT rollout in mode "oput", as given in
+    "mdm" — and the share of rollout-filled tokens whose prediction differs from the clean token (0 in
+    "mdm" mode or when nothing was filled). One place for the full and the LoRA step."""
+    batch = dict(batch)
+    if step_cfg.mode != "oput":
+        return batch, jnp.zeros((), jnp.float32)
+    noisy = batch["noisy_input_ids"]
+    rolled = oput_rollout(params, model_config, step_cfg, batch)
+    filled = (noisy == step_cfg.mask_id) & batch["flag"].astype(bool)[:, None]
+    changed = (filled & (rolled != batch["input_ids"])).sum()
+    batch["noisy_input_ids"] = rolled
+    return batch, changed / jnp.maximum(filled.sum(), 1)
+
+
 def sequence_losses(logits: jax.Array, labels: jax.Array):
     """Per-row token-mean CE over labels ≠ −100. logits ``[B, L, V]``, labels ``[B, L]`` →
     (loss_per_row ``[B]`` f32 (0 for rows without labels), tokens_per_row ``[B]`` int32)."""
@@ -161,16 +177,7 @@ def make_train_step(model_config: ModelConfig, step_cfg: StepConfig, optimizer: 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
-        batch = dict(batch)
-        if step_cfg.mode == "oput":
-            noisy = batch["noisy_input_ids"]
-            rolled = oput_rollout(state.params, model_config, step_cfg, batch)
-            filled = (noisy == step_cfg.mask_id) & batch["flag"].astype(bool)[:, None]
-            changed = (filled & (rolled != batch["input_ids"])).sum()
-            changed_fraction = changed / jnp.maximum(filled.sum(), 1)
-            batch["noisy_input_ids"] = rolled
-        else:
-            changed_fraction = jnp.zeros((), jnp.float32)
+        batch, changed_fraction = apply_rollout(state.params, model_config, step_cfg, batch)
         (loss, aux), grads = grad_fn(state.params, model_config, step_cfg, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
