@@ -22,9 +22,8 @@ import optax
 
 from dmax_jax.config import ModelConfig
 from dmax_jax.model.lora import LoraConfig, adapter_part, init_adapters, merge
-from dmax_jax.training.optim import current_lr
 from dmax_jax.training.state import TrainState
-from dmax_jax.training.step import StepConfig, apply_rollout, loss_fn
+from dmax_jax.training.step import StepConfig, apply_rollout, loss_fn, step_metrics
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -62,14 +61,7 @@ def make_lora_train_step(model_config: ModelConfig, step_cfg: StepConfig,
         (loss, aux), grads = grad_fn(adapters, base, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, adapters)
         adapters = optax.apply_updates(adapters, updates)
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
-            "lr": jnp.asarray(current_lr(opt_state), jnp.float32),
-            "tokens": aux["tokens"],
-            "valid_sequences": aux["valid_sequences"],
-            "rollout_changed_fraction": changed_fraction.astype(jnp.float32),
-        }
+        metrics = step_metrics(loss, aux, grads, opt_state, changed_fraction)
         params = {"base": base, "adapters": adapters}
         new_rng = jax.random.key_data(jax.random.split(state.key)[0])
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=new_rng), metrics

@@ -135,6 +135,15 @@ def apply_rollout(params, model_config: ModelConfig, step_cfg: StepConfig, batch
     return batch, changed / jnp.maximum(filled.sum(), 1)
 
 
+def step_metrics(loss, aux: dict, grads, opt_state, changed_fraction) -> dict:
+    """The metrics of one train step (``make_train_step`` documents them); the full and the LoRA step
+    report the same set."""
+    return {"loss": loss, "grad_norm": optax.tree.norm(grads),
+            "lr": jnp.asarray(current_lr(opt_state), jnp.float32), "tokens": aux["tokens"],
+            "valid_sequences": aux["valid_sequences"],
+            "rollout_changed_fraction": changed_fraction.astype(jnp.float32)}
+
+
 def sequence_losses(logits: jax.Array, labels: jax.Array):
     """Per-row token-mean CE over labels ≠ −100. logits ``[B, L, V]``, labels ``[B, L]`` →
     (loss_per_row ``[B]`` f32 (0 for rows without labels), tokens_per_row ``[B]`` int32)."""
@@ -182,14 +191,7 @@ def make_train_step(model_config: ModelConfig, step_cfg: StepConfig, optimizer: 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_rng = jax.random.key_data(jax.random.split(state.key)[0])
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
-            "lr": jnp.asarray(current_lr(opt_state), jnp.float32),
-            "tokens": aux["tokens"],
-            "valid_sequences": aux["valid_sequences"],
-            "rollout_changed_fraction": changed_fraction.astype(jnp.float32),
-        }
+        metrics = step_metrics(loss, aux, grads, opt_state, changed_fraction)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=new_rng), metrics
 
     return train_step
