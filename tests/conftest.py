@@ -22,3 +22,26 @@ os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu's lock file would serialise the workers
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def _initial_compile_cache_dir():
+    import jax
+
+    return jax.config.jax_compilation_cache_dir
+
+
+@pytest.fixture(autouse=True)
+def _no_persistent_compile_cache_leak(_initial_compile_cache_dir):
+    """A test (or a module fixture) that turns on JAX's persistent compile cache (``serve.build`` does,
+    for the CLI) would change every later test of its xdist worker: fail it, and put the setting back."""
+    import jax
+
+    yield
+    now = jax.config.jax_compilation_cache_dir
+    if now != _initial_compile_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", _initial_compile_cache_dir)
+        pytest.fail(f"jax_compilation_cache_dir was left at {now!r} (was {_initial_compile_cache_dir!r})")

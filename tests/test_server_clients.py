@@ -36,13 +36,17 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFL
 def served():
     from dmax_jax.serve import build, parse_args
 
-    os.environ.update(OFFLINE)
-    engine, app, name = build(parse_args([]))          # the default flags
-    assert name == NAME and engine.capacity == 512       # the demo model's max_position_embeddings
-    s = serve_in_thread(app, engine, None)
-    s.tokenizer = app.state.ctx.tokenizer
-    yield s
-    s.stop()
+    # the default flags, less the persistent compile cache: `build` sets JAX's cache directory for the
+    # whole process (right for the CLI), which would leak into every later test of this xdist worker
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in OFFLINE.items():
+            mp.setenv(k, v)
+        engine, app, name = build(parse_args(["--compile-cache", "none"]))
+        assert name == NAME and engine.capacity == 512       # the demo model's max_position_embeddings
+        s = serve_in_thread(app, engine, None)
+        s.tokenizer = app.state.ctx.tokenizer
+        yield s
+        s.stop()
 
 
 @pytest.fixture(scope="module")
