@@ -34,6 +34,7 @@ from dmax_jax.decoding.compiled import COMPILED, abstract, replicated, signature
 from dmax_jax.decoding.config import DecodeConfig
 from dmax_jax.model.quant import params_for
 from dmax_jax.serving import program as prog
+from dmax_jax.serving.prefix_cache import PrefixCache, init_pool
 from dmax_jax.serving.program import SERVED_STRATEGIES
 from dmax_jax.serving.requests import (
     BlockCommitted,
@@ -81,12 +82,15 @@ class Engine:
         compact: every forward of a round runs only for the rows that need it, at n, n/2 or n/4 rows
             (``decoding.compact``; pays on a compute-bound device, costs compile time; same tokens);
             ``"auto"``: on for CPU, off for GPU / TPU — of the parameters' devices.
+        prefix_cache_blocks: blocks of committed K/V the prefix cache keeps (``serving.prefix_cache``;
+            requests sharing a prompt prefix skip its prefill, tokens unchanged); default as many
+            blocks as the slots hold; 0 turns it off.
     """
 
     def __init__(self, model, defaults: DecodeConfig | None = None, *, max_batch: int = 8,
                  capacity: int | None = None, strategies: tuple[str, ...] | None = None,
                  prefill_chunk: int = 128, prefill_batch: int = 8, widths: tuple[int, ...] | None = None,
-                 exit_factor: int = 4, compact: bool | str = "auto"):
+                 exit_factor: int = 4, compact: bool | str = "auto", prefix_cache_blocks: int | None = None):
         self.params, self.config = model_parts(model)
         defaults = DecodeConfig() if defaults is None else defaults
         if not isinstance(defaults, DecodeConfig):
@@ -103,6 +107,8 @@ class Engine:
         self.limits = Limits(self.spec.strategies, self.spec.capacity, self.config.vocab_size,
                              self.defaults.replace(strategy=self.spec.strategies[0]))
         self._idle_row = self.defaults.row_params([1], [0])
+        self.prefix = PrefixCache(self.spec, self.config, max_batch,
+                                  prog.prefix_entries(self.spec, max_batch, prefix_cache_blocks))
         self._sharding = replicated(self.params)
         self._state = None
         self._programs: dict = {}
@@ -173,9 +179,12 @@ class Engine:
         spec, cfg, sh = self.spec, self.config, self._sharding
         make = functools.partial(prog.init_state, spec, cfg, self.max_batch)
         self._state = (jax.jit(make, out_shardings=sh) if sh else jax.jit(make))()
+        if self.prefix.enabled:
+            make = functools.partial(init_pool, spec, cfg, self.prefix.index.entries)
+            self.prefix.pool = (jax.jit(make, out_shardings=sh) if sh else jax.jit(make))()
         t = time.perf_counter()
         lowerings = prog.program_lowerings(spec, cfg, self.params, self.max_batch, self.widths,
-                                           self._idle_row)
+                                           self._idle_row, self.prefix.index.entries)
         sig = signature(abstract(self.params))
         for name, lower in lowerings.items():
             self._programs[name], _ = COMPILED.program(self._key() + (name, sig), lower)
@@ -190,11 +199,16 @@ class Engine:
         """Run the compiled ``kind`` program of the inputs' width."""
         return self._programs[f"{kind}:{inputs.slot.shape[0]}"](params, state, inputs)
 
+    def program_names(self) -> set[str]:
+        """The engine's programs: one per round width and per prefill width, and the prefix cache's
+        load and save (when on)."""
+        names = {f"round:{w}" for w in self.widths} | {f"prefill:{p}" for p in self.prefill_widths}
+        return names | ({"prefix_load", "prefix_save"} if self.prefix.enabled else set())
+
     def compile_count(self) -> int:
         """Compilations of this engine's configuration in this process (engines of one configuration
-        share them): one per round width and one per prefill width after warm-up, and it stays so."""
-        key, names = self._key(), {f"round:{w}" for w in self.widths} | {f"prefill:{p}" for p in
-                                                                          self.prefill_widths}
+        share them): one per program (:meth:`program_names`) after warm-up, and it stays so."""
+        key, names = self._key(), self.program_names()
         return COMPILED.compiles(lambda k: k[:5] == key and k[5] in names)
 
     def start(self) -> Engine:
@@ -244,14 +258,14 @@ class Engine:
         prefilling / decoding / free slots, finished."""
         with self._lock:
             live = [s for s in self._slots if s is not None]
-            return {**self._counters, "queued": len(self._queue),
+            return {**self._counters, **self.prefix.stats(), "queued": len(self._queue),
                     "prefilling": sum(s.prefilling for s in live),
                     "decoding": sum(not s.prefilling for s in live),
                     "free_slots": self.max_batch - len(live), "compile_count": self.compile_count()}
 
     # ---- internals -------------------------------------------------------------------------------
     def _has_work(self) -> bool:
-        return bool(self._queue) or any(s is not None for s in self._slots)
+        return bool(self._queue) or any(s is not None for s in self._slots) or self.prefix.busy
 
     def _loop(self) -> None:
         try:
@@ -276,6 +290,8 @@ class Engine:
 
     def _release(self, i: int, reason: str, error: str | None = None) -> None:
         slot, self._slots[i] = self._slots[i], None
+        if reason != "error" and not slot.prefilling:   # its committed blocks, for the next turn
+            self.prefix.queue_save(i, *slot.committed(self.block_length))
         slot.handle._emit(Finished(slot.handle.id, reason, tuple(slot.tokens), slot.usage(), error))
         self._counters["finished"] += 1
 
@@ -290,7 +306,8 @@ class Engine:
         for i in range(self.max_batch):
             if self._slots[i] is None and self._queue:
                 handle, prompt, cfg = self._queue.popleft()
-                self._slots[i] = Slot.admit(handle, prompt, cfg, self.strategies.index(cfg.strategy))
+                slot = self._slots[i] = Slot.admit(handle, prompt, cfg, self.strategies.index(cfg.strategy))
+                slot.cursor = slot.cached = self.prefix.admit(i, prompt, slot.s0)
 
     def _decode_inputs(self, decoding: list[int], width: int) -> prog.SlotRound:
         """Host arrays for the ``decoding`` slots (at most ``width``) that advance one block this
@@ -318,10 +335,14 @@ class Engine:
             pc.slot[e], pc.start[e], pc.forward[e], pc.reset[e] = i, c, c < s.s0, c == 0
             pc.length[e] = min(c + C, s.s0)
             s.cursor = c + C
+            if c < s.s0 <= c + C:     # its prompt blocks are committed after this call: cache them
+                self.prefix.queue_save(i, s.prompt, s.s0 // self.block_length)
         return pc
 
     def _run(self, r: prog.SlotRound | None, pc: prog.PrefillChunk | None) -> prog.RoundOutput | None:
-        """The round's prefill call (if ``pc``), then its block call (if ``r``); the block outputs."""
+        """The prefix cache's moves, the round's prefill call (if ``pc``), then its block call (if
+        ``r``); the block outputs."""
+        self._state = self.prefix.run(self._programs, self._state)
         if pc is not None:
             self._state = self._prefill_exe(self.params, self._state, pc)
         if r is None:
@@ -332,6 +353,7 @@ class Engine:
 
     def _round(self) -> None:
         with self._lock:
+            self.prefix.flush()    # saves first: a released row is read before it is reused
             self._admit()
             waiting = [i for i, s in enumerate(self._slots) if s is not None and s.prefilling]
             prefill = sorted(waiting, key=lambda i: self._slots[i].handle.id)[:self.spec.prefill_batch]
@@ -340,6 +362,7 @@ class Engine:
                 pc = self._prefill_inputs(prefill, next(p for p in self.prefill_widths if p >= len(prefill)))
             decoding = [i for i, s in enumerate(self._slots) if s is not None and not s.prefilling]
             if not prefill and not decoding:
+                self._state = self.prefix.run(self._programs, self._state)
                 return
             width = next(w for w in self.widths if w >= len(decoding))
             r = self._decode_inputs(decoding, width) if decoding else None

@@ -38,6 +38,7 @@ from dmax_jax.model.llada2 import forward
 from dmax_jax.model.masks import MaskSpec
 from dmax_jax.model.quant import params_for
 from dmax_jax.platforms import in_mesh_of, platform_of
+from dmax_jax.serving import prefix_cache as pc
 from dmax_jax.serving.compact import resolve_compact
 
 SERVED_STRATEGIES = ("spd", "threshold")
@@ -267,10 +268,12 @@ def idle_prefill(spec: ProgramSpec, slots: int, width: int) -> PrefillChunk:
 
 
 def program_lowerings(spec: ProgramSpec, cfg: ModelConfig, params, slots: int, widths: tuple[int, ...],
-                      idle_row: RowParams) -> dict[str, Callable[[], jax.stages.Lowered]]:
-    """``{"round:<width>" | "prefill:<width>": thunk lowering that program}`` from shapes only: the
-    slot state is donated, and it and every small input / output live replicated on the parameters'
-    devices. The one lowering path of the :class:`Engine` and of :func:`lower_engine`."""
+                      idle_row: RowParams, prefix_entries: int = 0
+                      ) -> dict[str, Callable[[], jax.stages.Lowered]]:
+    """``{"round:<width>" | "prefill:<width>" | "prefix_load" | "prefix_save": thunk lowering that
+    program}`` from shapes only (the prefix cache's two with ``prefix_entries`` > 0): the slot state
+    (and the prefix pool) is donated, and it and every small input / output live replicated on the
+    parameters' devices. The one lowering path of the :class:`Engine` and of :func:`lower_engine`."""
     sh = replicated(params)
     state = jax.eval_shape(functools.partial(init_state, spec, cfg, slots))
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state)
@@ -290,16 +293,32 @@ def program_lowerings(spec: ProgramSpec, cfg: ModelConfig, params, slots: int, w
     out.update({f"prefill:{w}": functools.partial(
         lambda w: pre.lower(p, state, abstract(idle_prefill(spec, slots, w), sh)), w)
         for w in prefill_widths(spec)})
+    if prefix_entries:
+        out.update(_prefix_lowerings(spec, cfg, slots, prefix_entries, state, sh))
     return out
+
+
+def _prefix_lowerings(spec: ProgramSpec, cfg: ModelConfig, slots: int, entries: int, state, sh) -> dict:
+    """The prefix cache's load / save programs (``serving.prefix_cache``), lowered from shapes."""
+    pool = jax.eval_shape(functools.partial(pc.init_pool, spec, cfg, entries))
+    pool = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), pool)
+    move = abstract(pc.idle_move(spec, slots, entries), sh)
+    shard = (lambda t: {}) if sh is None else (lambda t: {"out_shardings": jax.tree.map(lambda a: a.sharding, t)})
+    load = jax.jit(functools.partial(pc.load_program, spec), donate_argnums=(0,), **shard(state))
+    save = jax.jit(functools.partial(pc.save_program, spec), donate_argnums=(1,), **shard(pool))
+    return {"prefix_load": lambda: load.lower(state, pool, move),
+            "prefix_save": lambda: save.lower(state, pool, move)}
 
 
 def lower_engine(params, model_config: ModelConfig, defaults: DecodeConfig, *, max_batch: int,
                  capacity: int | None = None, strategies: tuple[str, ...] | None = None,
                  prefill_chunk: int = 128, prefill_batch: int = 8, widths: tuple[int, ...] | None = None,
-                 exit_factor: int = 4, compact: bool | str = "auto") -> dict[str, jax.stages.Lowered]:
+                 exit_factor: int = 4, compact: bool | str = "auto", prefix_cache_blocks: int | None = None
+                 ) -> dict[str, jax.stages.Lowered]:
     """The programs ``Engine(model, defaults, max_batch=..., capacity=..., ...)`` runs, lowered from
     shapes (``params`` may be ``ShapeDtypeStruct``s sharded on compile-only devices): ``round:<w>``
-    per round width and ``prefill:<w>`` per prefill width. ``.compile()`` each."""
+    per round width, ``prefill:<w>`` per prefill width and the prefix cache's ``prefix_load`` /
+    ``prefix_save`` (unless ``prefix_cache_blocks`` is 0). ``.compile()`` each."""
     defaults = defaults.resolve(model_config)
     params = params_for(params, defaults.weights)       # as Engine.__init__
     spec = engine_spec(params, model_config, defaults, max_batch=max_batch, capacity=capacity,
@@ -307,5 +326,15 @@ def lower_engine(params, model_config: ModelConfig, defaults: DecodeConfig, *, m
                        exit_factor=exit_factor, compact=compact)
     idle = defaults.row_params([1], [0])
     widths = batch_widths(max_batch, widths)
-    lowerings = program_lowerings(spec, model_config, params, max_batch, widths, idle)
+    entries = prefix_entries(spec, max_batch, prefix_cache_blocks)
+    lowerings = program_lowerings(spec, model_config, params, max_batch, widths, idle, entries)
     return {name: lower() for name, lower in lowerings.items()}
+
+
+def prefix_entries(spec: ProgramSpec, slots: int, blocks: int | None) -> int:
+    """The prefix pool's entries: ``blocks``, or by default as many blocks as the slots hold."""
+    if blocks is None:
+        return slots * (spec.capacity // spec.block_length)
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
+        raise ValueError(f"prefix_cache_blocks must be an integer >= 0 (0: off), got {blocks!r}")
+    return blocks

@@ -65,13 +65,15 @@ class Usage:
     """Accounting of one request (algorithm §6): ``nfe`` model forwards including the prefill forward
     (counted once, as ``generate`` does, however many chunks it took); ``tokens`` generated tokens
     returned; ``tokens_ref`` non-EOS tokens of the decoded region (``generate``'s count);
-    ``tpf = tokens_ref / nfe``; ``blocks`` decoded blocks."""
+    ``tpf = tokens_ref / nfe``; ``blocks`` decoded blocks; ``cached_tokens`` prompt tokens whose
+    prefill the prefix cache saved."""
 
     prompt_tokens: int
     tokens: int
     tokens_ref: int
     nfe: int
     blocks: int
+    cached_tokens: int = 0
 
     @property
     def tpf(self) -> float:

@@ -121,6 +121,8 @@ class Slot:
     nfe: int = 1                    # the prefill forward counts once (algorithm §6), however many chunks
     tokens: list = dataclasses.field(default_factory=list)
     tokens_ref: int = 0
+    cached: int = 0                 # prompt positions whose K/V came from the prefix cache
+    blocks: list = dataclasses.field(default_factory=list)   # every decoded block's B tokens
 
     @classmethod
     def admit(cls, handle: RequestHandle, prompt: np.ndarray, cfg: DecodeConfig, strategy: int) -> Slot:
@@ -154,14 +156,21 @@ class Slot:
         hits = np.flatnonzero(gen == eos_id)
         new = [int(t) for t in (gen[:hits[0]] if hits.size else gen)]
         self.tokens.extend(new)
+        self.blocks.append(np.array(xb, np.int32))
         eos = bool((xb == eos_id).any())
         self.k += 1
         reason = "eos" if eos else ("length" if self.k >= self.n_blocks else None)
         return new, reason
 
+    def committed(self, block: int) -> tuple[np.ndarray, int]:
+        """``(row tokens, n)``: the row's first ``n`` blocks are committed (prompt blocks before
+        ``s0``, and every decoded block but the last: block k is committed by block k+1's cross
+        forward); their K/V may enter the prefix cache."""
+        return np.concatenate([self.prompt[:self.s0], *self.blocks]), self.s0 // block + max(self.k - 1, 0)
+
     def usage(self) -> Usage:
         return Usage(prompt_tokens=self.plen, tokens=len(self.tokens), tokens_ref=self.tokens_ref,
-                     nfe=self.nfe, blocks=self.k)
+                     nfe=self.nfe, blocks=self.k, cached_tokens=self.cached)
 
 
 def round_forwards(r, out, pc, n_strategies: int) -> int:
