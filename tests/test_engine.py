@@ -109,7 +109,7 @@ def test_requests_arriving_at_random_blocks_equal_generate_alone(params):
     reqs += samples_of(request([9, 8, 7], 12, temperature=1.0, top_p=0.8, seed=3), 2)   # n = 2, together
     eng = engine(params, widths=(1, 2, 3), exit_factor=2)  # a round ends once 1 of 3 rows is left
     eng.warmup()
-    assert eng.compile_count() == 3 + len(eng.prefill_widths)
+    assert eng.compile_count() == 3 + len(eng.prefill_widths) + 2  # + prefix load / save
     before = jax.tree.leaves(eng._state)
     handles = serve_with_arrivals(eng, reqs, arrivals=[0, 0, 1, 3, 4, 2, 2])
     assert all(a.is_deleted() for a in before)          # the slot buffers were donated, not copied
@@ -117,7 +117,7 @@ def test_requests_arriving_at_random_blocks_equal_generate_alone(params):
         assert_same(h.result(0), alone(params, r), f"request {i}")
     assert handles[5].result(0).token_ids != handles[6].result(0).token_ids   # two streams, two samples
     assert eng.stats()["prefill_chunks"] > len(reqs)  # some prompts took several chunks
-    assert eng.compile_count() == 3 + len(eng.prefill_widths)  # knobs, arrivals, strategies, widths: flat
+    assert eng.compile_count() == 3 + len(eng.prefill_widths) + 2  # knobs, arrivals, strategies, widths: flat
     assert sum(eng.stats()[f"rounds_width_{w}"] > 0 for w in eng.widths) >= 2  # slots changed widths
     assert eng.stats()["paused"] > 0  # blocks left mid-way resumed beside others' new blocks
 
@@ -133,7 +133,7 @@ def test_many_random_requests_equal_generate_alone(params):
     handles = serve_with_arrivals(eng, reqs, arrivals)
     for i, (r, h) in enumerate(zip(reqs, handles)):
         assert_same(h.result(0), alone(params, r), f"request {i}")
-    assert eng.compile_count() == len(eng.widths) + len(eng.prefill_widths)
+    assert eng.compile_count() == len(eng.program_names())
     assert eng.stats()["paused"] > 0  # rounds end once half their rows are left
 
 
@@ -228,7 +228,7 @@ def test_abort_queued_prefilling_decoding_then_serve(params):
                                  seed=2))
     eng.run_until_idle()
     assert_same(d.result(0), alone(params, d.request))
-    assert eng.compile_count() == len(eng.widths) + len(eng.prefill_widths)
+    assert eng.compile_count() == len(eng.program_names())
 
 
 def test_background_thread_concurrent_clients_and_stop(params):
@@ -254,7 +254,7 @@ def test_background_thread_concurrent_clients_and_stop(params):
         assert seen[i][-1] == results[i]                       # the listener saw every event, in order
     with pytest.raises(EngineClosedError):
         eng.submit(reqs[0])
-    assert eng.compile_count() == len(eng.widths) + len(eng.prefill_widths)
+    assert eng.compile_count() == len(eng.program_names())
 
 
 def test_stop_without_drain_aborts_everything(params):

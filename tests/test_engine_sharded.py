@@ -27,6 +27,6 @@ def test_sharded_params_serve_the_tokens_of_generate():
     handles = serve_with_arrivals(eng, reqs, arrivals=[0, 0, 2, 3])
     for i, (r, h) in enumerate(zip(reqs, handles)):
         assert_same(h.result(0), alone(params, r), f"request {i}")
-    assert eng.compile_count() == len(eng.widths) + len(eng.prefill_widths)
+    assert eng.compile_count() == len(eng.program_names())
     state = jax.tree.leaves(eng._state)
     assert all(len(a.sharding.device_set) == 8 for a in state)  # the slot buffers live on the mesh

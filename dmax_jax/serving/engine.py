@@ -187,7 +187,7 @@ class Engine:
                                            self._idle_row, self.prefix.index.entries)
         sig = signature(abstract(self.params))
         for name, lower in lowerings.items():
-            self._programs[name], _ = COMPILED.program(self._key() + (name, sig), lower)
+            self._programs[name], _ = COMPILED.program(self._key() + (self._cache_name(name), sig), lower)
         self._exe = functools.partial(self._call, "round")
         self._prefill_exe = functools.partial(self._call, "prefill")
         self._counters["compile_seconds"] = time.perf_counter() - t
@@ -205,10 +205,14 @@ class Engine:
         names = {f"round:{w}" for w in self.widths} | {f"prefill:{p}" for p in self.prefill_widths}
         return names | ({"prefix_load", "prefix_save"} if self.prefix.enabled else set())
 
+    def _cache_name(self, name: str) -> str:
+        """A program's name in the compile cache: the prefix programs' shapes follow the pool."""
+        return f"{name}:{self.prefix.index.entries}" if name.startswith("prefix") else name
+
     def compile_count(self) -> int:
         """Compilations of this engine's configuration in this process (engines of one configuration
         share them): one per program (:meth:`program_names`) after warm-up, and it stays so."""
-        key, names = self._key(), self.program_names()
+        key, names = self._key(), {self._cache_name(n) for n in self.program_names()}
         return COMPILED.compiles(lambda k: k[:5] == key and k[5] in names)
 
     def start(self) -> Engine:

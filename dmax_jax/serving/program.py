@@ -303,7 +303,10 @@ def _prefix_lowerings(spec: ProgramSpec, cfg: ModelConfig, slots: int, entries: 
     pool = jax.eval_shape(functools.partial(pc.init_pool, spec, cfg, entries))
     pool = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), pool)
     move = abstract(pc.idle_move(spec, slots, entries), sh)
-    shard = (lambda t: {}) if sh is None else (lambda t: {"out_shardings": jax.tree.map(lambda a: a.sharding, t)})
+
+    def shard(tree) -> dict:
+        return {} if sh is None else {"out_shardings": jax.tree.map(lambda a: a.sharding, tree)}
+
     load = jax.jit(functools.partial(pc.load_program, spec), donate_argnums=(0,), **shard(state))
     save = jax.jit(functools.partial(pc.save_program, spec), donate_argnums=(1,), **shard(pool))
     return {"prefix_load": lambda: load.lower(state, pool, move),
