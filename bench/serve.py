@@ -72,6 +72,8 @@ def random_model_dir(out: Path, args) -> Path:
         hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
         num_attention_heads=max(2, args.hidden // 32), num_key_value_heads=2, head_dim=32,
         num_experts=args.experts, moe_intermediate_size=args.hidden // 2)
+    if getattr(args, "positions", None):     # bench/prefix_cache.py: prompts longer than the demo's 512
+        cfg = cfg.replace(max_position_embeddings=args.positions)
     rng = np.random.default_rng(0)
 
     def leaf(path, s):

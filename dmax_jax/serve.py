@@ -1,7 +1,7 @@
 """``python -m dmax_jax.serve``: an OpenAI-compatible DMax server on one engine.
 
     python -m dmax_jax.serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--max-batch N]
-                             [--max-queue N] [--compile-cache DIR|none]
+                             [--max-queue N] [--prefix-cache-gb GB] [--compile-cache DIR|none]
 
 Without ``--model`` it serves the shipped demo ``dmax`` model (dmax_jax/assets/demo/dmax) with the
 demo's decoding geometry (block 32); slots hold the model's ``max_position_embeddings`` positions
@@ -39,6 +39,16 @@ def _int_at_least(lo: int, hi: int | None = None):
             raise argparse.ArgumentTypeError(f"must be {rng}, got {v}")
         return v
     return parse
+
+
+def _gb(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, got {s!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
+    return v
 
 
 # DecodeConfig fields the server takes as flags: the engine's static geometry (block_length, top_k,
@@ -96,6 +106,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "per round (default: the model's prompt_bucket from dmax_decode.json, else 128)")
     ap.add_argument("--prefill-batch", type=_int_at_least(1), default=8,
                     help="requests prefilled together in one round (default 8)")
+    ap.add_argument("--prefix-cache-gb", type=_gb, metavar="GB",
+                    help="device memory (1e9 bytes) for the prefix cache: committed K/V blocks that requests "
+                    "sharing a prompt prefix (system prompts, few-shot, chat history) reuse instead of "
+                    "prefilling, tokens unchanged (default: as many blocks as the slots hold; 0: off)")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to drain at shutdown")
     ap.add_argument("--max-queue", type=_int_at_least(0), default=None, metavar="N",
                     help="requests that may wait for a slot; more get HTTP 503 with Retry-After "
@@ -158,6 +172,7 @@ def build(args: argparse.Namespace):
     import dmax_jax
     from dmax_jax.data.chat import resolve_special_ids
     from dmax_jax.serving.engine import Engine
+    from dmax_jax.serving.prefix_cache import entries_for_bytes
     from dmax_jax.serving.server import ServeConfig, create_app
 
     if args.compile_cache is not None:
@@ -185,9 +200,12 @@ def build(args: argparse.Namespace):
                          f"{limit} (the model's max_position_embeddings)]")
     prefill_chunk = args.prefill_chunk or dc.prompt_bucket or 128
     defaults = dc.replace(dtype=dtype, mask_id=ids.mask_id, eos_id=ids.eos_id)
+    blocks = None if args.prefix_cache_gb is None else entries_for_bytes(
+        args.prefix_cache_gb * 1e9, model.config, dc.block_length, dtype)
     engine = Engine(model, defaults, max_batch=args.max_batch, capacity=capacity, prefill_chunk=prefill_chunk,
                     prefill_batch=args.prefill_batch, strategies=strategies,
-                    compact={"auto": "auto", "on": True, "off": False}[args.compact])
+                    compact={"auto": "auto", "on": True, "off": False}[args.compact],
+                    prefix_cache_blocks=blocks)
     name = args.served_model_name or path.resolve().name
     cfg = ServeConfig(model_name=name, decode=dc, per_strategy=dict(args.decode),
                       prompt_template=args.prompt_template, drain_timeout=args.drain_timeout,

@@ -102,6 +102,21 @@ def test_tokenizer_endpoints_and_metrics(served):
     assert after["dmax_requests_running"] == 0 and after["dmax_requests_queued"] == 0
 
 
+def test_prefix_cache_serves_a_shared_few_shot_prefix(served, client):
+    rows = [r for _, r in read_jsonl(DATA / "demo_arith.jsonl")]
+    shots = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in rows[5:8])
+    hits = served.engine.stats()["prefix_cache_hit_blocks"]
+    prompts = [f"{shots}Question: {r['question']}\nAnswer:" for r in rows[8:10]]
+    first, second = (client.completions.create(model=NAME, prompt=p, max_tokens=64) for p in prompts)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0        # nobody sent these shots before
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 64 and cached % 32 == 0 and cached < second.usage.prompt_tokens
+    assert served.engine.stats()["prefix_cache_hit_blocks"] - hits == cached // 32
+    assert second.choices[0].text == alone(served, encode(served.tokenizer, prompts[1]), 64)  # same tokens
+    metrics = httpx.get(served.url + "/metrics").text
+    assert "dmax_prefix_cache_hits_total" in metrics and "dmax_prefix_cache_bytes" in metrics
+
+
 # ---- openai: arrays, n, sampling ------------------------------------------------------------------------
 def test_prompt_arrays_each_a_row_in_order(served, client):
     t = served.tokenizer

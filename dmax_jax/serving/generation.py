@@ -232,7 +232,12 @@ def usage_of(gens: list[Generation]) -> dict:
     """Usage summed over the choices: each prompt's tokens once (its ``n`` samples share it), every
     choice's completion tokens."""
     prompts = {g.index // g.parsed.n: len(g.ereq.prompt_ids) for g in gens}
-    return usage_object(sum(prompts.values()), sum(g.completion_tokens() for g in gens))
+    cached: dict[int, int] = {}      # a prompt's tokens the prefix cache served (the least of its samples)
+    for g in gens:
+        c = g.finished.usage.cached_tokens if g.finished is not None else 0
+        cached[g.index // g.parsed.n] = min(c, cached.get(g.index // g.parsed.n, c))
+    return usage_object(sum(prompts.values()), sum(g.completion_tokens() for g in gens),
+                        sum(cached.values()))
 
 
 def dmax_of(gens: list[Generation]) -> dict:

@@ -4,7 +4,8 @@ Why these: an operator sizing a DMax server needs what a token server shows (run
 requests, finished ones by reason, prompt and generated tokens, time to the first committed block —
 DMax's "first token" —, end-to-end latency) plus what is DMax's own: model forwards per request
 (NFE) and tokens per forward, engine rounds and the compile count (flat after warm-up: a rising
-count means requests are recompiling). Each app has its own registry, so several servers in one
+count means requests are recompiling), and the prefix cache's hits, misses, evictions and bytes.
+Each app has its own registry, so several servers in one
 process (the tests) never collide; engine gauges are read at scrape time from ``Engine.stats``.
 """
 
@@ -47,6 +48,16 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(f"{NS}_engine_blocks", "Blocks committed", value=s["blocks"])
         yield GaugeMetricFamily(f"{NS}_engine_compiles", "Compiled engine programs (flat after warm-up)",
                                 value=s["compile_count"])
+        for name, doc in (("hits", "Admitted requests that reused cached prompt blocks"),
+                          ("misses", "Admitted requests that found no cached prompt block"),
+                          ("hit_blocks", "Prompt blocks served from the prefix cache (prefill skipped)"),
+                          ("inserted_blocks", "Committed blocks saved into the prefix cache"),
+                          ("evictions", "Prefix cache blocks evicted (least recently used) for new ones")):
+            yield CounterMetricFamily(f"{NS}_prefix_cache_{name}", doc, value=s[f"prefix_cache_{name}"])
+        yield GaugeMetricFamily(f"{NS}_prefix_cache_bytes", "Device bytes of the cached blocks",
+                                value=s["prefix_cache_bytes"])
+        yield GaugeMetricFamily(f"{NS}_prefix_cache_capacity_bytes", "Device bytes of the prefix cache's "
+                                "pool (its budget)", value=s["prefix_cache_capacity_bytes"])
 
 
 class Metrics:
