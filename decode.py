@@ -119,8 +119,10 @@ def encode_prompts(texts: list[str], tokenizer, chat: bool, defaults=None) -> li
 
 def load_model(model_dir: Path, cfg: DecodeConfig):
     import dmax_jax
+    from dmax_jax.model.quant import quantize_model
 
-    model = dmax_jax.load_pretrained(model_dir, dtype=cfg.dtype)
+    # --weights int8: quantized once here; each batch's generate call then reads the int8 tree as is
+    model = quantize_model(dmax_jax.load_pretrained(model_dir, dtype=cfg.dtype), cfg.weights)
     if model.tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer files; decode.py needs one to encode prompts")
     return model

@@ -105,7 +105,7 @@ def compile_train_step(preset: str, recipe: str, mesh: str, moe_impl: str) -> di
                                      f"step.moe_impl={moe_impl}", *mesh_overrides(mesh)])
     model_config = loop.resolve_model_config(cfg)
     cfg = cfg.resolve(total_steps=1000, mask_id=model_config.resolved_mask_token_id)
-    built = build_train_program(model_config, cfg)  # exactly what train() compiles (cached there too)
+    built = build_train_program(model_config, cfg)  # exactly what train() compiles
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          built.abstract_state, built.state_shardings)
     rows, length = cfg.data.batch_size, cfg.data.max_length

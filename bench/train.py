@@ -86,7 +86,7 @@ def main() -> None:
     def compiled(mode: str, remat):
         scfg = StepConfig(mask_id=MASK_ID, mode=mode, block_length=args.block, compute_dtype=args.dtype,
                           remat=remat, attention_backend=args.attention)
-        state = init_train_state(jax.tree.map(jnp.copy, params), opt, 0)  # the step donates its state
+        state = init_train_state(jax.tree.map(jnp.copy, params), opt)  # the step donates its state
         t0 = time.perf_counter()
         fn = jax.jit(make_train_step(cfg, scfg, opt), donate_argnums=0).lower(state, batch).compile()
         return fn, state, time.perf_counter() - t0

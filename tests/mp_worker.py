@@ -10,6 +10,7 @@ losses and the gathered params to an ``.npz`` file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -95,7 +96,7 @@ def run_steps(mesh_shape: tuple[int, int, int, int] | None, n_steps: int = 2, *,
     step = make_train_step(cfg, step_config(), opt)
     batch = make_batch(cfg.vocab_size)
     params = host_params()
-    init = lambda p: init_train_state(p, opt, seed=0)
+    init = lambda p: init_train_state(p, opt)
     if mesh_shape is None:
         state = jax.jit(init, compiler_options=CPU_FAST_COMPILE)(params)
         fn = jax.jit(step, compiler_options=CPU_FAST_COMPILE)
@@ -118,6 +119,32 @@ def run_steps(mesh_shape: tuple[int, int, int, int] | None, n_steps: int = 2, *,
     get = (lambda x: multihost_utils.process_allgather(x, tiled=True)) if gather else np.asarray
     params = jax.tree.map(lambda x: np.asarray(get(x)), state.params)
     return losses, params, state
+
+
+@contextlib.contextmanager
+def reuse_train_programs():
+    """Within the block, ``training.loop.build_train_program`` hands every ``train`` call with the same
+    (model, step, optim, mesh, seed, devices) the program built first. The library caches nothing (a
+    caller that runs one program twice keeps it); these tests run one program many times, and a
+    fresh compile per ``train`` call would double their time."""
+    import json
+
+    import pytest
+
+    from dmax_jax.training import loop
+
+    real, built = loop.build_train_program, {}
+
+    def build(model_config, cfg, devices=None):
+        key = (json.dumps(model_config.to_hf_dict(), sort_keys=True, default=str), cfg.step, cfg.optim,
+               cfg.mesh, cfg.run.seed, None if devices is None else tuple(devices))
+        if key not in built:
+            built[key] = real(model_config, cfg, devices)
+        return built[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "build_train_program", build)
+        yield
 
 
 def _local_rows(batch: dict[str, np.ndarray], sharding) -> dict[str, np.ndarray]:

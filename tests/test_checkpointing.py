@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import flax.struct
 import grain
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,9 @@ from dmax_jax.checkpoint.train_state import (
     export_hf,
 )
 from dmax_jax.config import tiny_config
+from dmax_jax.training.optim import OptimConfig, make_optimizer
+from dmax_jax.training.sharding import train_state_shardings
+from dmax_jax.training.state import TrainState, init_train_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,6 +101,47 @@ def test_keep_last_deletes_older_steps(tmp_path, mesh):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["3", "4"]
     with TrainCheckpointer(tmp_path) as ck:
         assert ck.read_metadata(4) == {"step": 4}
+
+
+@flax.struct.dataclass
+class _LegacyTrainState:
+    """``TrainState`` as older versions saved it: an extra (never used) ``rng`` leaf of uint32 key data."""
+
+    step: jax.Array
+    params: dict
+    opt_state: object
+    rng: jax.Array
+
+
+def test_legacy_checkpoint_with_rng_leaf_resumes_into_todays_state(tmp_path, mesh):
+    """A checkpoint whose state still has the old top-level ``rng`` leaf restores into the current
+    ``TrainState`` (no such field): params, optimizer state, step and the data position as saved."""
+    opt = make_optimizer(OptimConfig(total_steps=10, lr=1e-2))
+    params = {"w": jnp.arange(96, dtype=jnp.float32).reshape(16, 6) / 7, "b": jnp.linspace(-1, 1, 8)}
+    state = init_train_state(params, opt)
+    updates, opt_state = opt.update(jax.tree.map(jnp.ones_like, params), state.opt_state, params)
+    state = TrainState(step=jnp.int32(3), params=jax.tree.map(jnp.add, params, updates), opt_state=opt_state)
+    p_shard = {"w": NamedSharding(mesh, P("x")), "b": NamedSharding(mesh, P())}
+    shardings = train_state_shardings(jax.eval_shape(lambda: state), p_shard, mesh)
+    state = jax.device_put(state, shardings)
+    legacy = _LegacyTrainState(step=state.step, params=state.params, opt_state=state.opt_state,
+                               rng=jax.random.key_data(jax.random.key(5)))
+    it = _iterator()
+    for _ in range(2):
+        next(it)
+    with TrainCheckpointer(tmp_path, async_save=False) as ck:
+        ck.save(3, legacy, it, {"step": 3, "rng": np.asarray(legacy.rng).tolist()})
+
+    it2 = _iterator()
+    with TrainCheckpointer(tmp_path) as ck:
+        restored, meta = ck.restore(3, abstract_with_shardings(jax.eval_shape(lambda: state), shardings), it2)
+    assert type(restored) is TrainState and not hasattr(restored, "rng") and meta["step"] == 3
+    assert int(restored.step) == 3
+    _assert_tree_equal(restored.params, state.params)
+    _assert_tree_equal(restored.opt_state, state.opt_state)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert restored.params["w"].sharding == p_shard["w"]
+    assert next(it2).tolist() == [8, 9, 10, 11]  # the data position too
 
 
 # orbax leaves its read coroutines unfinished when a restore fails on a shape mismatch (its internals).

@@ -10,9 +10,19 @@ import pytest
 from mp_worker import CPU_FAST_COMPILE, host_params, make_batch, problem_config
 
 from dmax_jax.decoding import DecodeConfig, generate
+from dmax_jax.decoding.api import model_parts
 from dmax_jax.decoding.config import DecodeConfigError
 from dmax_jax.model.llada2 import forward
-from dmax_jax.model.quant import SCALE_SUFFIX, params_for, quantize_params, quantize_weight, weight_bytes
+from dmax_jax.model.quant import (
+    SCALE_SUFFIX,
+    is_quantized,
+    params_for,
+    quantize_model,
+    quantize_params,
+    quantize_weight,
+    weight_bytes,
+)
+from dmax_jax.pretrained import Pretrained
 
 # Stated tolerances (tiny model, random init, logits of magnitude ~1): int8 weights move logits by
 # < 3 % of the largest |logit| (measured ~1.2 %), about bf16 compute's own error (~0.8 %); in bf16
@@ -79,7 +89,10 @@ def test_decode_config_weights_reaches_generate(tiny):
     want = generate((q, cfg), prompts, DecodeConfig(**kw))  # pre-quantized params, native flag
     assert [list(r) for r in got.token_ids] == [list(r) for r in want.token_ids]
     assert list(got.nfe) == list(want.nfe)
-    assert params_for(params, "int8") is params_for(params, "int8")  # quantized once per params tree
+    assert params_for(q, "int8") is q and params_for(params, "native") is params  # nothing re-quantized
+    for model in ((params, cfg), Pretrained(config=cfg, params=params)):
+        once = quantize_model(model, "int8")                    # what decode.py / eval quantize at load
+        assert is_quantized(model_parts(once)[0]) and model_parts(once)[1] is cfg
 
 
 def test_lowered_program_reads_int8(tiny):

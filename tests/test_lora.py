@@ -18,6 +18,7 @@ from mp_worker import (
     make_batch,
     optim_config,
     problem_config,
+    reuse_train_programs,
     step_config,
 )
 
@@ -43,6 +44,13 @@ jit = lambda f, **kw: jax.jit(f, compiler_options=CPU_FAST_COMPILE, **kw)  # noq
 def _logits(params, cfg, lora=None):
     ids = jnp.asarray(make_batch(cfg.vocab_size, batch=2)["input_ids"])
     return jit(lambda p: forward(p, cfg, ids, lora=lora)[0])(params)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_program_per_config():
+    """Runs with the same config share one compiled train step (``mp_worker.reuse_train_programs``)."""
+    with reuse_train_programs():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +147,7 @@ def test_lora_off_is_the_full_step_config():
 @pytest.mark.slow
 def test_lora_run_resumes_bit_exact_and_exports_merged(tmp_path):
     """4 LoRA steps straight vs 2 + resume to 4 through the training loop: every state leaf (frozen
-    base, adapters, Adam moments, rng) equal; the HF export at the end is the merged model."""
+    base, adapters, Adam moments, step) equal; the HF export at the end is the merged model."""
     from dmax_jax.checkpoint.hf import load_hf_params
     from dmax_jax.demo.data import generate_task_data
     from dmax_jax.training.loop import resolve_model_config, train

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from mp_worker import reuse_train_programs
 from scripts import load_script
 
 from dmax_jax.demo.data import generate_task_data
@@ -24,6 +25,13 @@ from dmax_jax.training.metrics import truncate_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_program_per_config():
+    """Runs with the same config share one compiled train step (``mp_worker.reuse_train_programs``)."""
+    with reuse_train_programs():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +209,7 @@ def _resume_equals(task, out: Path, straight, capsys) -> str:
     """Resume ``out`` to update 4 in-process; its state must equal the straight run's. Returns stderr."""
     summary = loop.train(load_train_config(TINY, _args(task, out, "run.num_steps=4", "run.save_every=1")[2:]))
     for x, y in zip(jax.tree.leaves(summary.state), jax.tree.leaves(straight)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))   # params, Adam moments, rng
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))   # params, Adam moments, step
     return capsys.readouterr().err
 
 

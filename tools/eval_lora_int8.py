@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dmax_jax import demo  # noqa: E402
 from dmax_jax.demo.examples import DemoDecode  # noqa: E402
+from dmax_jax.model.quant import quantize_model  # noqa: E402
 
 SPD_TAUS = (0.5, 0.0)
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = get_benchmark("gsm8k").load(data)
     records = []
     for name, path, dtype, weights, strategies, taus in plan(args):
-        model = demo.load_demo_model(path, dtype=dtype)
+        model = quantize_model(demo.load_demo_model(path, dtype=dtype), weights)  # int8: once per model
         decode = WeightsDecode(**dataclasses.asdict(demo.DEMO_DECODE), weights=weights)
         records += demo.evaluate_grid({name: model}, rows, out_dir=out, strategies=strategies,
                                       thresholds=taus, limit=args.limit, decode=decode,

@@ -1,7 +1,7 @@
 """Training checkpoints: orbax ``CheckpointManager`` over (train state, grain iterator, metadata JSON).
 
 Why this shape: one step directory holds everything a resume needs — the sharded ``TrainState``
-(params, optimizer state, step, rng key data) written by orbax's array handlers, the grain iterator
+(params, optimizer state, step) written by orbax's array handlers, the grain iterator
 position (one small JSON file per process) and a JSON of the run config for humans and for
 compatibility checks. Orbax writes every step into a temporary directory and renames it only once
 all items are complete, so a process killed mid-save leaves the previous checkpoint as the latest
@@ -10,7 +10,8 @@ directory.
 
 Restoring goes into an *abstract* state (``ShapeDtypeStruct``s carrying their shardings), so every
 process reads only its own shards and a resume works on a mesh without ever materialising the
-unsharded tree.
+unsharded tree. Checkpoints of older versions, whose state also held an unused ``rng`` leaf, restore
+into today's state: ``restore`` reads that leaf too (orbax wants the saved tree's keys) and drops it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from dmax_jax.checkpoint.hf import save_hf_params
 from dmax_jax.config import ModelConfig
 
 STATE, DATA_ITER, META = "state", "data_iter", "meta"
+# Top-level state leaves older versions saved and the current ``TrainState`` no longer has.
+LEGACY_STATE_LEAVES = ("rng",)
 
 
 class CheckpointRestoreError(RuntimeError):
@@ -38,6 +41,17 @@ class CheckpointRestoreError(RuntimeError):
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     """``ShapeDtypeStruct`` tree (from ``jax.eval_shape``) with each leaf's sharding attached."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _replicated_like(abstract: Any) -> jax.sharding.Sharding | None:
+    """A fully replicated sharding on the mesh (or device) of ``abstract``'s first sharded leaf."""
+    for leaf in jax.tree.leaves(abstract):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        if sharding is not None:
+            return sharding
+    return None
 
 
 class TrainCheckpointer:
@@ -95,7 +109,8 @@ class TrainCheckpointer:
         if STATE not in names:
             raise CheckpointRestoreError(
                 f"{self.directory}/{step} has no '{STATE}' item (found {sorted(names)})")
-        items: dict[str, Any] = {STATE: ocp.args.StandardRestore(abstract_state)}
+        target, rebuild = self._restore_target(step, abstract_state)
+        items: dict[str, Any] = {STATE: ocp.args.StandardRestore(target)}
         if META in names:
             items[META] = ocp.args.JsonRestore()
         if data_iter is not None:
@@ -109,7 +124,35 @@ class TrainCheckpointer:
             raise CheckpointRestoreError(
                 f"cannot restore {self.directory}/{step} into the current train state "
                 f"(model, optimizer or mesh changed since it was written?): {e}") from e
-        return restored[STATE], dict(restored[META]) if META in names else {}
+        return rebuild(restored[STATE]), dict(restored[META]) if META in names else {}
+
+    def _restore_target(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
+        """``(restore target, rebuild)``: ``abstract_state`` and the identity, or — for a checkpoint
+        whose saved state has a top-level legacy leaf (``LEGACY_STATE_LEAVES``) that ``abstract_state``
+        lacks — a dict of ``abstract_state``'s fields plus that leaf (replicated, like ``step``) and a
+        function that drops it and rebuilds ``abstract_state``'s type."""
+        children, treedef = jax.tree_util.tree_flatten_with_path(abstract_state,
+                                                                 is_leaf=lambda x: x is not abstract_state)
+        names = [getattr(path[0], "name", getattr(path[0], "key", None)) if len(path) == 1 else None
+                 for path, _ in children]
+        if not all(isinstance(n, str) for n in names):
+            return abstract_state, lambda state: state
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            saved = handler.metadata(self.directory / str(int(step)) / STATE).tree
+        except Exception:  # noqa: BLE001 — unreadable metadata: the restore itself reports what is wrong
+            saved = None
+        finally:
+            handler.close()
+        saved = saved if isinstance(saved, Mapping) else {}
+        extra = [k for k in LEGACY_STATE_LEAVES if k in saved and k not in names]
+        if not extra:
+            return abstract_state, lambda state: state
+        target = dict(zip(names, (child for _, child in children)))
+        replicated = _replicated_like(abstract_state)
+        for k in extra:
+            target[k] = jax.ShapeDtypeStruct(tuple(saved[k].shape), saved[k].dtype, sharding=replicated)
+        return target, lambda state: treedef.unflatten([state[n] for n in names])
 
     def read_metadata(self, step: int) -> dict[str, Any]:
         """Only the metadata JSON of ``step`` (no arrays are read)."""

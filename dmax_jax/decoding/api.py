@@ -112,7 +112,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]] | Sequence[int], config:
     if not isinstance(cfg, DecodeConfig):
         raise TypeError(f"config must be a DecodeConfig, got {type(cfg).__name__}")
     cfg = cfg.resolve(mcfg, getattr(model, "compute_dtype", None))
-    params = params_for(params, cfg.weights)  # int8 weight-only: quantized once per params tree
+    params = params_for(params, cfg.weights)  # int8: quantized per call unless pre-quantized (quantize_model)
     rows = buckets.normalize_prompts(prompt_ids)
     buckets.validate_prompts(rows, vocab_size=mcfg.vocab_size, mask_id=cfg.mask_id, gen_length=cfg.gen_length,
                              block=cfg.block_length, max_positions=mcfg.max_position_embeddings)

@@ -184,8 +184,10 @@ def _run(argv: list[str] | None) -> int:
     check_out_dir(args.out, run_config(bench, decode_config, chat))
 
     import dmax_jax
+    from dmax_jax.model.quant import quantize_model
 
-    pretrained = dmax_jax.load_pretrained(args.model, dtype=cfg.dtype)
+    # --weights int8: quantized once here, not again in every batch's generate call
+    pretrained = quantize_model(dmax_jax.load_pretrained(args.model, dtype=cfg.dtype), cfg.weights)
 
     def generate_fn(prompt_ids: list[list[int]]) -> Any:
         return dmax_jax.generate(pretrained, prompt_ids, cfg, batch_size=args.batch_size)

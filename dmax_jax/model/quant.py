@@ -15,6 +15,7 @@ gather reads a few rows), ``lm_head`` (the logits), router (routing decisions), 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -99,24 +100,26 @@ def weight_bytes(params: Mapping) -> int:
     return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
 
 
-_CACHE: dict[int, tuple[Any, dict]] = {}
-_CACHE_MAX = 2
-
-
 def params_for(params: Mapping, weights: str) -> Mapping:
-    """The params a program reads for ``DecodeConfig.weights``: as given (``native``) or int8-quantized
-    — once per params tree (cached by identity, the original kept alive), abstract trees included."""
+    """The params a program reads for ``DecodeConfig.weights``: as given (``native``, or already
+    quantized) or int8-quantized now, abstract trees included. Nothing is cached: a caller that
+    decodes many times quantizes once (``quantize_model``) and keeps the result."""
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights: must be one of {list(WEIGHT_MODES)}, got {weights!r}")
     if weights == "native" or is_quantized(params):
         return params
-    hit = _CACHE.get(id(params))
-    if hit is not None and hit[0] is params:
-        return hit[1]
     leaves = jax.tree.leaves(params)
     abstract = bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
-    out = quantize_abstract(params) if abstract else quantize_params(params)
-    while len(_CACHE) >= _CACHE_MAX:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[id(params)] = (params, out)
-    return out
+    return quantize_abstract(params) if abstract else quantize_params(params)
+
+
+def quantize_model(model: Any, weights: str) -> Any:
+    """``model`` (a ``Pretrained``-like dataclass or a ``(params, config)`` tuple) with its params as
+    ``params_for(params, weights)``: quantize once at load, so every later ``generate`` call reads
+    the int8 tree as is instead of quantizing the native one again. ``native``: ``model`` itself."""
+    if weights == "native":
+        return model
+    if isinstance(model, tuple):
+        params, config = model
+        return params_for(params, weights), config
+    return dataclasses.replace(model, params=params_for(model.params, weights))

@@ -5,7 +5,7 @@ Why it is shaped this way:
 - Counting: ``state.step`` counts ``train_step`` calls (micro-batches); ``run.num_steps``,
   ``run.log_every`` and ``run.save_every`` count optimizer updates (= micro-batches /
   ``optim.grad_accum_steps``). Checkpoints are taken only at update boundaries.
-- Exact resume: a checkpoint holds the state (params, optimizer state, step, rng) and the grain
+- Exact resume: a checkpoint holds the state (params, optimizer state, step) and the grain
   iterator position, captured after the step's batch was drawn and before the next one is, so
   ``k`` steps + resume to ``n`` replays exactly the same batches and updates as ``n`` straight.
   Metric rows past the restored step (written before a ``kill -9``) are dropped on resume.
@@ -95,8 +95,9 @@ def _local(x: jax.Array) -> np.ndarray:
 
 # ---- setup ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class _Run:
-    """One ``train`` call's pieces and its mutable progress (what the old closures shared)."""
+class _TrainRun:
+    """Everything one ``train`` call holds (config, compiled program, data, checkpointer) and its
+    mutable progress, passed between ``_setup``, ``_step_loop`` and ``_finish`` instead of closures."""
 
     cfg: TrainConfig
     out: Path
@@ -155,7 +156,7 @@ def _write_config(cfg: TrainConfig, out: Path, start_step: int, changes: list[st
     dump_train_config(cfg, path)
 
 
-def _setup(cfg: TrainConfig) -> _Run:
+def _setup(cfg: TrainConfig) -> _TrainRun:
     """Everything before the first step: data, model config, compiled step, state, records."""
     t_start = time.time()
     try:
@@ -193,9 +194,10 @@ def _setup(cfg: TrainConfig) -> _Run:
     except BaseException:
         ckpt.close()
         raise
-    run = _Run(cfg=cfg, out=out, model_config=model_config, tokenizer=tokenizer, data=data, built=built,
-               ckpt=ckpt, iterator=iterator, num_steps=num_steps, start_step=start_step, state=state,
-               t_start=t_start, last_saved=start_step or None, done=start_step * cfg.optim.grad_accum_steps)
+    run = _TrainRun(cfg=cfg, out=out, model_config=model_config, tokenizer=tokenizer, data=data,
+                    built=built, ckpt=ckpt, iterator=iterator, num_steps=num_steps, start_step=start_step,
+                    state=state, t_start=t_start, last_saved=start_step or None,
+                    done=start_step * cfg.optim.grad_accum_steps)
     is_main = jax.process_index() == 0
     if is_main:
         _write_config(cfg, out, start_step, changes)
@@ -215,8 +217,10 @@ def _setup(cfg: TrainConfig) -> _Run:
 
 
 # ---- the step loop ----------------------------------------------------------------------------------------
-def _absorb(run: _Run, done: int, metrics: Any) -> None:
-    """Read back one step's metrics, stop on non-finite values, log at log steps."""
+def _record_step_metrics(run: _TrainRun, done: int, metrics: Any) -> None:
+    """Read back micro-step ``done``'s metrics, stop on non-finite values, add them to the logging
+    window and write its row at log updates: the one place metrics reach the host, so the non-finite
+    check guards every checkpoint."""
     m = {k: _local(v).item() for k, v in metrics.items()}
     if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
         run.ckpt.wait()
@@ -236,15 +240,15 @@ def _absorb(run: _Run, done: int, metrics: Any) -> None:
     run.last_logged = row
 
 
-def _save(run: _Run, update: int) -> None:
+def _save(run: _TrainRun, update: int) -> None:
+    """Checkpoint update ``update``: the state, the data position and the metadata JSON a resume checks."""
     meta = {"config": run.cfg.to_dict(), "step": update, "micro_step": update * run.accum,
-            "rng": _local(run.state.rng).tolist(), "metrics": run.last_logged,
-            "bad_rows": run.data.bad_rows, "time": time.time()}
+            "metrics": run.last_logged, "bad_rows": run.data.bad_rows, "time": time.time()}
     run.ckpt.save(update, run.state, run.iterator, meta)
     run.last_saved = update
 
 
-def _step_loop(run: _Run, stop: StopRequest) -> None:
+def _step_loop(run: _TrainRun, stop: StopRequest) -> None:
     """Micro-steps ``start_step * accum + 1 … num_steps * accum``, saving at the configured updates
     (and at the update a Ctrl-C or SIGTERM arrived in)."""
     step_fn, b_shard, save_every = run.built.step_fn, run.built.batch_shardings, run.cfg.run.save_every
@@ -256,23 +260,23 @@ def _step_loop(run: _Run, stop: StopRequest) -> None:
             raise RuntimeError(f"the data ran out before micro-step {done}") from None
         run.state, metrics = step_fn(run.state, make_global_batch(local, b_shard))
         if pending is not None:
-            _absorb(run, *pending)
+            _record_step_metrics(run, *pending)
             run.done = pending[0]
         pending = (done, metrics)
         update, boundary = done // run.accum, done % run.accum == 0
         if boundary and (update == run.num_steps or (save_every and update % save_every == 0)
                          or stop.requested):
-            _absorb(run, *pending)
+            _record_step_metrics(run, *pending)
             run.done, pending = done, None
             _save(run, update)
             if stop.requested:
                 raise KeyboardInterrupt
     if pending is not None:
-        _absorb(run, *pending)
+        _record_step_metrics(run, *pending)
         run.done = pending[0]
 
 
-def _finish(run: _Run) -> TrainSummary:
+def _finish(run: _TrainRun) -> TrainSummary:
     """Final checkpoint (if the last update was not saved yet), HF export, summary."""
     if run.last_saved != run.num_steps:
         _save(run, run.num_steps)

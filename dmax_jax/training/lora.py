@@ -4,7 +4,7 @@ State layout: ``TrainState.params = {"base": frozen weights in step.lora.base_dt
 the optimizer state covers the adapters only (AdamW moments of a rank-r model, not of 16 B params). The
 rollout and the loss are ``training.step``'s, on the adapted model (``step._logits`` combines the two
 parts); the gradient is taken with respect to the adapters alone, so the base never gets a gradient
-buffer. Checkpoints save this state as is (adapters, optimizer, step, rng; the frozen base rides along,
+buffer. Checkpoints save this state as is (adapters, optimizer, step; the frozen base rides along,
 so a resume is bit-exact and self-contained). ``export_params`` merges the adapters for the HF export;
 ``save_adapters`` writes them alone.
 """
@@ -39,7 +39,7 @@ def init_lora_state(params, model_config: ModelConfig, lora: LoraConfig,
     base = jax.tree.map(lambda x: x.astype(base_dtype(lora)), params)
     adapters = init_adapters(model_config, lora, jax.random.fold_in(jax.random.key(seed), 29))
     return TrainState(step=jnp.zeros((), jnp.int32), params={"base": base, "adapters": adapters},
-                      opt_state=optimizer.init(adapters), rng=jax.random.key_data(jax.random.key(seed)))
+                      opt_state=optimizer.init(adapters))
 
 
 def make_lora_train_step(model_config: ModelConfig, step_cfg: StepConfig,
@@ -63,8 +63,7 @@ def make_lora_train_step(model_config: ModelConfig, step_cfg: StepConfig,
         adapters = optax.apply_updates(adapters, updates)
         metrics = step_metrics(loss, aux, grads, opt_state, changed_fraction)
         params = {"base": base, "adapters": adapters}
-        new_rng = jax.random.key_data(jax.random.split(state.key)[0])
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=new_rng), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
 

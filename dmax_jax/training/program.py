@@ -10,7 +10,6 @@ platform, never the host's.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,22 +63,12 @@ class TrainProgram:
         return state, batch
 
 
-_BUILT: dict[tuple, TrainProgram] = {}
-_BUILT_MAX = 2
-
-
 def build_train_program(model_config: ModelConfig, cfg: TrainConfig,
                         devices: Sequence[jax.Device] | None = None) -> TrainProgram:
     """Mesh, shardings and the jitted init / train-step functions for a (model, step, optim, mesh,
-    seed, devices) combination. Cached so that calling ``train`` again in one process (resume,
-    sweeps, tests) does not retrace and recompile; the key includes ``make_train_step`` itself so a
-    patched step is never served a stale compilation."""
-    devs = tuple(jax.devices() if devices is None else devices)
-    key = (json.dumps(model_config.to_hf_dict(), sort_keys=True, default=str), cfg.step, cfg.optim,
-           cfg.mesh, cfg.run.seed, make_train_step, devs)
-    if key in _BUILT:
-        return _BUILT[key]
-    mesh = make_mesh(cfg.mesh, None if devices is None else devs)
+    seed, devices) combination. Not cached: each call builds (and its first step compiles) anew, so a
+    caller that runs the same program twice keeps the ``TrainProgram`` it got."""
+    mesh = make_mesh(cfg.mesh, None if devices is None else tuple(devices))
     step_cfg = dataclasses.replace(cfg.step, platform=platform_of(mesh))
     optimizer = make_optimizer(cfg.optim)
     seed = cfg.run.seed
@@ -90,22 +79,18 @@ def build_train_program(model_config: ModelConfig, cfg: TrainConfig,
         init_fn, state_p_shard, make_step = _lora_pieces(model_config, step_cfg, optimizer, seed, p_shard,
                                                          mesh)
     else:
-        init_fn, state_p_shard = (lambda p: init_train_state(p, optimizer, seed)), p_shard
+        init_fn, state_p_shard = (lambda p: init_train_state(p, optimizer)), p_shard
         make_step = make_train_step
     abstract_state = jax.eval_shape(init_fn, nn.meta.unbox(boxed))
     s_shard = train_state_shardings(abstract_state, state_p_shard, mesh)
     b_shard = batch_shardings(mesh, REQUIRED_KEYS)
-    built = TrainProgram(
+    return TrainProgram(
         mesh=mesh, param_shardings=p_shard, state_shardings=s_shard, batch_shardings=b_shard,
         abstract_state=abstract_state, step_config=step_cfg,
         init_params=jax.jit(lambda k: init_params(model_config, jax.random.fold_in(k, 1)),
                             out_shardings=p_shard),
         init_state=jax.jit(init_fn, out_shardings=s_shard, donate_argnums=0),
         step_fn=jit_train_step(make_step(model_config, step_cfg, optimizer), s_shard, b_shard, mesh))
-    while len(_BUILT) >= _BUILT_MAX:
-        _BUILT.pop(next(iter(_BUILT)))
-    _BUILT[key] = built
-    return built
 
 
 def _lora_pieces(model_config: ModelConfig, step_cfg: StepConfig, optimizer, seed: int, p_shard, mesh):

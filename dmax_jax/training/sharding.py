@@ -184,7 +184,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 def train_state_shardings(state: TrainState, params_shardings, mesh: Mesh) -> TrainState:
     """Shardings for every leaf of ``state`` (concrete or ``jax.eval_shape``'d). Optimizer leaves that
     mirror a parameter (Adam moments, MultiSteps accumulators: same trailing dict path and shape) take
-    that parameter's sharding; counters, hyper-parameters, ``step`` and ``rng`` are replicated."""
+    that parameter's sharding; counters, hyper-parameters and ``step`` are replicated."""
     replicated = NamedSharding(mesh, P())
     by_path = {}
     flat_params = jax.tree_util.tree_flatten_with_path(state.params)[0]
@@ -203,7 +203,7 @@ def train_state_shardings(state: TrainState, params_shardings, mesh: Mesh) -> Tr
         return replicated
 
     opt = jax.tree_util.tree_map_with_path(one, state.opt_state)
-    return TrainState(step=replicated, params=params_shardings, opt_state=opt, rng=replicated)
+    return TrainState(step=replicated, params=params_shardings, opt_state=opt)
 
 
 def _dict_keys(path) -> tuple:

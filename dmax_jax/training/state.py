@@ -1,8 +1,8 @@
 """The training state: one pytree that jit donates, the mesh shards and orbax saves.
 
-``rng`` is stored as raw ``uint32`` key data (``jax.random.key_data``), not a typed key: a plain
-integer array saves and restores through orbax like any other leaf and shards (replicated) without
-special handling. Wrap it with ``jax.random.wrap_key_data`` where a key is needed.
+It holds no PRNG key: the OPUT noise comes from the host data pipeline's per-example RNG
+(``data/transforms.py``), so the step itself is deterministic. Checkpoints written while the state
+still had an ``rng`` leaf resume through ``TrainCheckpointer.restore``, which drops it.
 """
 
 from __future__ import annotations
@@ -17,20 +17,14 @@ import optax
 @flax.struct.dataclass
 class TrainState:
     """``step`` int32 scalar (= number of ``train_step`` calls, i.e. micro-batches seen);
-    ``params`` float32 master weights; ``opt_state`` the optax state; ``rng`` uint32 key data."""
+    ``params`` float32 master weights; ``opt_state`` the optax state."""
 
     step: jax.Array
     params: dict
     opt_state: optax.OptState
-    rng: jax.Array
-
-    @property
-    def key(self) -> jax.Array:
-        """``rng`` as a typed PRNG key."""
-        return jax.random.wrap_key_data(self.rng)
 
 
-def init_train_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
     """Fresh state at step 0. ``params`` must be the unboxed float32 master weights; they are not
     copied (jit the call with ``out_shardings`` to build a sharded state without a host copy)."""
     boxed = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
@@ -43,5 +37,4 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int)
     bad = sorted({str(x.dtype) for x in leaves if x.dtype != jnp.float32})
     if bad:
         raise ValueError(f"init_train_state: master weights must be float32, got leaves of dtype {bad}")
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))

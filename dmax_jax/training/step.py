@@ -190,8 +190,7 @@ def make_train_step(model_config: ModelConfig, step_cfg: StepConfig, optimizer: 
         (loss, aux), grads = grad_fn(state.params, model_config, step_cfg, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_rng = jax.random.key_data(jax.random.split(state.key)[0])
         metrics = step_metrics(loss, aux, grads, opt_state, changed_fraction)
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=new_rng), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
