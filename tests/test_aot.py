@@ -83,6 +83,10 @@ def test_decode_programs_compile_with_the_chips_kernels(chip, program, tiny_yaml
                       "--gen-length", "64", "--max-batch", "2", "--batch", "2")
     assert _has(report, chip[2]["moe"]) and _has(report, "decode_attention"), report["kernels"]
     assert report["mesh"]["expert"] == report["devices"]  # experts sharded: expert parallel decode
+    if program == "engine":    # the prefix cache's copy programs compile too; the pool counts beside
+        progs = report["programs"]
+        assert {"prefix_load", "prefix_save"} <= set(progs)
+        assert all(p["resident_beside_bytes"] > 0 for p in progs.values())
 
 
 @pytest.mark.slow

@@ -109,8 +109,26 @@ def decode_lowering(program: str, model_config: ModelConfig, devices: Sequence[j
 
         cap = capacity or prompt_len + gen_length
         facts.update(max_batch=max_batch, capacity=cap)
+        facts["beside"] = engine_residents(params, model_config, cfg, max_batch, cap)
         lower = lambda: lower_engine(params, model_config, cfg, max_batch=max_batch, capacity=cap)  # noqa: E731
     return lower, facts
+
+
+def engine_residents(params, model_config, cfg, max_batch: int, capacity: int) -> Callable[[str], int]:
+    """Per-device bytes resident beside each engine program: the prefix cache's pool (default size,
+    replicated like the slot state) beside the round / prefill programs, which do not take it; the
+    parameters beside the pool's load / save programs, which do not take them."""
+    from dmax_jax.serving.prefix_cache import block_bytes  # noqa: PLC0415
+
+    B = cfg.block_length
+    pool = (max_batch * (capacity // B) + 1) * block_bytes(model_config, B, cfg.dtype)
+
+    def shard_bytes(a) -> int:
+        shape = a.sharding.shard_shape(a.shape) if getattr(a, "sharding", None) is not None else a.shape
+        return int(np.prod(shape)) * a.dtype.itemsize
+
+    weights = sum(shard_bytes(a) for a in jax.tree.leaves(params))
+    return lambda name: weights if name.startswith("prefix") else pool
 
 
 class KernelFallbackError(RuntimeError):

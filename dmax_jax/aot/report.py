@@ -118,11 +118,14 @@ def _compile_one(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, floa
 
 
 def compile_and_report(lower: Callable[[], Any], chip: Target, *,
-                       default_device: jax.Device | None = None, **facts: Any) -> dict[str, Any]:
+                       default_device: jax.Device | None = None,
+                       beside: Callable[[str], int] | None = None, **facts: Any) -> dict[str, Any]:
     """Lower and compile (timed, the compiler's log captured) and report the target compiler's view.
     ``lower()`` gives one ``Lowered`` or a dict of them (the engine's programs): then the report
-    gives each program's memory and the largest peak. ``default_device``: libraries that pick kernels
-    by the default device (tokamax) see the target."""
+    gives each program's memory and the largest peak. ``beside(name)``: per-device bytes that stay
+    resident while that program runs but are not its arguments (the engine's prefix pool beside its
+    round programs, the parameters beside the pool's copy programs); added to its peak.
+    ``default_device``: libraries that pick kernels by the default device (tokamax) see the target."""
     ctx = jax.default_device(default_device) if default_device is not None else contextlib.nullcontext()
     with captured_stderr() as log, ctx:
         t0 = time.perf_counter()
@@ -135,6 +138,10 @@ def compile_and_report(lower: Callable[[], Any], chip: Target, *,
         if "Autotuning cache miss" not in line:
             print(line, file=sys.stderr)
     mems = {k: _memory(c) for k, (c, _) in compiled.items()}
+    for k, m in mems.items():
+        extra = beside(k) if beside is not None else 0
+        if extra and m["peak_bytes"] is not None:
+            m["resident_beside_bytes"], m["peak_bytes"] = extra, m["peak_bytes"] + extra
     main = max(mems, key=lambda k: mems[k]["peak_bytes"] or 0)
     found: collections.Counter = collections.Counter()
     for c, _ in compiled.values():
@@ -149,6 +156,7 @@ def compile_and_report(lower: Callable[[], Any], chip: Target, *,
     if many:
         report["largest_program"] = main
         report["programs"] = {k: {"peak_bytes": m["peak_bytes"], "temp_bytes": m["temp_bytes"],
+                                  "resident_beside_bytes": m.get("resident_beside_bytes", 0),
                                   "compile_seconds": round(compiled[k][1], 2)} for k, m in mems.items()}
     return report
 

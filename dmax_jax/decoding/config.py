@@ -142,7 +142,8 @@ class DecodeConfig:
         soft_impl: soft-embedding kernel: ``auto`` | ``pallas`` | ``xla``.
         dtype: compute dtype name (None: the model's compute dtype).
         weights: ``native`` (the params as loaded) | ``int8`` (weight-only int8, per-channel scales,
-            quantized once at first use: ``model/quant.py``).
+            ``model/quant.py``; ``generate`` quantizes native params on each call: quantize once
+            with ``quantize_model`` when calling it in a loop; the engine quantizes at construction).
         max_unroll: threshold decoding's forwards per progress check at most.
         expected_tpf: threshold decoding's expected tokens per forward (unrolling rule).
         prompt_bucket: prompt padding multiple of ``generate`` (None: ``max(128, block_length)``
