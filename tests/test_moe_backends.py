@@ -87,6 +87,13 @@ def test_auto_resolves_per_platform():
     assert experts.grouped_matmul("auto", "cpu") is experts.tiled_matmul
     assert experts.grouped_matmul("auto", "gpu").func is experts._tokamax_matmul
     assert experts.grouped_matmul("auto", "tpu").func is experts._megablox_matmul
+    # int8 expert weights: megablox's gmm rejects int8, so TPU's auto is tokamax's Mosaic kernel; only
+    # the GPU / TPU kernels take them as int8 (everything else is handed dequantized weights)
+    int8_auto = [resolve_moe_impl("auto", p, int8=True) for p in ("cpu", "gpu", "tpu")]
+    assert int8_auto == ["tiled", "tokamax", "tokamax"]
+    assert experts.reads_int8("tokamax", "tpu") and experts.reads_int8("ep", "gpu")
+    dequantized = [("megablox", "tpu"), ("tokamax", "cpu"), ("tiled", "cpu"), ("dense", "gpu")]
+    assert not any(experts.reads_int8(i, p) for i, p in dequantized)
 
 
 def test_unavailable_backends_raise(monkeypatch):

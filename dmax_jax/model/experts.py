@@ -26,8 +26,18 @@ grouped paths sort the ``N * K`` assignments by expert so that each expert's row
   run the platform's ``auto`` grouped matmul.
 * ``"auto"``: ``AUTO_IMPL[platform]`` — cpu -> tiled, gpu -> tokamax,
   tpu -> megablox (part of JAX itself, and its TPU lowering can be checked from a CPU host;
-  tokamax's TPU kernel, a fork of it, refuses to trace without a TPU attached); on GPU / TPU
-  under a mesh whose ``expert`` axis is > 1, ``ep`` with that kernel inside.
+  tokamax's TPU kernel, a fork of it, traces only with a TPU — a compile-only one does — as the
+  default device); on GPU / TPU under a mesh whose ``expert`` axis is > 1, ``ep`` with that kernel
+  inside. int8 weights: ``AUTO_INT8_IMPL`` (tpu -> tokamax: ``megablox.gmm`` rejects int8).
+
+int8 weight-only experts (``model/quant.py``) arrive as ``qwix.QArray(q [E, K, N] int8, scale
+[E, 1, N] f32)``. On GPU / TPU the tokamax kernels (Triton; Mosaic TPU) take ``q`` itself: they load
+int8 tiles (exact in bf16) and accumulate in f32, and the per-(expert, column) scale multiplies the
+f32 output rows, ``out[m, n] · s[e(m), n]`` (``_int8_matmul``; exact since the scale is constant
+along K). Every other backend (the CPU paths, ``megablox``, ``dense``) gets ``dequantize_as(w,
+x.dtype)``, the values ``param_with_axes`` would have given. (tokamax's own QArray route was not
+taken on GPU: its Triton kernel multiplies the B tile by an f32 scale before the dot, which turns
+the bf16 matmul into an f32 / tf32 one.)
 
 ``platform`` is the compile target's (``dmax_jax.platforms``), never the host's when given. Kernel
 backends run per shard under a mesh (``model.partitioned``): XLA cannot partition a custom call.
@@ -46,14 +56,17 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+from qwix import QArray
 
 from dmax_jax.model.expert_tiles import tiled_matmul, tiled_mlp
 from dmax_jax.model.layers import round_up
 from dmax_jax.model.partitioned import rows_per_shard
+from dmax_jax.model.quant import dequantize_as
 
 MOE_IMPLS = ("auto", "ragged", "tiled", "tokamax", "megablox", "dense", "ep")
 KERNEL_IMPLS = ("tokamax", "megablox")  # Pallas kernels (custom calls): run per shard under a mesh
 AUTO_IMPL = {"cpu": "tiled", "gpu": "tokamax", "tpu": "megablox"}
+AUTO_INT8_IMPL = {"cpu": "tiled", "gpu": "tokamax", "tpu": "tokamax"}
 PLATFORMS = tuple(AUTO_IMPL)
 TOKAMAX_IMPLEMENTATION = {"cpu": "xla", "gpu": "triton", "tpu": "mosaic_tpu"}
 EXPERT_AXIS = "expert"
@@ -74,13 +87,15 @@ def _platform(platform: str | None) -> str:
     return name
 
 
-def resolve_moe_impl(impl: str, platform: str | None = None, *, interpret: bool = False) -> str:
-    """The concrete backend ``impl`` means on ``platform`` (default: JAX's default backend)."""
+def resolve_moe_impl(impl: str, platform: str | None = None, *, interpret: bool = False,
+                     int8: bool = False) -> str:
+    """The concrete backend ``impl`` means on ``platform`` (default: JAX's default backend);
+    ``int8``: for int8 expert weights (``auto`` picks a kernel that reads them)."""
     if impl not in MOE_IMPLS:
         raise MoEBackendError(f"moe_impl {impl!r} is not one of {MOE_IMPLS}")
     platform = _platform(platform)
     if impl == "auto":
-        return AUTO_IMPL[platform]
+        return (AUTO_INT8_IMPL if int8 else AUTO_IMPL)[platform]
     if impl == "megablox" and not (platform == "tpu" or (platform == "cpu" and interpret)):
         raise MoEBackendError(f"moe_impl 'megablox' is a TPU kernel and cannot run on {platform!r} "
                               "(only interpret=True on CPU, for tests); use 'auto', 'tokamax' or 'ragged'")
@@ -117,12 +132,44 @@ def _drop_autotuning_cache_miss(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Autotuning cache miss")
 
 
-def _tokamax_matmul(lhs, rhs, sizes, *, platform: str):
+def _tokamax_matmul(lhs, rhs, sizes, *, platform: str, interpret: bool = False):
+    """``rhs``: bf16 / f32 weights, or an int8 ``QArray`` (read as int8 on GPU / TPU)."""
     implementation = TOKAMAX_IMPLEMENTATION[platform]
+    if platform == "tpu" and interpret:
+        implementation = [_mosaic_interpreter()]
     try:
+        if isinstance(rhs, QArray):
+            return _int8_matmul(lhs, rhs, sizes, implementation=implementation, pad_rows=platform == "tpu")
         return _tokamax().ragged_dot(lhs, rhs, sizes, implementation=implementation)
     except NotImplementedError as e:
         raise MoEBackendError(f"tokamax ragged_dot ({implementation!r}) cannot run here: {e}") from e
+
+
+def _int8_matmul(lhs, rhs: QArray, sizes, *, implementation, pad_rows: bool):
+    """``lhs @ (q · scale)`` per group from the int8 ``q`` itself: the kernel loads int8 tiles and
+    returns f32 sums, then row m (of expert e(m)) is scaled by ``scale[e(m), 0, :]``. ``pad_rows``
+    (Mosaic TPU): every dimension must be >= 128, so rows are padded to whole 128-row tiles."""
+    m = lhs.shape[0]
+    rows = round_up(m, 128) if pad_rows else m
+    padded = jnp.pad(lhs, ((0, rows - m), (0, 0)))
+    out = _tokamax().ragged_dot(padded, rhs.qvalue, sizes, preferred_element_type=jnp.float32,
+                                implementation=implementation)[:m]
+    expert = jnp.repeat(jnp.arange(rhs.shape[0]), sizes, total_repeat_length=m)  # rows past the groups: any
+    return (out * jnp.take(rhs.scale[:, 0, :], expert, axis=0)).astype(lhs.dtype)
+
+
+@functools.cache
+def _mosaic_interpreter():
+    """tokamax's Mosaic TPU kernel in the Pallas interpreter, runnable on a CPU host (tests)."""
+    from tokamax._src.ops.ragged_dot.pallas_mosaic_tpu import PallasMosaicTpuRaggedDot  # noqa: PLC0415
+
+    _tokamax()
+
+    class Interpreted(PallasMosaicTpuRaggedDot):
+        def supported_on(self, device) -> bool:  # any device: the interpreter runs anywhere
+            return True
+
+    return Interpreted(interpret=True)
 
 
 def _megablox_tile(dim: int) -> int:
@@ -145,17 +192,19 @@ def _megablox_matmul(lhs, rhs, sizes, *, interpret: bool):
     return out[:m]
 
 
-def grouped_matmul(impl: str, platform: str | None = None, *, interpret: bool = False) -> GroupedMatmul:
+def grouped_matmul(impl: str, platform: str | None = None, *, interpret: bool = False,
+                   int8: bool = False) -> GroupedMatmul:
     """``fn(lhs [M, K], rhs [E, K, N], sizes [E] int32) -> [M, N]`` (lhs dtype) of a grouped
-    backend: rows ``sizes[:e].sum() ..`` form expert e. Rows past ``sizes.sum()`` are undefined."""
+    backend: rows ``sizes[:e].sum() ..`` form expert e. Rows past ``sizes.sum()`` are undefined.
+    ``rhs`` may be an int8 ``QArray`` where ``reads_int8`` (``int8``: resolve ``auto`` for it)."""
     platform = _platform(platform)
-    impl = resolve_moe_impl(impl, platform, interpret=interpret)
+    impl = resolve_moe_impl(impl, platform, interpret=interpret, int8=int8)
     if impl == "ragged":
         return _ragged_matmul
     if impl == "tiled":
         return tiled_matmul
     if impl == "tokamax":
-        return functools.partial(_tokamax_matmul, platform=platform)
+        return functools.partial(_tokamax_matmul, platform=platform, interpret=interpret)
     if impl == "megablox":
         return functools.partial(_megablox_matmul, interpret=interpret or platform != "tpu")
     raise MoEBackendError(f"moe_impl {impl!r} is not a grouped matmul (one of ragged/tiled/tokamax/megablox)")
@@ -203,6 +252,12 @@ def experts_dense(x, idx, w, w_gate, w_up, w_down):
     return jnp.einsum("neh,ne->nh", out.astype(jnp.float32), comb).astype(x.dtype)
 
 
+def reads_int8(impl: str, platform: str) -> bool:
+    """Whether resolved backend ``impl`` takes int8 ``QArray`` weights as they are: tokamax's GPU /
+    TPU kernels (``ep`` runs them inside); everything else gets dequantized weights."""
+    return platform != "cpu" and impl in ("tokamax", "ep")
+
+
 def _expert_axis_size() -> int:
     mesh = jax.sharding.get_abstract_mesh()
     return 1 if mesh.empty or EXPERT_AXIS not in mesh.axis_names else mesh.shape[EXPERT_AXIS]
@@ -213,17 +268,22 @@ def routed_experts(x, idx, w, w_gate, w_up, w_down, *, impl: str = "auto", platf
     """The MoE's expert output ``[N, H]`` for tokens x ``[N, H]`` routed to idx/w ``[N, K]``;
     weights ``[E, H, Im]`` (gate, up) and ``[E, Im, H]`` (down). ``platform`` selects the kernel
     family (default: JAX's default backend; lowering checks pass the target); ``interpret`` runs
-    Pallas kernels in the interpreter; ``capacity_factor`` applies to ``ep`` only."""
+    Pallas kernels in the interpreter; ``capacity_factor`` applies to ``ep`` only. Weights may be
+    int8 ``QArray``s (all three or none): read as int8 where ``reads_int8``, else dequantized."""
     platform = _platform(platform)
+    int8 = isinstance(w_gate, QArray)
     if impl == "auto" and platform != "cpu" and _expert_axis_size() > 1:
         impl = "ep"  # experts sharded over the mesh: move tokens to them, never gather the weights
-    impl = resolve_moe_impl(impl, platform, interpret=interpret)
+    impl = resolve_moe_impl(impl, platform, interpret=interpret, int8=int8)
+    if int8 and not reads_int8(impl, platform):
+        w_gate, w_up, w_down = (dequantize_as(v, x.dtype) for v in (w_gate, w_up, w_down))
+        int8 = False
     if impl == "dense":
         return experts_dense(x, idx, w, w_gate, w_up, w_down)
     if impl == "ep":
-        inner = grouped_matmul("auto", platform, interpret=interpret)
+        inner = grouped_matmul("auto", platform, interpret=interpret, int8=int8)
         return experts_ep(x, idx, w, w_gate, w_up, w_down, matmul=inner, capacity_factor=capacity_factor)
-    matmul = grouped_matmul(impl, platform, interpret=interpret)
+    matmul = grouped_matmul(impl, platform, interpret=interpret, int8=int8)
     if impl in KERNEL_IMPLS:  # a custom call: XLA cannot partition it, so run it per shard
         grouped = functools.partial(experts_grouped, matmul=matmul)
         return rows_per_shard(grouped, (x, idx, w), (w_gate, w_up, w_down))

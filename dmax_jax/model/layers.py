@@ -10,6 +10,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from qwix import QArray
+
+from dmax_jax.model.quant import SCALE_SUFFIX, dequantize
 
 Dtype = jnp.dtype
 
@@ -23,10 +26,18 @@ def round_up(x, multiple):
 def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: tuple):
     """Declare a parameter carrying logical axis names (the sharding rules map them to mesh axes).
     An int8 weight-only parameter (``model/quant.py``: a ``<name>_qscale`` sibling) comes back
-    dequantized, so no module needs to know."""
+    dequantized (float32), so no module needs to know."""
+    w = quantized_param(module, name, init, shape, dtype, axes)
+    return dequantize(w.qvalue, w.scale) if isinstance(w, QArray) else w
+
+
+def quantized_param(module: nn.Module, name: str, init, shape, dtype, axes: tuple) -> jax.Array | QArray:
+    """``param_with_axes`` without the dequantize: an int8 weight comes back as ``QArray(q, scale)``
+    (int8 ``q``, float32 ``scale``) for consumers that read int8 themselves (the routed experts'
+    grouped-matmul kernels); a native weight as itself."""
     w = module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-    if module.has_variable("params", name + "_qscale"):
-        w = w.astype(jnp.float32) * module.get_variable("params", name + "_qscale")
+    if module.has_variable("params", name + SCALE_SUFFIX):
+        return QArray(w, module.get_variable("params", name + SCALE_SUFFIX))
     return w
 
 

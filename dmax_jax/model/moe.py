@@ -4,7 +4,8 @@ Router (algorithm §1.2 "MoE FFN"): float32 sigmoid scores; ``expert_bias`` only
 are chosen (group-limited top-k on biased scores), the combine weights use the unbiased scores,
 normalised over the chosen K and scaled by ``routed_scaling_factor``. ``impl`` is the MoE switch
 ``moe_impl`` (``experts.MOE_IMPLS``), resolved for ``platform`` (the compile target's; None = the
-host's default backend).
+host's default backend). int8 weight-only expert weights reach ``routed_experts`` as
+``QArray(q, scale)`` (``layers.quantized_param``): the GPU / TPU kernels read the int8 tiles.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from qwix import QArray
 
 from dmax_jax.config import ModelConfig
 from dmax_jax.model.experts import routed_experts
-from dmax_jax.model.layers import GatedMLP, param_with_axes
+from dmax_jax.model.layers import GatedMLP, param_with_axes, quantized_param
 
 
 def route(logits: jax.Array, expert_bias: jax.Array, cfg: ModelConfig):
@@ -56,18 +58,18 @@ class MoE(nn.Module):
             bias = param_with_axes(self, "expert_bias", nn.initializers.zeros, (e,), jnp.float32, (None,))
         else:  # checkpoints without the buffer: selection uses the plain sigmoid scores
             bias = jnp.zeros((e,), jnp.float32)
-        wg = param_with_axes(self, "experts_gate", init, (e, hdim, im), self.param_dtype,
+        wg = quantized_param(self, "experts_gate", init, (e, hdim, im), self.param_dtype,
                              ("exp", "embed", "exp_mlp"))
-        wu = param_with_axes(self, "experts_up", init, (e, hdim, im), self.param_dtype,
+        wu = quantized_param(self, "experts_up", init, (e, hdim, im), self.param_dtype,
                              ("exp", "embed", "exp_mlp"))
-        wd = param_with_axes(self, "experts_down", init, (e, im, hdim), self.param_dtype,
+        wd = quantized_param(self, "experts_down", init, (e, im, hdim), self.param_dtype,
                              ("exp", "exp_mlp", "embed"))
+        wg, wu, wd = (w if isinstance(w, QArray) else w.astype(self.dtype) for w in (wg, wu, wd))
         shape = x.shape
         u = x.reshape(-1, hdim).astype(self.dtype)
         logits = u.astype(jnp.float32) @ router.astype(jnp.float32)
         idx, w = route(logits, bias, cfg)
-        y = routed_experts(u, idx, w, wg.astype(self.dtype), wu.astype(self.dtype), wd.astype(self.dtype),
-                           impl=self.impl, platform=self.platform)
+        y = routed_experts(u, idx, w, wg, wu, wd, impl=self.impl, platform=self.platform)
         if cfg.num_shared_experts > 0:
             y = y + GatedMLP(im * cfg.num_shared_experts, self.dtype, self.param_dtype, name="shared")(u)
         return y.reshape(shape).astype(self.dtype)

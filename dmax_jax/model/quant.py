@@ -4,10 +4,11 @@ Why weight-only: DMax-16B at batch 1 is bound by the bytes of the weights each f
 in bf16); int8 storage halves the weights' resident bytes. A quantized weight ``W`` becomes two leaves:
 ``W`` itself as int8 ``q = round(W / s)`` and ``W_qscale`` (float32, ``s = max|W| / 127`` over the
 contracted axes, one scale per output channel — per layer, per expert). ``layers.param_with_axes``
-sees the ``_qscale`` sibling and hands the module ``q · s`` instead of ``q``: every module (attention
-einsums, dense MLP, shared and routed experts) works unchanged, and under ``jax.jit`` the multiply sits
-right next to its consumer (XLA fuses it into the dot where it can; the grouped-matmul kernels get the
-dequantized layer slice — see the README's bytes-per-forward table for what the chips' compilers did).
+sees the ``_qscale`` sibling and hands the module ``q · s`` instead of ``q``: attention einsums, dense
+MLP and shared expert work unchanged, and under ``jax.jit`` the multiply sits right next to its
+consumer (XLA fuses it into the dot where it can). The routed experts take ``layers.quantized_param``
+instead: ``qwix.QArray(q, s)`` un-dequantized, which the GPU / TPU grouped-matmul kernels read as int8
+tiles with the scale applied to their output rows (``experts.py``); the CPU paths ``dequantize_as``.
 
 Quantized: attention ``qkv`` / ``out``, dense MLP, shared expert, routed experts. Kept: embedding (a
 gather reads a few rows), ``lm_head`` (the logits), router (routing decisions), norms, ``expert_bias``.
@@ -22,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from qwix import QArray
 
 WEIGHT_MODES = ("native", "int8")
 SCALE_SUFFIX = "_qscale"
@@ -47,6 +49,14 @@ def quantize_weight(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax
 def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
     """``q · scale`` in float32 (the module casts to its compute dtype)."""
     return q.astype(jnp.float32) * scale
+
+
+def dequantize_as(w: jax.Array | QArray, dtype) -> jax.Array:
+    """``w`` in ``dtype``: an int8 ``QArray(q, scale)`` dequantized (``q · scale`` in float32, then
+    cast: the same values ``param_with_axes`` gives), a plain array cast."""
+    if isinstance(w, QArray):
+        return dequantize(w.qvalue, w.scale).astype(dtype)
+    return w.astype(dtype)
 
 
 def is_quantized(params: Mapping) -> bool:
