@@ -155,9 +155,9 @@ def main(argv=None) -> int:
                  "chat": lambda e: (lambda: chat(e, d, model.tokenizer, args.conversations, args.turns))}
     for wl, make in workloads.items():
         res = {name: measure(eng, make(eng)) for name, eng in engines.items()}
+        ref = res["off"]["tokens"]
         for name, r in res.items():
-            same = r.pop("tokens") == res["off"]["tokens"]
-            rows.append({"workload": wl, "cache": name, **r, "tokens_equal_off": same})
+            rows.append({"workload": wl, "cache": name, **r, "tokens_equal_off": r.pop("tokens") == ref})
     for eng in engines.values():
         eng.stop()
     print(table(rows, args))

@@ -45,3 +45,21 @@ def _no_persistent_compile_cache_leak(_initial_compile_cache_dir):
     if now != _initial_compile_cache_dir:
         jax.config.update("jax_compilation_cache_dir", _initial_compile_cache_dir)
         pytest.fail(f"jax_compilation_cache_dir was left at {now!r} (was {_initial_compile_cache_dir!r})")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs_after_each_file():
+    """Every compiled XLA:CPU program keeps its JIT code mapped; one test file can leave ~25,000
+    memory maps, and a pytest-xdist worker that runs many files reaches the kernel's limit
+    (vm.max_map_count, 65,530), where LLVM's next mmap fails and the worker dies (segfault / abort)
+    mid-compile. Dropping the compiled programs at the end of each file unmaps them."""
+    yield
+    import gc
+
+    import jax
+
+    from dmax_jax.decoding.compiled import COMPILED
+
+    COMPILED.clear()
+    jax.clear_caches()
+    gc.collect()

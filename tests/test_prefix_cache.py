@@ -102,7 +102,7 @@ def test_cache_on_decodes_exactly_as_cache_off(seed, pool):
 
 def test_shared_prefix_skips_prefill_and_equals_generate(params):  # noqa: F811
     rng = np.random.default_rng(5)
-    shared = [int(t) for t in rng.integers(3, CFG.vocab_size, 45)]      # 5 whole blocks
+    shared = [int(t) for t in rng.integers(3, CFG.vocab_size, 45)]      # 5 whole blocks, 2 whole chunks
     reqs = [request(shared + [int(t) for t in rng.integers(3, CFG.vocab_size, n)], 17, request_id=i,
                     strategy=["spd", "threshold"][i % 2]) for i, n in enumerate([3, 11, 6])]
     eng = engine(params)
@@ -110,9 +110,9 @@ def test_shared_prefix_skips_prefill_and_equals_generate(params):  # noqa: F811
     fins = [h.result(0) for h in handles]
     for i, (r, f) in enumerate(zip(reqs, fins)):
         assert_same(f, alone(params, r), f"request {i}")
-    assert [f.usage.cached_tokens for f in fins] == [0, 40, 40]
+    assert [f.usage.cached_tokens for f in fins] == [0, 32, 32]     # whole prefill chunks of 16
     s = eng.stats()
-    assert (s["prefix_cache_hits"], s["prefix_cache_misses"], s["prefix_cache_hit_blocks"]) == (2, 1, 10)
+    assert (s["prefix_cache_hits"], s["prefix_cache_misses"], s["prefix_cache_hit_blocks"]) == (2, 1, 8)
     assert s["prefix_cache_bytes"] == s["prefix_cache_blocks"] * eng.prefix.block_bytes > 0
     assert eng.compile_count() == len(eng.program_names())
 
@@ -132,6 +132,6 @@ def test_second_turn_prefills_only_the_new_turn(params):  # noqa: F811
     before = eng.stats()["prefill_chunks"]
     (h2,) = serve_with_arrivals(eng, [turn2], [0])
     f2 = h2.result(0)
-    assert f2.usage.cached_tokens == committed                  # up to the first turn's open block
-    assert eng.stats()["prefill_chunks"] - before == 2          # [40, 56) forwarded, [56, 58) written
+    assert f2.usage.cached_tokens == 32      # up to the first turn's open block, in whole chunks of 16
+    assert eng.stats()["prefill_chunks"] - before == 2          # [32, 48) and [48, 64): the new turn
     assert_same(f2, alone(params, turn2))

@@ -30,8 +30,12 @@ class CompileCache:
     and a fingerprint of each program as lowered (what ``lower_generate`` / ``lower_engine`` return
     must equal what ran)."""
 
-    def __init__(self) -> None:
-        self._programs: dict[Hashable, Any] = {}
+    def __init__(self, max_programs: int = 64) -> None:
+        # Least recently used first. Bounded: each compiled program keeps its code mapped (XLA:CPU
+        # maps its JIT code; a process has at most vm.max_map_count maps), and a long evaluation over
+        # many shapes must not grow without end. An engine keeps its own programs besides.
+        self._programs: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+        self.max_programs = max_programs
         self._compiles: collections.Counter = collections.Counter()
         self._fingerprints: dict[Hashable, str] = {}
 
@@ -39,12 +43,15 @@ class CompileCache:
         """``(compiled executable, seconds spent compiling it now — 0.0 when cached)``."""
         exe = self._programs.get(key)
         if exe is not None:
+            self._programs.move_to_end(key)
             return exe, 0.0
         t = time.perf_counter()
         lowered = lower()
         self._fingerprints[key] = fingerprint(lowered)
         exe = self._programs[key] = lowered.compile()
         self._compiles[key[:-1]] += 1
+        while len(self._programs) > self.max_programs:
+            self._programs.popitem(last=False)
         return exe, time.perf_counter() - t
 
     def compiles(self, match: Callable[[tuple], bool]) -> int:

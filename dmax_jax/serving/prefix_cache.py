@@ -146,10 +146,13 @@ class PrefixCache:
     def admit(self, slot: int, prompt: np.ndarray, s0: int) -> int:
         """Match ``prompt``'s blocks before ``s0`` and plan the copy into row ``slot``; returns the
         positions reused (the prefill cursor), 0 on a miss."""
-        entries = self.index.match(prompt, s0 // self.spec.block_length) if self.enabled else []
+        B, C = self.spec.block_length, self.spec.prefill_chunk
+        # Whole prefill chunks only: the rest is then prefilled in exactly the chunks (start, length,
+        # contents) a cache-off engine runs, so its float results are bit for bit the same.
+        entries = self.index.match(prompt, s0 // B, C // B) if self.enabled else []
         if not entries:
             return 0
-        h = len(entries) * self.spec.block_length
+        h = len(entries) * B
         mv = self._move(slot, list(enumerate(entries)))
         mv.ids[:h] = prompt[:h]
         self._moves.append(("load", mv.replace(length=np.int32(h))))

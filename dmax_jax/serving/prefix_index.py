@@ -73,12 +73,14 @@ class PrefixIndex:
             self._lru.move_to_end(node)
         return chain
 
-    def match(self, ids: np.ndarray, n_blocks: int) -> list[int]:
-        """Pool entries of the longest cached chain of ``ids``' first ``n_blocks`` blocks (a hit
-        counts when it is non-empty). The caller copies them before any later :meth:`insert`."""
+    def match(self, ids: np.ndarray, n_blocks: int, multiple: int = 1) -> list[int]:
+        """Pool entries of the longest cached chain of ``ids``' first ``n_blocks`` blocks, cut to a
+        multiple of ``multiple`` blocks (a hit counts when it is non-empty). The caller copies them
+        before any later :meth:`insert`."""
         if not self.enabled or n_blocks <= 0:
             return []
         chain = self._walk(self._blocks(ids, n_blocks))
+        chain = chain[:len(chain) // multiple * multiple]
         self.counters["hits" if chain else "misses"] += 1
         self.counters["hit_blocks"] += len(chain)
         return [n.entry for n in chain]
