@@ -110,6 +110,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="device memory (1e9 bytes) for the prefix cache: committed K/V blocks that requests "
                     "sharing a prompt prefix (system prompts, few-shot, chat history) reuse instead of "
                     "prefilling, tokens unchanged (default: as many blocks as the slots hold; 0: off)")
+    ap.add_argument("--prefix-cache-prompts-only", action="store_true",
+                    help="keep only prompt blocks in the prefix cache, not a finished request's generated "
+                    "blocks (reused chat replies hold the cross-block forward's K/V: equal to a prefill's "
+                    "in exact arithmetic, not bit for bit)")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to drain at shutdown")
     ap.add_argument("--max-queue", type=_int_at_least(0), default=None, metavar="N",
                     help="requests that may wait for a slot; more get HTTP 503 with Retry-After "
@@ -205,7 +209,7 @@ def build(args: argparse.Namespace):
     engine = Engine(model, defaults, max_batch=args.max_batch, capacity=capacity, prefill_chunk=prefill_chunk,
                     prefill_batch=args.prefill_batch, strategies=strategies,
                     compact={"auto": "auto", "on": True, "off": False}[args.compact],
-                    prefix_cache_blocks=blocks)
+                    prefix_cache_blocks=blocks, prefix_cache_generated=not args.prefix_cache_prompts_only)
     name = args.served_model_name or path.resolve().name
     cfg = ServeConfig(model_name=name, decode=dc, per_strategy=dict(args.decode),
                       prompt_template=args.prompt_template, drain_timeout=args.drain_timeout,

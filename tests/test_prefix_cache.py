@@ -135,3 +135,10 @@ def test_second_turn_prefills_only_the_new_turn(params):  # noqa: F811
     assert f2.usage.cached_tokens == 32      # up to the first turn's open block, in whole chunks of 16
     assert eng.stats()["prefill_chunks"] - before == 2          # [32, 48) and [48, 64): the new turn
     assert_same(f2, alone(params, turn2))
+
+    exact = engine(params, prefix_cache_generated=False)      # prompt blocks only: bit-exact reuse
+    serve_with_arrivals(exact, [turn1], [0])
+    exact.run_until_idle()
+    assert exact.stats()["prefix_cache_blocks"] == 16 // B                # turn 1's prompt blocks alone
+    (h3,) = serve_with_arrivals(exact, [turn2], [0])
+    assert h3.result(0).usage.cached_tokens == 16 and h3.result(0).token_ids == f2.token_ids

@@ -46,7 +46,7 @@ from dmax_jax.serving.requests import (
     RequestHandle,
     Usage,
 )
-from dmax_jax.serving.slots import Limits, Slot, round_forwards, validate
+from dmax_jax.serving.slots import Limits, Slot, round_forwards, round_inputs, validate
 
 __all__ = ["SERVED_STRATEGIES", "Engine"]
 
@@ -85,12 +85,17 @@ class Engine:
         prefix_cache_blocks: blocks of committed K/V the prefix cache keeps (``serving.prefix_cache``;
             requests sharing a prompt prefix skip its prefill, tokens unchanged); default as many
             blocks as the slots hold; 0 turns it off.
+        prefix_cache_generated: also keep a finished request's committed generated blocks (the next
+            chat turn resends them). Their K/V come from the cross-block forward: equal to a prefill's
+            in exact arithmetic, not bit for bit (a different grouping of rows), so a later request
+            can differ where a decision sits on a float tie; False keeps prompt blocks only (bit-exact).
     """
 
     def __init__(self, model, defaults: DecodeConfig | None = None, *, max_batch: int = 8,
                  capacity: int | None = None, strategies: tuple[str, ...] | None = None,
                  prefill_chunk: int = 128, prefill_batch: int = 8, widths: tuple[int, ...] | None = None,
-                 exit_factor: int = 4, compact: bool | str = "auto", prefix_cache_blocks: int | None = None):
+                 exit_factor: int = 4, compact: bool | str = "auto", prefix_cache_blocks: int | None = None,
+                 prefix_cache_generated: bool = True):
         self.params, self.config = model_parts(model)
         defaults = DecodeConfig() if defaults is None else defaults
         if not isinstance(defaults, DecodeConfig):
@@ -108,7 +113,8 @@ class Engine:
                              self.defaults.replace(strategy=self.spec.strategies[0]))
         self._idle_row = self.defaults.row_params([1], [0])
         self.prefix = PrefixCache(self.spec, self.config, max_batch,
-                                  prog.prefix_entries(self.spec, max_batch, prefix_cache_blocks))
+                                  prog.prefix_entries(self.spec, max_batch, prefix_cache_blocks),
+                                  generated=prefix_cache_generated)
         self._sharding = replicated(self.params)
         self._state = None
         self._programs: dict = {}
@@ -295,7 +301,7 @@ class Engine:
     def _release(self, i: int, reason: str, error: str | None = None) -> None:
         slot, self._slots[i] = self._slots[i], None
         if reason != "error" and not slot.prefilling:   # its committed blocks, for the next turn
-            self.prefix.queue_save(i, *slot.committed(self.block_length))
+            self.prefix.queue_release(i, *slot.committed(self.block_length))
         slot.handle._emit(Finished(slot.handle.id, reason, tuple(slot.tokens), slot.usage(), error))
         self._counters["finished"] += 1
 
@@ -312,19 +318,6 @@ class Engine:
                 handle, prompt, cfg = self._queue.popleft()
                 slot = self._slots[i] = Slot.admit(handle, prompt, cfg, self.strategies.index(cfg.strategy))
                 slot.cursor = slot.cached = self.prefix.admit(i, prompt, slot.s0)
-
-    def _decode_inputs(self, decoding: list[int], width: int) -> prog.SlotRound:
-        """Host arrays for the ``decoding`` slots (at most ``width``) that advance one block this
-        round: entry j works on slot ``decoding[j]``; the rest are idle on the scratch row."""
-        r = prog.idle_round(self.max_batch, width, self._idle_row)
-        rows = [self._idle_row] * width
-        for j, i in enumerate(decoding):
-            s = self._slots[i]
-            r.slot[j], r.decoding[j], r.strategy[j], r.k[j] = i, True, s.strategy, s.k
-            r.start[j], r.nfe[j] = s.start(self.block_length), s.nfe
-            r.resumed[j], r.steps_done[j], r.left[j] = s.steps_done > 0, s.steps_done, s.left
-            rows[j] = s.row
-        return r.replace(rows=jax.tree.map(lambda *a: np.concatenate(a), *rows))
 
     def _prefill_inputs(self, prefill: list[int], width: int) -> prog.PrefillChunk:
         """The next prompt chunk of each ``prefill`` slot (at most ``width``) in ``width`` entries;
@@ -369,7 +362,8 @@ class Engine:
                 self._state = self.prefix.run(self._programs, self._state)
                 return
             width = next(w for w in self.widths if w >= len(decoding))
-            r = self._decode_inputs(decoding, width) if decoding else None
+            r = (round_inputs(self._slots, decoding, width, self._idle_row, self.block_length)
+                 if decoding else None)
             plan = {j: (i, self._slots[i]) for j, i in enumerate(decoding)}
         t = time.perf_counter()
         out = self._run(r, pc)

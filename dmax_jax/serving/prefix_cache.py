@@ -111,10 +111,14 @@ class PrefixCache:
         cfg: the model config.
         slots: the engine's slots (the scratch row is index ``slots``).
         entries: pool entries (blocks); 0 turns the cache off.
+        generated: also save a finished request's committed generated blocks (:meth:`queue_release`).
     """
 
-    def __init__(self, spec: ProgramSpec, cfg: ModelConfig, slots: int, entries: int) -> None:
-        self.spec, self.cfg, self.slots = spec, cfg, slots
+    def __init__(self, spec: ProgramSpec, cfg: ModelConfig, slots: int, entries: int,
+                 generated: bool = True) -> None:
+        if not isinstance(generated, bool):
+            raise ValueError(f"prefix_cache_generated must be True or False, got {generated!r}")
+        self.spec, self.cfg, self.slots, self.generated = spec, cfg, slots, generated
         self.index = PrefixIndex(entries, spec.block_length)
         self.block_bytes = block_bytes(cfg, spec.block_length, spec.dtype)
         self._pending: list[tuple[int, np.ndarray, int]] = []   # (slot, row tokens, blocks) to save
@@ -134,6 +138,12 @@ class PrefixCache:
         """Save row ``slot``'s first ``n_blocks`` blocks (committed; ``tokens`` their ids) next round."""
         if self.enabled and n_blocks > 0:
             self._pending.append((slot, np.asarray(tokens, np.int32), n_blocks))
+
+    def queue_release(self, slot: int, tokens: np.ndarray, n_blocks: int) -> None:
+        """A finished request's committed blocks: its generated ones too when ``generated`` (its
+        prompt blocks were saved when prefilled; saving them again only refreshes their LRU place)."""
+        if self.generated:
+            self.queue_save(slot, tokens, n_blocks)
 
     def flush(self) -> None:
         """Plan the queued saves (index inserts; evictions happen here)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from dmax_jax.decoding.buckets import row_geometry
@@ -20,6 +21,7 @@ from dmax_jax.decoding.config import (
     DecodeConfigError,
     RowParams,
 )
+from dmax_jax.serving.program import idle_round
 from dmax_jax.serving.requests import EngineRequest, EngineRequestError, RequestHandle, Usage
 
 FIELDS = {"gen_length": "max_tokens"}  # DecodeConfig field -> EngineRequest field
@@ -171,6 +173,20 @@ class Slot:
     def usage(self) -> Usage:
         return Usage(prompt_tokens=self.plen, tokens=len(self.tokens), tokens_ref=self.tokens_ref,
                      nfe=self.nfe, blocks=self.k, cached_tokens=self.cached)
+
+
+def round_inputs(slots: list, decoding: list[int], width: int, idle_row: RowParams, block: int):
+    """Host arrays (``program.SlotRound``) for the ``decoding`` slots (at most ``width``) that advance
+    one block this round: entry j works on slot ``decoding[j]``; the rest idle on the scratch row."""
+    r = idle_round(len(slots), width, idle_row)
+    rows = [idle_row] * width
+    for j, i in enumerate(decoding):
+        s = slots[i]
+        r.slot[j], r.decoding[j], r.strategy[j], r.k[j] = i, True, s.strategy, s.k
+        r.start[j], r.nfe[j] = s.start(block), s.nfe
+        r.resumed[j], r.steps_done[j], r.left[j] = s.steps_done > 0, s.steps_done, s.left
+        rows[j] = s.row
+    return r.replace(rows=jax.tree.map(lambda *a: np.concatenate(a), *rows))
 
 
 def round_forwards(r, out, pc, n_strategies: int) -> int:
