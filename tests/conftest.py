@@ -60,6 +60,6 @@ def _free_compiled_programs_after_each_file():
 
     from dmax_jax.decoding.compiled import COMPILED
 
-    COMPILED.clear()
+    COMPILED.reset()          # each file starts as a fresh process would: no programs, no counts
     jax.clear_caches()
     gc.collect()

@@ -66,11 +66,13 @@ def from_shapes_capacity() -> int:
 def test_lower_engine_from_shapes_is_what_the_engine_runs(params):
     kw = dict(max_batch=1, capacity=64, prefill_chunk=16)
     lowered = lower_engine(abstract(params), CFG, DC, **kw)
-    assert set(lowered) == {"round:1", "prefill:1"}
+    assert set(lowered) == {"round:1", "prefill:1", "prefix_load", "prefix_save"}
     eng = Engine((params, CFG), DC, **kw)
     eng.warmup()
+    assert set(lowered) == eng.program_names()
     for name, low in lowered.items():
-        ran = COMPILED.fingerprints(lambda k, name=name: k[:5] == eng._key() and k[5] == name)
+        key = eng._cache_name(name)      # the prefix programs' key names carry the pool size
+        ran = COMPILED.fingerprints(lambda k, key=key: k[:5] == eng._key() and k[5] == key)
         assert ran == {fingerprint(low)}, name
     lowered["round:1"].compile()                 # compiles from shapes alone
     h = eng.submit(EngineRequest([5, 6, 7], DC))

@@ -104,9 +104,9 @@ def test_tokenizer_endpoints_and_metrics(served):
 
 def test_prefix_cache_serves_a_shared_few_shot_prefix(served, client):
     rows = [r for _, r in read_jsonl(DATA / "demo_arith.jsonl")]
-    shots = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in rows[5:8])
+    shots = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in rows[:3])
     hits = served.engine.stats()["prefix_cache_hit_blocks"]
-    prompts = [f"{shots}Question: {r['question']}\nAnswer:" for r in rows[8:10]]
+    prompts = [f"{shots}Question: {r['question']}\nAnswer:" for r in rows[3:5]]
     first, second = (client.completions.create(model=NAME, prompt=p, max_tokens=64) for p in prompts)
     assert first.usage.prompt_tokens_details.cached_tokens == 0        # nobody sent these shots before
     cached = second.usage.prompt_tokens_details.cached_tokens

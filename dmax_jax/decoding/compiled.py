@@ -67,6 +67,12 @@ class CompileCache:
         """Drop the executables (the counts go on): for benchmarks that time compilation itself."""
         self._programs.clear()
 
+    def reset(self) -> None:
+        """Drop the executables, the counts and the fingerprints: a fresh process's cache (tests)."""
+        self._programs.clear()
+        self._compiles.clear()
+        self._fingerprints.clear()
+
 
 COMPILED = CompileCache()
 
