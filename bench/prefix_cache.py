@@ -33,9 +33,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))      # bench/serve.py
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
+from serve import add_random_model_args, random_model_dir  # noqa: E402  (bench/serve.py's random model)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,10 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", choices=("demo", "random"), default="demo",
                     help="the shipped demo dmax model (positions raised to --positions) or a random one")
     ap.add_argument("--positions", type=int, default=1024, help="the model's positions (engine capacity)")
-    ap.add_argument("--hidden", type=int, default=192, help="random model hidden size")
-    ap.add_argument("--layers", type=int, default=4, help="random model layers (1 dense + MoE)")
-    ap.add_argument("--experts", type=int, default=16, help="random model routed experts")
-    ap.add_argument("--logit-scale", type=float, default=8.0, help="sharpen the random model's lm_head")
+    add_random_model_args(ap)
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     if min(args.requests, args.shots, args.concurrency, args.conversations, args.turns, args.max_batch,
@@ -138,9 +137,6 @@ def main(argv=None) -> int:
     from dmax_jax.demo import default_model_dir
     from dmax_jax.serve import serve_defaults
     from dmax_jax.serving import Engine
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from serve import random_model_dir  # the serving bench's random model
 
     with tempfile.TemporaryDirectory() as tmp:
         path = (default_model_dir("dmax") if args.model == "demo"

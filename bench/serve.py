@@ -34,6 +34,14 @@ import numpy as np  # noqa: E402
 MODELS = ("demo", "random")
 
 
+def add_random_model_args(ap: argparse.ArgumentParser) -> None:
+    """The flags of ``random_model_dir`` (shared with bench/prefix_cache.py)."""
+    ap.add_argument("--hidden", type=int, default=192, help="random model hidden size")
+    ap.add_argument("--layers", type=int, default=4, help="random model layers (1 dense + MoE)")
+    ap.add_argument("--experts", type=int, default=16, help="random model routed experts")
+    ap.add_argument("--logit-scale", type=float, default=8.0, help="sharpen the random model's lm_head")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="demo,random", help=f"comma list of {MODELS}")
@@ -43,10 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-batch", type=int, default=16, help="engine slots")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prefill-batch", type=int, default=8, help="engine: requests prefilled per round")
-    ap.add_argument("--hidden", type=int, default=192, help="random model hidden size")
-    ap.add_argument("--layers", type=int, default=4, help="random model layers (1 dense + MoE)")
-    ap.add_argument("--experts", type=int, default=16, help="random model routed experts")
-    ap.add_argument("--logit-scale", type=float, default=8.0, help="sharpen the random model's lm_head")
+    add_random_model_args(ap)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per request at most")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)

@@ -183,11 +183,11 @@ class Engine:
         if self._state is not None:
             return
         spec, cfg, sh = self.spec, self.config, self._sharding
-        make = functools.partial(prog.init_state, spec, cfg, self.max_batch)
-        self._state = (jax.jit(make, out_shardings=sh) if sh else jax.jit(make))()
+        def build(make):     # the engine's device buffers, born on the parameters' devices
+            return (jax.jit(make, out_shardings=sh) if sh else jax.jit(make))()
+        self._state = build(functools.partial(prog.init_state, spec, cfg, self.max_batch))
         if self.prefix.enabled:
-            make = functools.partial(init_pool, spec, cfg, self.prefix.index.entries)
-            self.prefix.pool = (jax.jit(make, out_shardings=sh) if sh else jax.jit(make))()
+            self.prefix.pool = build(functools.partial(init_pool, spec, cfg, self.prefix.index.entries))
         t = time.perf_counter()
         lowerings = prog.program_lowerings(spec, cfg, self.params, self.max_batch, self.widths,
                                            self._idle_row, self.prefix.index.entries)

@@ -275,19 +275,11 @@ def program_lowerings(spec: ProgramSpec, cfg: ModelConfig, params, slots: int, w
     (and the prefix pool) is donated, and it and every small input / output live replicated on the
     parameters' devices. The one lowering path of the :class:`Engine` and of :func:`lower_engine`."""
     sh = replicated(params)
-    state = jax.eval_shape(functools.partial(init_state, spec, cfg, slots))
-    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state)
-    state_sh = None if sh is None else jax.tree.map(lambda a: a.sharding, state)
+    state = _placed_shapes(functools.partial(init_state, spec, cfg, slots), sh)
     p = abstract(params)
-
-    def jit(fn, out_shardings):
-        if sh is None:
-            return jax.jit(fn, donate_argnums=(1,))
-        return jax.jit(fn, donate_argnums=(1,), out_shardings=out_shardings)
-
     # traced inside the parameters' mesh: kernel calls run per shard (model.partitioned)
-    rnd = jit(in_mesh_of(params, functools.partial(round_program, spec, cfg)), (state_sh, sh))
-    pre = jit(in_mesh_of(params, functools.partial(prefill_program, spec, cfg)), state_sh)
+    rnd = _jit(in_mesh_of(params, functools.partial(round_program, spec, cfg)), 1, (state, sh), sh)
+    pre = _jit(in_mesh_of(params, functools.partial(prefill_program, spec, cfg)), 1, state, sh)
     out = {f"round:{w}": functools.partial(
         lambda w: rnd.lower(p, state, abstract(idle_round(slots, w, idle_row), sh)), w) for w in widths}
     out.update({f"prefill:{w}": functools.partial(
@@ -298,17 +290,26 @@ def program_lowerings(spec: ProgramSpec, cfg: ModelConfig, params, slots: int, w
     return out
 
 
+def _placed_shapes(make: Callable, sh):
+    """``ShapeDtypeStruct``s of what ``make()`` builds, each placed on ``sh`` (None: unplaced)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), jax.eval_shape(make))
+
+
+def _jit(fn: Callable, donate: int, outputs, sh):
+    """``fn`` jitted with argument ``donate`` donated and its outputs placed like ``outputs`` (a tree of
+    placed shapes or shardings), when the engine's buffers live on a mesh (``sh`` not None)."""
+    if sh is None:
+        return jax.jit(fn, donate_argnums=(donate,))
+    placed = jax.tree.map(lambda a: getattr(a, "sharding", a), outputs)
+    return jax.jit(fn, donate_argnums=(donate,), out_shardings=placed)
+
+
 def _prefix_lowerings(spec: ProgramSpec, cfg: ModelConfig, slots: int, entries: int, state, sh) -> dict:
     """The prefix cache's load / save programs (``serving.prefix_cache``), lowered from shapes."""
-    pool = jax.eval_shape(functools.partial(pc.init_pool, spec, cfg, entries))
-    pool = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), pool)
+    pool = _placed_shapes(functools.partial(pc.init_pool, spec, cfg, entries), sh)
     move = abstract(pc.idle_move(spec, slots, entries), sh)
-
-    def shard(tree) -> dict:
-        return {} if sh is None else {"out_shardings": jax.tree.map(lambda a: a.sharding, tree)}
-
-    load = jax.jit(functools.partial(pc.load_program, spec), donate_argnums=(0,), **shard(state))
-    save = jax.jit(functools.partial(pc.save_program, spec), donate_argnums=(1,), **shard(pool))
+    load = _jit(functools.partial(pc.load_program, spec), 0, state, sh)
+    save = _jit(functools.partial(pc.save_program, spec), 1, pool, sh)
     return {"prefix_load": lambda: load.lower(state, pool, move),
             "prefix_save": lambda: save.lower(state, pool, move)}
 
